@@ -1,0 +1,334 @@
+"""BWSK IR: combinator terms over primitive ATen ops, with tensor types on every binding.
+
+A program is a set of named definitions. Each definition is a closed, point-free term denoting a curried
+function of its activation inputs. Terms are built from
+
+* ``Prim``: a primitive leaf. An ATen op (``aten.add.Tensor``) with its parameters, constants and
+  attributes bound and its activation arguments left free as holes (``_``), in order. It carries the type
+  of the value it produces once every hole is filled.
+* ``Comb``: a combinator applied to zero or more terms, curried: ``B f g x = f (g x)`` (n-ary:
+  ``B(f1,...,fn) x = f1 (... (fn x))``), ``W f x = f x x``, ``S f g x = f x (g x)``, ``K c x = c``,
+  ``C f g x = f x g`` and ``I x = x``.
+* ``Ref``: a reference to another definition (or, rarely, to a bound tensor used as a whole value).
+* ``ConstRef``: a reference to a constant value ``%N`` computed from parameters and literals only.
+
+Equality is structural (positions from parsed text are carried but never compared).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Union
+
+import torch
+
+from bwskc._deep import run_deep
+
+# ---------------------------------------------------------------------------------------------- types
+
+DTYPES: dict[torch.dtype, str] = {
+    torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+    torch.bool: "bool", torch.complex64: "c64", torch.complex128: "c128",
+    torch.float8_e4m3fn: "f8e4m3fn", torch.float8_e5m2: "f8e5m2",
+}
+DTYPE_BY_NAME: dict[str, torch.dtype] = {v: k for k, v in DTYPES.items()}
+SCALAR_KINDS = ("int", "float", "bool")
+
+
+@dataclass(frozen=True)
+class TensorType:
+    dtype: str
+    shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{','.join(map(str, self.shape))}]"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPE_BY_NAME[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class TupleType:
+    items: tuple["Type", ...]
+
+    def __str__(self) -> str:
+        return "(" + ", ".join(map(str, self.items)) + ")"
+
+
+@dataclass(frozen=True)
+class ScalarType:
+    """A Python number produced by an op (``aten._local_scalar_dense``); rare with static shapes."""
+
+    kind: str
+
+    def __str__(self) -> str:
+        return self.kind
+
+
+Type = Union[TensorType, TupleType, ScalarType]
+
+
+def type_of_value(value: Any) -> Type:
+    """The IR type of a tensor (real, fake or meta), a tuple/list of them, or a Python scalar."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in DTYPES:
+            raise TypeError(f"unsupported dtype {value.dtype}")
+        return TensorType(DTYPES[value.dtype], tuple(int(d) for d in value.shape))
+    if isinstance(value, (tuple, list)):
+        return TupleType(tuple(type_of_value(v) for v in value))
+    if isinstance(value, bool):
+        return ScalarType("bool")
+    if isinstance(value, int) or type(value).__name__ == "SymInt":
+        return ScalarType("int")
+    if isinstance(value, float) or type(value).__name__ == "SymFloat":
+        return ScalarType("float")
+    raise TypeError(f"no IR type for {type(value).__name__}")
+
+
+# ----------------------------------------------------------------------------------- bound arguments
+
+
+class _HoleType:
+    """The free activation slot of a primitive leaf, printed ``_``."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "_"
+
+    def __reduce__(self):
+        return (_HoleType, ())
+
+
+HOLE = _HoleType()
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A bound tensor (parameter, buffer or lifted constant) named by its state-dict key."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class ConstRef:
+    """A constant value ``%index`` computed from tensors and literals only."""
+
+    index: int
+
+
+# A bound argument is HOLE, a TensorRef, a ConstRef, a literal (None, bool, int, float, str, torch.dtype,
+# torch.device, torch.layout, torch.memory_format) or a tuple of bound arguments (an ATen list).
+Arg = Any
+
+
+def iter_args(args: tuple) -> Iterator[Arg]:
+    """Every bound argument, depth-first, lists flattened."""
+    for a in args:
+        if isinstance(a, tuple):
+            yield from iter_args(a)
+        else:
+            yield a
+
+
+# ---------------------------------------------------------------------------------------------- terms
+
+
+class Term:
+    """Base of the term language. Subclasses are frozen dataclasses; ``pos`` is (line, col) or None."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True)
+class Prim(Term):
+    op: str
+    args: tuple = ()
+    kwargs: tuple[tuple[str, Arg], ...] = ()
+    type: Type = None
+    pos: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def arity(self) -> int:
+        return sum(1 for a in iter_args(self.args) if a is HOLE) + sum(
+            1 for _, a in self.kwargs for b in iter_args((a,)) if b is HOLE)
+
+    def tensor_refs(self) -> Iterator[str]:
+        for a in iter_args(self.args + tuple(v for _, v in self.kwargs)):
+            if isinstance(a, TensorRef):
+                yield a.name
+
+    def const_refs(self) -> Iterator[int]:
+        for a in iter_args(self.args + tuple(v for _, v in self.kwargs)):
+            if isinstance(a, ConstRef):
+                yield a.index
+
+
+COMBINATORS = {"I": 1, "K": 2, "W": 2, "B": 3, "C": 3, "S": 3}  # arity when saturated
+
+
+@dataclass(frozen=True)
+class Comb(Term):
+    """A combinator applied to ``args`` (curried, possibly partially). ``B`` with n >= 2 args is n-ary."""
+
+    kind: str
+    args: tuple[Term, ...] = ()
+    pos: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.kind not in COMBINATORS:
+            raise ValueError(f"unknown combinator {self.kind}")
+        if self.kind != "B" and len(self.args) >= COMBINATORS[self.kind]:
+            raise ValueError(f"{self.kind} applied to {len(self.args)} arguments is saturated")
+
+
+@dataclass(frozen=True)
+class Ref(Term):
+    """A definition used as a function, or a bound tensor used as a whole value."""
+
+    name: str
+    pos: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Const(Term):
+    """A constant value ``%index`` used as a whole term (the argument of ``K``)."""
+
+    index: int
+    pos: Any = field(default=None, compare=False, repr=False)
+
+
+def subterms(term: Term) -> Iterator[Term]:
+    """Every subterm, pre-order, without recursion (terms can be deep)."""
+    stack = [term]
+    while stack:
+        t = stack.pop()
+        yield t
+        if isinstance(t, Comb):
+            stack.extend(reversed(t.args))
+
+
+def prims(term: Term) -> Iterator[Prim]:
+    return (t for t in subterms(term) if isinstance(t, Prim))
+
+
+# -------------------------------------------------------------------------------------------- program
+
+TENSOR_KINDS = ("param", "buffer", "constant")
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    kind: str  # param | buffer | constant
+    type: TensorType
+
+
+@dataclass(frozen=True)
+class Def:
+    """A named definition: a closed term of the given signature.
+
+    ``module`` is the owning module path from ``nn_module_stack`` ('' for the model itself); the name is the
+    module path, with ``@k`` for the k-th extra call of the same module.
+    """
+
+    name: str
+    inputs: tuple[Type, ...]
+    output: Type
+    body: Term
+    pos: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def module(self) -> str:
+        return self.name.split("@", 1)[0]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """The program's entry: named inputs, named outputs (a tuple when more than one) and a body."""
+
+    input_names: tuple[str, ...]
+    inputs: tuple[Type, ...]
+    output_names: tuple[str, ...]
+    outputs: tuple[Type, ...]
+    body: Term
+    pos: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def output(self) -> Type:
+        return self.outputs[0] if len(self.outputs) == 1 else TupleType(self.outputs)
+
+
+class Program:
+    """A lowered model: tensor declarations, constants, definitions (callees first) and the entry.
+
+    ``weights`` maps tensor names to values; it is not part of structural equality (the text form carries
+    declarations, not values). Call the program to evaluate it eagerly.
+    """
+
+    def __init__(self, name: str, tensors: dict[str, TensorDecl], consts: list[Prim],
+                 defs: dict[str, Def], entry: Entry, weights: dict[str, torch.Tensor] | None = None):
+        self.name = name
+        self.tensors = dict(tensors)
+        self.consts = list(consts)
+        self.defs = dict(defs)
+        self.entry = entry
+        self.weights = dict(weights or {})
+        self._interpreter = None
+
+    # structural equality, without recursion limits
+    def _key(self):
+        return (self.name, tuple(self.tensors.items()), tuple(self.consts), tuple(self.defs.items()),
+                self.entry)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Program):
+            return NotImplemented
+        return run_deep(lambda: self._key() == other._key())
+
+    def __hash__(self) -> int:
+        return run_deep(lambda: hash(self._key()))
+
+    def __repr__(self) -> str:
+        return f"<bwskc.Program {self.name}: {len(self.defs)} defs, {self.num_prims()} primitive leaves>"
+
+    # queries
+    def num_prims(self) -> int:
+        bodies = [d.body for d in self.defs.values()] + [self.entry.body]
+        return len(self.consts) + sum(1 for b in bodies for _ in prims(b))
+
+    def text(self) -> str:
+        from bwskc.text import print_program
+        return print_program(self)
+
+    def with_weights(self, weights: dict[str, torch.Tensor]) -> "Program":
+        """A copy bound to ``weights`` (a state dict); names must match the declarations."""
+        missing = sorted(set(self.tensors) - set(weights))
+        if missing:
+            from bwskc.errors import BwskError
+            raise BwskError(f"weights missing for {len(missing)} tensors, e.g. {missing[0]}")
+        return Program(self.name, self.tensors, self.consts, self.defs, self.entry,
+                       {k: weights[k] for k in self.tensors})
+
+    def __call__(self, *args, **kwargs):
+        from bwskc.runtime.interp import Interpreter
+        if self._interpreter is None:
+            self._interpreter = Interpreter(self)
+        return self._interpreter(*args, **kwargs)
+
+    def to_fx(self):
+        """A ``torch.fx.GraphModule`` running this program as a flat graph of ATen calls."""
+        from bwskc.runtime.codegen import to_graph_module
+        return to_graph_module(self)

@@ -1,0 +1,135 @@
+"""The meaning of terms as curried Python functions, shared by the interpreter and the fx codegen.
+
+A backend decides what a primitive does (call the ATen op, or emit an fx node) and what a bound tensor
+is (a tensor, or a ``get_attr`` node); the combinators are the same for both. Every value is computed
+once per application, so the fx graph holds exactly one node per primitive application.
+"""
+from __future__ import annotations
+
+import operator
+from functools import lru_cache
+from typing import Any, Callable
+
+import torch
+
+from bwskc.errors import BwskError
+from bwskc.ir import HOLE, Comb, Const, ConstRef, Prim, Program, Ref, TensorRef
+
+_COMB: dict[str, Callable] = {
+    "I": lambda x: x,
+    "K": lambda c: lambda x: c,
+    "W": lambda f: lambda x: f(x)(x),
+    "B": lambda f: lambda g: lambda x: f(g(x)),
+    "C": lambda f: lambda g: lambda x: f(x)(g),
+    "S": lambda f: lambda g: lambda x: f(x)(g(x)),
+}
+
+
+_AS_RESHAPE = ("aten.view.default", "aten._unsafe_view.default")
+
+
+@lru_cache(maxsize=None)
+def resolve_op(name: str) -> Callable:
+    """The callable for an IR op name: ``aten.add.Tensor`` -> ``torch.ops.aten.add.Tensor``."""
+    if name == "getitem":
+        return operator.getitem
+    if name == "tuple":
+        return lambda *xs: tuple(xs)
+    if name in _AS_RESHAPE:
+        # The IR is functional: a view's meaning is its values, not its strides. torch.export's fake
+        # strides can disagree with a CPU kernel's (T5's attention output), so run views as reshape.
+        return torch.ops.aten.reshape.default
+    parts = name.split(".")
+    if len(parts) != 3:
+        raise BwskError(f"unknown op {name!r}: expected namespace.op.overload")
+    try:
+        return getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
+    except (AttributeError, RuntimeError):
+        raise BwskError(f"unknown op {name!r}") from None
+
+
+def fill(args: tuple, operands: list, bound: Callable[[Any], Any]) -> list:
+    """Replace holes by operands (consumed in order) and references by their values; tuples -> lists."""
+    out = []
+    for a in args:
+        if a is HOLE:
+            out.append(operands.pop(0))
+        elif isinstance(a, tuple):
+            out.append(fill(a, operands, bound))
+        elif isinstance(a, (TensorRef, ConstRef)):
+            out.append(bound(a))
+        else:
+            out.append(a)
+    return out
+
+
+class Denoter:
+    """Builds the curried function of each term for one evaluation (constants computed once)."""
+
+    def __init__(self, program: Program, backend):
+        self.program = program
+        self.backend = backend
+        self.const_values: dict[int, Any] = {}
+        self.def_values: dict[str, Any] = {}
+
+    def bound(self, ref):
+        if isinstance(ref, TensorRef):
+            return self.backend.tensor(ref.name)
+        return self.const(ref.index)
+
+    def const(self, index: int):
+        if index not in self.const_values:
+            self.const_values[index] = self.call_prim(self.program.consts[index], [])
+        return self.const_values[index]
+
+    def call_prim(self, prim: Prim, operands: list):
+        operands = list(operands)
+        args = fill(prim.args, operands, self.bound)
+        kwargs = {k: v for k, v in zip((k for k, _ in prim.kwargs),
+                                       fill(tuple(v for _, v in prim.kwargs), operands, self.bound))}
+        return self.backend.prim(prim, args, kwargs)
+
+    def prim(self, prim: Prim):
+        arity = prim.arity
+        if arity == 0:
+            return self.call_prim(prim, [])
+
+        def collect(got):
+            if len(got) == arity:
+                return self.call_prim(prim, got)
+            return lambda x: collect(got + [x])
+        return collect([])
+
+    def term(self, t):
+        if isinstance(t, Prim):
+            return self.prim(t)
+        if isinstance(t, Comb):
+            if t.kind == "B" and len(t.args) >= 2:
+                fs = [self.term(a) for a in t.args]
+
+                def composed(x, fs=fs):
+                    for f in reversed(fs):
+                        x = f(x)
+                    return x
+                return composed
+            v = _COMB[t.kind]
+            for a in t.args:
+                v = v(self.term(a))
+            return v
+        if isinstance(t, Ref):
+            if t.name in self.program.defs:
+                if t.name not in self.def_values:
+                    self.def_values[t.name] = self.term(self.program.defs[t.name].body)
+                return self.def_values[t.name]
+            if t.name in self.program.tensors:
+                return self.backend.tensor(t.name)
+            raise BwskError(f"unbound name {t.name!r}")
+        if isinstance(t, Const):
+            return self.const(t.index)
+        raise TypeError(f"not a term: {t!r}")
+
+    def run_entry(self, inputs: list):
+        f = self.term(self.program.entry.body)
+        for x in inputs:
+            f = f(x)
+        return f
