@@ -29,6 +29,7 @@ from bwskc.ir import (HOLE, Comb, Const, ConstRef, Def, Entry, Prim, Program, Re
 
 _LITERAL_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout,
                   torch.memory_format)
+_COMMUTATIVE = {torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor}
 _KIND = {InputKind.PARAMETER: "param", InputKind.BUFFER: "buffer",
          InputKind.CONSTANT_TENSOR: "constant"}
 
@@ -121,7 +122,15 @@ class _Lowerer:
 
     def leaf(self, node: Node) -> tuple[Prim, list[Node]]:
         operands: list[Node] = []
-        args = tuple(self._arg(a, operands, node) for a in node.args)
+        fx_args = list(node.args)
+        if (node.target in _COMMUTATIVE and len(fx_args) == 2 and not node.kwargs
+                and all(a in self.activation for a in fx_args if isinstance(a, Node))
+                and all(isinstance(a, Node) for a in fx_args)
+                and self.position[fx_args[1]] < self.position[fx_args[0]]):
+            # x + F(x) and F(x) + x are the same value; putting the earlier operand first makes every
+            # residual connection read S(add, F) whichever way the model wrote it.
+            fx_args.reverse()
+        args = tuple(self._arg(a, operands, node) for a in fx_args)
         kwargs = tuple((k, self._arg(v, operands, node)) for k, v in node.kwargs.items())
         try:
             typ = type_of_value(node.meta["val"])
@@ -132,6 +141,7 @@ class _Lowerer:
     # -------------------------------------------------------------------------------- classification
     def _classify(self):
         self.activation: set[Node] = set(self.inputs)
+        self.position = {n: i for i, n in enumerate(self.graph.nodes)}
         live: list[Node] = []
         for node in self.graph.nodes:
             if node.op != "call_function":
@@ -155,7 +165,6 @@ class _Lowerer:
             needed.add(n)
             stack.extend(n.all_input_nodes)
         self.body_nodes = [n for n in live if n in needed]
-        self.position = {n: i for i, n in enumerate(self.graph.nodes)}
 
     def chain(self, node: Node) -> tuple[str, ...]:
         """Scope keys of the module calls enclosing node, outermost first, the model itself left out."""

@@ -1,0 +1,444 @@
+"""The IR's text form: a stable printer and a Lark (LALR, strict) parser with one Transformer.
+
+``parse_program(print_program(p)) == p`` for every program, and printing is deterministic byte for byte.
+Names that are not plain identifiers, or that collide with a keyword, are printed in backquotes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from functools import lru_cache
+
+import torch
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from bwskc._deep import run_deep
+from bwskc.errors import BwskError, IRSyntaxError
+from bwskc.grammar import grammar_text
+from bwskc.ir import (DTYPE_BY_NAME, HOLE, SCALAR_KINDS, Comb, Const, ConstRef, Def, Entry, Prim,
+                      Program, Ref, ScalarType, TensorDecl, TensorRef, TensorType, TupleType, Type)
+
+FORMAT_VERSION = 1
+_WIDTH = 100
+_MAX_INDENT = 40  # deeper nesting is printed at this indent, so text stays linear in the term's size
+_PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.@]*$")
+KEYWORDS = {"bwsk", "program", "param", "buffer", "constant", "const", "def", "entry", "B", "C", "I",
+            "K", "S", "W", "True", "False", "None", "inf", "nan", "_"}
+_TORCH_ATTRS = {str(v): v for v in [
+    *DTYPE_BY_NAME.values(), torch.strided, torch.sparse_coo, torch.sparse_csr, torch._mkldnn,
+    torch.contiguous_format, torch.channels_last, torch.channels_last_3d, torch.preserve_format]}
+
+
+# ------------------------------------------------------------------------------------------- printer
+
+def name_text(name: str) -> str:
+    if _PLAIN.match(name) and name not in KEYWORDS and not name.startswith("torch."):
+        return name
+    if "`" in name or "\n" in name:
+        raise BwskError(f"name {name!r} cannot be printed")
+    return f"`{name}`"
+
+
+def type_text(t: Type) -> str:
+    if isinstance(t, TupleType):
+        if len(t.items) == 1:
+            return f"({type_text(t.items[0])},)"
+        return "(" + ", ".join(type_text(i) for i in t.items) + ")"
+    return str(t)
+
+
+def literal_text(a) -> str:
+    if a is HOLE:
+        return "_"
+    if a is None or isinstance(a, bool):
+        return str(a)
+    if isinstance(a, int):
+        return str(a)
+    if isinstance(a, float):
+        if math.isnan(a):
+            return "nan"
+        if math.isinf(a):
+            return "inf" if a > 0 else "-inf"
+        return repr(a)
+    if isinstance(a, str):
+        return json.dumps(a)
+    if isinstance(a, tuple):
+        return "[" + ", ".join(literal_text(b) for b in a) + "]"
+    if isinstance(a, TensorRef):
+        return name_text(a.name)
+    if isinstance(a, ConstRef):
+        return f"%{a.index}"
+    if isinstance(a, torch.device):
+        return f'torch.device("{a}")'
+    if str(a) in _TORCH_ATTRS:
+        return str(a)
+    raise BwskError(f"cannot print literal {a!r}")
+
+
+def prim_text(p: Prim) -> str:
+    parts = [literal_text(a) for a in p.args] + [f"{k}={literal_text(v)}" for k, v in p.kwargs]
+    return f"{name_text(p.op)}({', '.join(parts)}) : {type_text(p.type)}"
+
+
+class _TermPrinter:
+    def __init__(self):
+        self.widths: dict[int, int] = {}
+
+    def width(self, t) -> int:
+        """Flat width, capped just above the line limit (so computing it is linear)."""
+        key = id(t)
+        if key in self.widths:
+            return self.widths[key]
+        if isinstance(t, Prim):
+            w = len(prim_text(t))
+        elif isinstance(t, Comb):
+            w = 1
+            if t.args:
+                w += 2 + sum(self.width(a) + 2 for a in t.args) - 2
+                w = min(w, _WIDTH + 1)
+        elif isinstance(t, Ref):
+            w = len(name_text(t.name))
+        else:
+            w = len(f"%{t.index}")
+        self.widths[key] = min(w, _WIDTH + 1)
+        return self.widths[key]
+
+    def flat(self, t) -> str:
+        if isinstance(t, Prim):
+            return prim_text(t)
+        if isinstance(t, Comb):
+            return t.kind + ("(" + ", ".join(self.flat(a) for a in t.args) + ")" if t.args else "")
+        if isinstance(t, Ref):
+            return name_text(t.name)
+        return f"%{t.index}"
+
+    def render(self, t, indent: int, out: list[str]):
+        if not isinstance(t, Comb) or not t.args or indent + self.width(t) <= _WIDTH:
+            out.append(self.flat(t))
+            return
+        out.append(t.kind + "(\n")
+        inner = min(indent + 2, _MAX_INDENT)
+        for i, a in enumerate(t.args):
+            out.append(" " * inner)
+            self.render(a, inner, out)
+            out.append(",\n" if i + 1 < len(t.args) else "\n")
+        out.append(" " * indent + ")")
+
+
+def term_text(t, indent: int = 0) -> str:
+    out: list[str] = []
+    _TermPrinter().render(t, indent, out)
+    return "".join(out)
+
+
+def print_program(p: Program) -> str:
+    return run_deep(_print_program, p)
+
+
+def _print_program(p: Program) -> str:
+    lines = [f"bwsk {FORMAT_VERSION} program {name_text(p.name)}", ""]
+    for name, decl in p.tensors.items():
+        lines.append(f"{decl.kind} {name_text(name)} : {type_text(decl.type)}")
+    if p.tensors:
+        lines.append("")
+    for i, c in enumerate(p.consts):
+        lines.append(f"const %{i} = {prim_text(c)}")
+    if p.consts:
+        lines.append("")
+    printer = _TermPrinter()
+    for d in p.defs.values():
+        sig = ", ".join(type_text(t) for t in d.inputs)
+        out = [f"def {name_text(d.name)} : ({sig}) -> {type_text(d.output)} =\n  "]
+        printer.render(d.body, 2, out)
+        lines.append("".join(out))
+        lines.append("")
+    e = p.entry
+    ins = ", ".join(f"{name_text(n)}: {type_text(t)}" for n, t in zip(e.input_names, e.inputs))
+    outs = ", ".join(f"{name_text(n)}: {type_text(t)}" for n, t in zip(e.output_names, e.outputs))
+    out = [f"entry ({ins}) -> ({outs}) =\n  "]
+    printer.render(e.body, 2, out)
+    lines.append("".join(out))
+    return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------------------- parser
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    return Lark(grammar_text(), parser="lalr", strict=True, propagate_positions=True,
+                maybe_placeholders=True)
+
+
+class _Semantic(Exception):
+    def __init__(self, message: str, token_or_meta):
+        self.message = message
+        self.line = getattr(token_or_meta, "line", None) or 1
+        self.column = getattr(token_or_meta, "column", None) or 1
+
+
+def _pos(meta):
+    return (meta.line, meta.column) if not getattr(meta, "empty", True) else None
+
+
+def _unquote(tok: Token) -> str:
+    s = str(tok)
+    return s[1:-1] if s.startswith("`") else s
+
+
+@v_args(inline=True)
+class _ToIR(Transformer):
+    """Parse tree -> IR, applied while parsing (LALR), so deep terms need no recursion here."""
+
+    # types
+    def tensor_type(self, dtype, *dims):
+        if str(dtype) not in DTYPE_BY_NAME:
+            raise _Semantic(f"unknown dtype {str(dtype)!r}", dtype)
+        return TensorType(str(dtype), tuple(int(d) for d in dims if d is not None))
+
+    def tuple_type(self, *items):
+        return TupleType(tuple(i for i in items if i is not None))
+
+    def scalar_type(self, kind):
+        if str(kind) not in SCALAR_KINDS:
+            raise _Semantic(f"unknown type {str(kind)!r} (a tensor type needs [dims])", kind)
+        return ScalarType(str(kind))
+
+    # literals
+    def int(self, tok):
+        return int(tok)
+
+    def float(self, tok):
+        return float(tok)
+
+    def inf(self):
+        return math.inf
+
+    def ninf(self):
+        return -math.inf
+
+    def nan(self):
+        return math.nan
+
+    def string(self, tok):
+        return json.loads(str(tok))
+
+    def true(self):
+        return True
+
+    def false(self):
+        return False
+
+    def none(self):
+        return None
+
+    def list(self, *items):
+        return () if items == (None,) else tuple(items)
+
+    def hole(self):
+        return HOLE
+
+    def device(self, name, tok):
+        if _unquote(name) != "torch.device":
+            raise _Semantic(f"unknown literal {_unquote(name)}(...): expected torch.device(...)", name)
+        try:
+            return torch.device(json.loads(str(tok)))
+        except RuntimeError:
+            raise _Semantic(f"bad device {str(tok)}", tok) from None
+
+    def const_arg(self, tok):
+        return ConstRef(int(str(tok)[1:]))
+
+    def name_arg(self, tok):
+        name = _unquote(tok)
+        if str(tok) in _TORCH_ATTRS:
+            return _TORCH_ATTRS[str(tok)]
+        if str(tok).startswith("torch."):
+            raise _Semantic(f"unknown torch constant {name}", tok)
+        return TensorRef(name)
+
+    def kwarg(self, key, value):
+        return _Kwarg(_unquote(key), value)
+
+    # terms
+    @v_args(meta=True, inline=True)
+    def prim(self, meta, op, *rest):
+        *args, typ = rest
+        pos, kw = [], []
+        for a in args:
+            if a is None:
+                continue
+            if isinstance(a, _Kwarg):
+                kw.append((a.key, a.value))
+            elif kw:
+                raise _Semantic("positional argument after a keyword argument", meta)
+            else:
+                pos.append(a)
+        return Prim(_unquote(op), tuple(pos), tuple(kw), typ, pos=_pos(meta))
+
+    def comb_kind(self, tok):
+        return tok
+
+    @v_args(meta=True, inline=True)
+    def comb(self, meta, kind, *args):
+        args = tuple(a for a in args if a is not None)
+        try:
+            return Comb(str(kind), args, pos=_pos(meta))
+        except ValueError as exc:
+            raise _Semantic(str(exc), kind) from None
+
+    @v_args(meta=True, inline=True)
+    def ref(self, meta, tok):
+        return Ref(_unquote(tok), pos=_pos(meta))
+
+    @v_args(meta=True, inline=True)
+    def const_term(self, meta, tok):
+        return Const(int(str(tok)[1:]), pos=_pos(meta))
+
+    # declarations
+    def header(self, version, name):
+        if int(version) != FORMAT_VERSION:
+            raise _Semantic(f"unsupported format version {version} (this bwskc reads {FORMAT_VERSION})",
+                            version)
+        return ("header", _unquote(name))
+
+    def tensor_kind(self, tok):
+        return tok
+
+    def tensor_decl(self, kind, name, typ):
+        if not isinstance(typ, TensorType):
+            raise _Semantic(f"{_unquote(name)}: a tensor declaration needs a tensor type", name)
+        return ("tensor", _unquote(name), TensorDecl(str(kind), typ), name)
+
+    def const_def(self, tok, prim):
+        return ("const", int(str(tok)[1:]), prim, tok)
+
+    @v_args(meta=True, inline=True)
+    def def_(self, meta, name, inputs, output, body):
+        return ("def", Def(_unquote(name), inputs, output, body, pos=_pos(meta)), name)
+
+    def type_list(self, *items):
+        return tuple(t for t in items if t is not None)
+
+    def named_list(self, *items):
+        return tuple(t for t in items if t is not None)
+
+    def named_type(self, name, typ):
+        return (_unquote(name), typ)
+
+    @v_args(meta=True, inline=True)
+    def entry(self, meta, ins, outs, body):
+        if not outs:
+            raise _Semantic("the entry needs at least one output", meta)
+        return ("entry", Entry(tuple(n for n, _ in ins), tuple(t for _, t in ins),
+                               tuple(n for n, _ in outs), tuple(t for _, t in outs), body,
+                               pos=_pos(meta)), meta)
+
+    def start(self, header, *decls):
+        return _assemble((header,) + decls)
+
+
+class _Kwarg:
+    __slots__ = ("key", "value")
+
+    def __init__(self, key, value):
+        self.key, self.value = key, value
+
+
+
+def _assemble(items) -> Program:
+    header, *decls = items
+    name = header[1]
+    tensors: dict[str, TensorDecl] = {}
+    consts: list[Prim] = []
+    defs: dict[str, Def] = {}
+    entry = None
+    for item in decls:
+        kind = item[0]
+        if kind == "tensor":
+            _, tname, decl, tok = item
+            if tname in tensors:
+                raise _Semantic(f"tensor {tname!r} declared twice", tok)
+            tensors[tname] = decl
+        elif kind == "const":
+            _, index, prim, tok = item
+            if index != len(consts):
+                raise _Semantic(f"constant %{index} out of order: expected %{len(consts)}", tok)
+            consts.append(prim)
+        elif kind == "def":
+            _, d, tok = item
+            if d.name in defs:
+                raise _Semantic(f"definition {d.name!r} defined twice", tok)
+            if d.name in tensors:
+                raise _Semantic(f"{d.name!r} is already a tensor", tok)
+            defs[d.name] = d
+        else:
+            if entry is not None:
+                raise _Semantic("a second entry", item[3])
+            entry = item
+    if entry is None:
+        raise _Semantic("no entry: a program needs `entry (...) -> (...) = term`", None)
+    return Program(name, tensors, consts, defs, entry[1])
+
+
+def parse_program(text: str, filename: str = "<string>") -> Program:
+    """Parse and verify IR text; errors are IRSyntaxError / VerifyError with file:line:col."""
+    return run_deep(_parse_program, text, filename)
+
+
+def _parse_program(text: str, filename: str) -> Program:
+    from bwskc.verify import verify_program
+    if not text.strip():
+        raise IRSyntaxError("empty file: expected `bwsk 1 program NAME`", file=filename, line=1,
+                            column=1, source_line="")
+    lines = text.splitlines()
+    try:
+        program = _ToIR().transform(_parser().parse(text))
+    except _Semantic as exc:
+        raise _syntax_error(exc.message, exc.line, exc.column, lines, filename) from None
+    except UnexpectedInput as exc:
+        raise _syntax_error(_describe(exc), exc.line, exc.column, lines, filename) from None
+    except Exception as exc:  # Lark wraps transformer errors in VisitError
+        inner = getattr(exc, "orig_exc", None)
+        if isinstance(inner, _Semantic):
+            raise _syntax_error(inner.message, inner.line, inner.column, lines, filename) from None
+        raise
+    verify_program(program, filename=filename, lines=lines)
+    return program
+
+
+def _syntax_error(message, line, column, lines, filename) -> IRSyntaxError:
+    line = max(int(line or 1), 1)
+    column = max(int(column or 1), 1)
+    src = lines[line - 1] if 0 < line <= len(lines) else ""
+    return IRSyntaxError(message, file=filename, line=line, column=column, source_line=src)
+
+
+_TERMINAL_TEXT = {"NAME": "a name", "QNAME": "a `quoted name`", "INT": "an integer",
+                  "FLOAT": "a float", "STRING": "a string", "CONST": "a constant %N", "$END": "end of file"}
+
+
+def _describe(exc: UnexpectedInput) -> str:
+    expected = sorted(getattr(exc, "expected", None) or getattr(exc, "allowed", None) or [])
+    parser = _parser()
+    names = []
+    for t in expected:
+        if t in _TERMINAL_TEXT:
+            names.append(_TERMINAL_TEXT[t])
+            continue
+        try:
+            pattern = parser.get_terminal(t).pattern
+            names.append(f"'{pattern.value}'" if pattern.type == "str" else t)
+        except KeyError:
+            names.append(t)
+    want = f", expected {', '.join(sorted(set(names)))}" if names else ""
+    if isinstance(exc, UnexpectedToken):
+        if exc.token.type == "$END":
+            return f"unexpected end of file{want}"
+        return f"unexpected {str(exc.token)!r}{want}"
+    if isinstance(exc, UnexpectedCharacters):
+        return f"unexpected character {exc.char!r}{want}"
+    if isinstance(exc, UnexpectedEOF):
+        return f"unexpected end of file{want}"
+    return str(exc).splitlines()[0]
