@@ -1,0 +1,156 @@
+"""The ``bwskc`` command line: ``bwskc lower MODEL`` and ``bwskc parse FILE``.
+
+Exit status: 0 on success, 2 on bad input or usage (one line on stderr, no traceback, nothing written),
+1 on an internal error. ``BWSKC_DEBUG=1`` shows the traceback of internal errors.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from bwskc.errors import BwskError, IRSyntaxError
+
+EMITS = ("ir", "json", "dot")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage and two lines by default)
+        raise BwskError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bwskc", description="Lower PyTorch models to BWSK combinator IR.")
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
+
+    lower = sub.add_parser("lower", help="lower a model to BWSK IR")
+    lower.add_argument("model", help="ExportedProgram file (torch.export.save), Hugging Face directory "
+                       "or config.json, BWSK IR text (.bwsk), or a pickled nn.Module (--trust-pickle)")
+    lower.add_argument("--emit", default="ir", help="ir (text form, default), json (schema bwskc.ir/1) "
+                       "or dot (graphviz)")
+    lower.add_argument("-o", "--output", help="write here instead of stdout (replaced atomically)")
+    lower.add_argument("--input", action="append", default=[], metavar="SPEC",
+                       help="example input, repeatable: DTYPE[D0,...] or NAME=DTYPE[...], "
+                       "e.g. int64[2,128]")
+    lower.add_argument("--trust-pickle", action="store_true",
+                       help="allow unpickling a pickled nn.Module (unpickling runs arbitrary code)")
+    lower.add_argument("--meta", action="store_true",
+                       help="lower on the meta device: no weights are materialised")
+    lower.add_argument("--train", action="store_true",
+                       help="export in training mode (dropout and batch norm as in training)")
+
+    parse = sub.add_parser("parse", help="validate IR text and print its canonical form")
+    parse.add_argument("file")
+    parse.add_argument("-o", "--output", help="write here instead of stdout (replaced atomically)")
+    return p
+
+
+def _version() -> str:
+    from bwskc import __version__
+    return f"bwskc {__version__}"
+
+
+def write_output(text: str, output: str | None) -> None:
+    """Print, or replace OUTPUT atomically (a failure leaves an existing file untouched)."""
+    if output is None:
+        sys.stdout.write(text)
+        return
+    target = Path(output)
+    if target.is_dir():
+        raise BwskError(f"{output}: is a directory")
+    directory = target.parent if str(target.parent) else Path(".")
+    if not directory.is_dir():
+        raise BwskError(f"{output}: directory {directory} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise BwskError(f"{output}: cannot write ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_text(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise BwskError(f"{path}: no such file")
+    if p.is_dir():
+        raise BwskError(f"{path}: is a directory")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BwskError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def cmd_lower(args) -> None:
+    if args.emit not in EMITS:
+        raise BwskError(f"unknown --emit {args.emit!r}: choose one of {', '.join(EMITS)}")
+    if args.model.endswith(".bwsk"):
+        from bwskc.text import parse_program
+        program = parse_program(_read_text(args.model), args.model)
+    else:
+        from bwskc.frontend import load_model
+        from bwskc.lowering import lower_exported
+        loaded = load_model(args.model, inputs=args.input, trust_pickle=args.trust_pickle,
+                            meta=args.meta, train=args.train)
+        program = lower_exported(loaded.exported, loaded.name)
+    write_output(emit(program, args.emit), args.output)
+
+
+def emit(program, kind: str) -> str:
+    if kind == "ir":
+        return program.text()
+    from bwskc import emit as emitters
+    return emitters.to_json(program) if kind == "json" else emitters.to_dot(program)
+
+
+def cmd_parse(args) -> None:
+    from bwskc.text import parse_program
+    program = parse_program(_read_text(args.file), args.file)
+    write_output(program.text(), args.output)
+
+
+def _quiet():
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main(argv=None) -> int:
+    _quiet()
+    try:
+        args = build_parser().parse_args(argv)
+        {"lower": cmd_lower, "parse": cmd_parse}[args.command](args)
+        return 0
+    except IRSyntaxError as exc:
+        print(f"bwskc: {exc}\n{exc.caret_display()}", file=sys.stderr)
+        return 2
+    except BwskError as exc:
+        print(f"bwskc: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bwskc: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # an internal error: say so plainly
+        if os.environ.get("BWSKC_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"bwskc: internal error: {type(exc).__name__}: {first} (BWSKC_DEBUG=1 shows the "
+              "traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
