@@ -24,7 +24,7 @@ from torch.fx import Node
 from bwskc import abstraction as ab
 from bwskc._deep import run_deep
 from bwskc.errors import BwskError
-from bwskc.ir import (HOLE, Comb, Const, ConstRef, Def, Entry, Prim, Program, Ref, TensorDecl,
+from bwskc.ir import (HOLE, Const, ConstRef, Def, Entry, Prim, Program, Ref, TensorDecl,
                       TensorRef, TupleType, type_of_value)
 
 _LITERAL_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout,

@@ -14,7 +14,7 @@ import networkx as nx
 import torch
 
 from bwskc._deep import run_deep
-from bwskc.errors import VerifyError
+from bwskc.errors import BwskError, VerifyError
 from bwskc.ir import (Comb, Const, ConstRef, Prim, Program, Ref, TensorRef, TensorType, TupleType,
                       iter_args, subterms, type_of_value)
 from bwskc.runtime.denote import fill, resolve_op
@@ -175,6 +175,10 @@ def _check_shapes(program: Program, inf: Inference, where):
     for prim in inf.prims:
         if prim.op in ("tuple", "getitem"):
             continue
+        try:
+            op = resolve_op(prim.op)
+        except BwskError as exc:
+            raise where(str(exc), prim) from None
         holes = [inf.resolve(h) for h in inf.hole_types[id(prim)]]
         if any(isinstance(h, (TVar, Fn)) for h in holes):
             raise where(f"{prim.op}: cannot infer the type of its arguments", prim)
@@ -184,7 +188,7 @@ def _check_shapes(program: Program, inf: Inference, where):
             kwargs = dict(zip((k for k, _ in prim.kwargs),
                               fill(tuple(v for _, v in prim.kwargs), operands, bound_value)))
             with torch.no_grad():
-                out = resolve_op(prim.op)(*args, **kwargs)
+                out = op(*args, **kwargs)
             got = type_of_value(out)
         except _SkipCheck:
             continue

@@ -5,7 +5,6 @@ at run time. Parameters and buffers are registered under their state-dict names.
 """
 from __future__ import annotations
 
-import operator
 
 import torch
 import torch.fx as fx
