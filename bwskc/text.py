@@ -231,10 +231,10 @@ class _ToIR(Transformer):
         return False
 
     def none(self):
-        return None
+        return _NONE  # not None: Lark uses None for an empty optional list
 
     def list(self, *items):
-        return () if items == (None,) else tuple(items)
+        return () if items == (None,) else tuple(_lit(i) for i in items)
 
     def hole(self):
         return HOLE
@@ -270,11 +270,11 @@ class _ToIR(Transformer):
             if a is None:
                 continue
             if isinstance(a, _Kwarg):
-                kw.append((a.key, a.value))
+                kw.append((a.key, _lit(a.value)))
             elif kw:
                 raise _Semantic("positional argument after a keyword argument", meta)
             else:
-                pos.append(a)
+                pos.append(_lit(a))
         return Prim(_unquote(op), tuple(pos), tuple(kw), typ, pos=_pos(meta))
 
     def comb_kind(self, tok):
@@ -337,6 +337,17 @@ class _ToIR(Transformer):
 
     def start(self, header, *decls):
         return _assemble((header,) + decls)
+
+
+class _NoneLiteral:
+    pass
+
+
+_NONE = _NoneLiteral()
+
+
+def _lit(v):
+    return None if v is _NONE else v
 
 
 class _Kwarg:

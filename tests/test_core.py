@@ -153,3 +153,10 @@ def test_emit_json_and_dot(tmp_path, emit):
         assert ln["module"] == "ln" and ln["shape"] == [2, 4] and ln["dtype"] == "f32"
     else:
         assert r.stdout.startswith('digraph "Block" {') and '"entry" -> "fc";' in r.stdout
+
+
+def test_none_and_list_literals_round_trip():
+    m = nn.Conv2d(3, 4, 3, bias=False)  # conv2d(x, weight, None, ...): a positional None
+    p = bwskc.lower(m, (torch.randn(1, 3, 8, 8),))
+    assert None in next(prims(p.defs[next(iter(p.defs))].body if p.defs else p.entry.body)).args
+    assert bwskc.parse(p.text()) == p
