@@ -156,7 +156,9 @@ def test_emit_json_and_dot(tmp_path, emit):
 
 
 def test_none_and_list_literals_round_trip():
-    m = nn.Conv2d(3, 4, 3, bias=False)  # conv2d(x, weight, None, ...): a positional None
-    p = bwskc.lower(m, (torch.randn(1, 3, 8, 8),))
-    assert None in next(prims(p.defs[next(iter(p.defs))].body if p.defs else p.entry.body)).args
-    assert bwskc.parse(p.text()) == p
+    text = ("bwsk 1 program Conv\n\nparam weight : f32[4,3,3,3]\n\n"
+            "entry (input: f32[1,3,8,8]) -> (out: f32[1,4,6,6]) =\n"
+            "  aten.conv2d.default(_, weight, None, [1, 1], [0, 0]) : f32[1,4,6,6]\n")
+    p = bwskc.parse(text)
+    assert p.entry.body.args[2] is None and p.entry.body.args[3] == (1, 1)
+    assert p.text() == text and bwskc.parse(p.text()) == p
