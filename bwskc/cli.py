@@ -124,6 +124,8 @@ def _quiet():
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import torch._logging  # torch logs tracebacks of its own before our one-line error
+    torch._logging.set_logs(all=logging.CRITICAL)
 
 
 def main(argv=None) -> int:
