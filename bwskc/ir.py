@@ -153,13 +153,33 @@ class Term:
     __slots__ = ()
 
 
-@dataclass(frozen=True)
+def _typed(a):
+    """A literal with its type made part of its identity: 1, 1.0 and True differ, nan equals nan."""
+    if isinstance(a, tuple):
+        return ("list", tuple(_typed(b) for b in a))
+    if isinstance(a, float):
+        return ("float", repr(a))
+    if isinstance(a, (bool, int, str)) or a is None:
+        return (type(a).__name__, a)
+    return (type(a).__name__, a)
+
+
+@dataclass(frozen=True, eq=False)
 class Prim(Term):
     op: str
     args: tuple = ()
     kwargs: tuple[tuple[str, Arg], ...] = ()
     type: Type = None
     pos: Any = field(default=None, compare=False, repr=False)
+
+    def _key(self):
+        return (self.op, _typed(self.args), tuple((k, _typed(v)) for k, v in self.kwargs), self.type)
+
+    def __eq__(self, other):
+        return isinstance(other, Prim) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
 
     @property
     def arity(self) -> int:

@@ -307,13 +307,23 @@ class _Lowerer:
                 for i, o in enumerate(outs):
                     bind(o, ab.App(ab.Lit(Prim("getitem", (HOLE, i), (), out_types[i])), ab.Var(tv)))
 
-        results = [self._output_expr(o, exprs) for o in outputs]
-        if len(results) == 1:
-            body = results[0]
+        if len(outputs) == 1:
+            body = self._output_expr(outputs[0], exprs)
         else:
+            # constant outputs are bound in the tuple leaf itself, activations are its holes
+            slots, results = [], []
+            for o in outputs:
+                if o in exprs:
+                    slots.append(HOLE)
+                    results.append(exprs[o])
+                elif o in self.const_index:
+                    slots.append(ConstRef(self.const_index[o]))
+                elif isinstance(self.bound.get(o), TensorRef):
+                    slots.append(self.bound[o])
+                else:
+                    raise BwskError(f"unsupported output {o!r}")
             types = tuple(self._value_type(o) for o in outputs)
-            tup = Prim("tuple", tuple(HOLE for _ in results), (), TupleType(types))
-            body = ab.apply(ab.Lit(tup), *results)
+            body = ab.apply(ab.Lit(Prim("tuple", tuple(slots), (), TupleType(types))), *results)
         for v, e in reversed(lets):
             body = ab.let(v, e, body)
         for v in reversed(in_vars):

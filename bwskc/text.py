@@ -78,7 +78,7 @@ def literal_text(a) -> str:
 
 
 def prim_text(p: Prim) -> str:
-    parts = [literal_text(a) for a in p.args] + [f"{k}={literal_text(v)}" for k, v in p.kwargs]
+    parts = [literal_text(a) for a in p.args] + [f"{name_text(k)}={literal_text(v)}" for k, v in p.kwargs]
     return f"{name_text(p.op)}({', '.join(parts)}) : {type_text(p.type)}"
 
 

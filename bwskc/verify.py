@@ -15,7 +15,7 @@ import torch
 
 from bwskc._deep import run_deep
 from bwskc.errors import BwskError, VerifyError
-from bwskc.ir import (Comb, Const, ConstRef, Prim, Program, Ref, TensorRef, TensorType, TupleType,
+from bwskc.ir import (HOLE, Comb, Const, ConstRef, Prim, Program, Ref, TensorRef, TensorType, TupleType,
                       iter_args, subterms, type_of_value)
 from bwskc.runtime.denote import fill, resolve_op
 
@@ -101,9 +101,10 @@ class Inference:
             self.prims.append(t)
             n = t.arity
             if t.op == "tuple":
-                if not isinstance(t.type, TupleType) or len(t.type.items) != n:
-                    raise _Where(f"tuple of {n} values must have a {n}-tuple type", t)
-                holes = list(t.type.items)
+                k = len(t.args)
+                if not isinstance(t.type, TupleType) or len(t.type.items) != k:
+                    raise _Where(f"tuple of {k} values must have a {k}-tuple type", t)
+                holes = [typ for a, typ in zip(t.args, t.type.items) if a is HOLE]
             else:
                 holes = [TVar() for _ in range(n)]
             self.hole_types[id(t)] = holes
@@ -195,8 +196,12 @@ def _check_shapes(program: Program, inf: Inference, where):
             got = type_of_value(out)
         except _SkipCheck:
             continue
-        except Exception:
-            continue  # no meta kernel (or a device-pinned factory): the declared type stands
+        except NotImplementedError:
+            continue  # no meta kernel for this op: the declared type stands
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise where(f"{prim.op}: inputs ({', '.join(map(str, holes))}) are rejected: {first}",
+                        prim) from None
         if got != prim.type:
             raise where(f"{prim.op}: declared {prim.type} but its inputs "
                         f"({', '.join(map(str, holes))}) give {got}", prim)

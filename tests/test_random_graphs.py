@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import bwskc
 from bwskc import abstraction as ab
-from bwskc.ir import Comb, Const, ConstRef, Prim, Ref, TupleType, prims, subterms
+from bwskc.ir import Comb, Const, Prim, Ref, TupleType, prims, subterms
 
 # ------------------------------------------------------------------------------ random modules
 
@@ -50,9 +50,9 @@ class Inner(nn.Module):
 
 
 class _Dag(nn.Module):
-    def __init__(self, steps, outputs, d):
+    def __init__(self, steps, outputs, d, const_tail=0):
         super().__init__()
-        self.steps, self.outputs, self.d = steps, outputs, d
+        self.steps, self.outputs, self.d, self.const_tail = steps, outputs, d, const_tail
         self.w = nn.Parameter(torch.randn(d, d) / d ** 0.5)
         self.lin = nn.Linear(d, d)
         self.pair = Pair()
@@ -107,6 +107,11 @@ class _Dag(nn.Module):
                 v = torch.where(a > 0, a, b * 0.5)
             vals.append(v)
         outs = tuple(vals[o % len(vals)] for o in self.outputs)
+        # outputs that depend on no input (last: see test_constant_outputs for other positions)
+        if self.const_tail == 1:
+            outs += (self.w.exp(),)
+        elif self.const_tail == 2:
+            outs += (self.scale,)
         return outs if len(outs) > 1 else outs[0]
 
 
@@ -174,10 +179,11 @@ def _referenced_consts(p) -> set[int]:
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=steps_st, outputs=outputs_st, two_inputs=st.booleans(), d=st.sampled_from([3, 4]),
-       batch=st.sampled_from([2, 5]), seed=st.integers(0, 2 ** 16))
-def test_random_graphs(steps, outputs, two_inputs, d, batch, seed):
+       batch=st.sampled_from([2, 5]), seed=st.integers(0, 2 ** 16),
+       const_tail=st.sampled_from([0, 0, 0, 1, 2]))
+def test_random_graphs(steps, outputs, two_inputs, d, batch, seed, const_tail):
     torch.manual_seed(seed)
-    module = (Dag2 if two_inputs else Dag1)(steps, outputs, d).eval()
+    module = (Dag2 if two_inputs else Dag1)(steps, outputs, d, const_tail).eval()
     inputs = tuple(torch.randn(batch, d) for _ in range(2 if two_inputs else 1))
     with torch.no_grad():
         want = module(*inputs)
@@ -203,7 +209,7 @@ def test_random_graphs(steps, outputs, two_inputs, d, batch, seed):
     # every definition is called exactly once (each module call is its own definition)
     refs = Counter(t.name for b in bodies for t in subterms(b) if isinstance(t, Ref))
     assert all(refs[name] == 1 for name in p.defs), refs
-    assert {d.module for d in p.defs} <= {"lin", "pair", "inner", "inner.ln", "inner.fc"}
+    assert {d.module for d in p.defs.values()} <= {"lin", "pair", "inner", "inner.ln", "inner.fc"}
 
     # an unused input is dropped with K
     if two_inputs and not any(n.op == "placeholder" and n.name == "y" and n.users for n in ep.graph.nodes):
@@ -229,6 +235,34 @@ def test_shared_values_use_W_and_S_and_unused_inputs_K():
     assert kinds["K"] >= 1 and kinds["W"] >= 1 and kinds["S"] >= 1
     assert ops == Counter({"aten.tanh.default": 1, "aten.mul.Tensor": 1, "aten.add.Tensor": 1})
     _close(p(x, y), module(x, y))
+
+
+class ConstOut(nn.Module):
+    """Outputs that depend on no input, in every position."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.order = order
+        self.w = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        vals = {"act": torch.tanh(x), "const": self.w.exp(), "param": self.w, "input": x}
+        return tuple(vals[k] for k in self.order)
+
+
+@pytest.mark.parametrize("order", [
+    ("act", "const"), ("act", "param"), ("input", "const"),
+    ("const", "act"), ("param", "act"), ("const", "input"), ("const", "param"), ("act", "const", "act"),
+], ids="-".join)
+def test_constant_outputs(order):
+    torch.manual_seed(0)
+    module = ConstOut(order).eval()
+    x = torch.randn(3)
+    p = bwskc.lower(module, (x,))
+    with torch.no_grad():
+        _close(p(x), module(x))
+        _close(p.to_fx()(x), module(x))
+    assert bwskc.parse(p.text()) == p
 
 
 # ------------------------------------------------------------------ bracket abstraction, symbolic
@@ -292,16 +326,16 @@ def _apply_all(f, args):
     return f
 
 
-def _lam_terms(data, n_vars, depth):
-    """A random first-order term: variables, atoms, and literals of arity 1-3 fully applied."""
+def _lam_terms(data, n_vars, depth, atoms=True):
+    """A random first-order term: variables, atoms (if allowed), literals of arity 1-3 fully applied."""
     k = data.draw(st.integers(0, 4 if depth > 0 else 1))
-    if k == 0:
+    if k == 0 or (k == 1 and not atoms):
         return ab.Var(data.draw(st.integers(1, n_vars)))
     if k == 1:
         return ab.Lit(Ref(f"f0_{data.draw(st.integers(0, 3))}"))
     arity = data.draw(st.integers(1, 3))
     head = ab.Lit(Ref(f"f{arity}_{data.draw(st.integers(0, 3))}"))
-    return ab.apply(head, *(_lam_terms(data, n_vars, depth - 1) for _ in range(arity)))
+    return ab.apply(head, *(_lam_terms(data, n_vars, depth - 1, atoms) for _ in range(arity)))
 
 
 def _nodes(m):
@@ -326,7 +360,7 @@ def _num_combs(m) -> int:
 @given(st.data())
 def test_abstraction_is_extensional_and_linear(data):
     n = data.draw(st.integers(1, 4))
-    m = _lam_terms(data, n, data.draw(st.integers(0, 4)))
+    m = _lam_terms(data, n, data.draw(st.integers(0, 4)), atoms=data.draw(st.booleans()))
     atoms = [("x", i) for i in range(n + 1)]
     want = _eval_app(m, {i: atoms[i] for i in range(1, n + 1)})
 
@@ -346,6 +380,11 @@ def test_abstraction_is_extensional_and_linear(data):
         assert added == 1 if occ == 0 else added <= apps + occ
     assert not f.fv
     assert _apply_all(_eval_app(f, {}), atoms[1:]) == want
+    if not all(t.fv for t in _nodes(m) if isinstance(t, ab.App)):
+        # a closed application of a literal (f c) has no IR form: to_term needs every application
+        # in the final term headed by a combinator (lowering never applies a prim to a closed term,
+        # see test_constant_outputs)
+        return
     term = ab.to_term(f)
     assert _apply_all(_eval_ir(term), atoms[1:]) == want
     # n-ary B is flat: no B(..) argument of a B(..) with two or more arguments

@@ -51,10 +51,19 @@ def _module_tree(program: Program) -> torch.nn.Module:
     return root
 
 
+def _placeholder_name(name: str, index: int) -> str:
+    """Entry input names as fx argument names, unless they would clash with Python or fx codegen."""
+    import keyword
+    if name.isidentifier() and not keyword.iskeyword(name) and name not in ("self", "torch"):
+        return name
+    return f"input_{index}"
+
+
 def to_graph_module(program: Program) -> fx.GraphModule:
     def build():
         graph = fx.Graph()
-        placeholders = [graph.placeholder(n) for n in program.entry.input_names]
+        placeholders = [graph.placeholder(_placeholder_name(n, i))
+                        for i, n in enumerate(program.entry.input_names)]
         out = Denoter(program, _FxBackend(graph)).run_entry(placeholders)
         graph.output(out)
         return graph
