@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.utils._pytree as pytree
 
 # name -> (model class, config class, config kwargs); two layers, hidden size 32 (or the model's
@@ -117,3 +118,17 @@ class Zoo:
 @pytest.fixture(scope="session")
 def zoo() -> Zoo:
     return Zoo()
+
+
+class Block(nn.Module):
+    """A residual block with a shared value: x + fc(ln(x)), then h * sigmoid(h). Used by the core and
+    error-path tests as the smallest model that exercises S, definitions and parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = x + self.fc(self.ln(x))
+        return h * torch.sigmoid(h)

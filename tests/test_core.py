@@ -9,18 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bwskc
-from bwskc.ir import Comb, Prim, prims
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.ln = nn.LayerNorm(4)
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        h = x + self.fc(self.ln(x))
-        return h * torch.sigmoid(h)
+from conftest import Block
+from bwskc.ir import Prim, prims
 
 
 def test_residual_is_S_add_and_output_equals_eager():

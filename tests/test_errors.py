@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import bwskc
+from conftest import Block
 
 MARK = "\u27e8"  # in a corruption's replacement text: where the error must be reported
 
@@ -37,17 +38,6 @@ def assert_one_line_error(r, code=2, *, contains=()):
     for text in contains:
         assert text in lines[0], (text, lines[0])
     return lines[0]
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.ln = nn.LayerNorm(4)
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x):
-        h = x + self.fc(self.ln(x))
-        return h * torch.sigmoid(h)
 
 
 @pytest.fixture(scope="module")
