@@ -261,7 +261,9 @@ class Def:
     """A named definition: a closed term of the given signature.
 
     ``module`` is the owning module path from ``nn_module_stack`` ('' for the model itself); the name is the
-    module path, with ``@k`` for the k-th extra call of the same module.
+    module path, with ``@k`` for the k-th extra call of the same module. ``kind`` is ``def`` for a module
+    call, ``phase`` for a region the fusion pass outlined (its name is ``OWNER.phaseN`` or
+    ``OWNER.residualN``; its module is the owner's).
     """
 
     name: str
@@ -269,10 +271,13 @@ class Def:
     output: Type
     body: Term
     pos: Any = field(default=None, compare=False, repr=False)
+    kind: str = "def"
 
     @property
     def module(self) -> str:
-        return self.name.split("@", 1)[0]
+        name = self.name.rsplit(".", 1)[0] if self.kind == "phase" and "." in self.name else (
+            "" if self.kind == "phase" else self.name)
+        return name.split("@", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -294,19 +299,30 @@ class Entry:
 class Program:
     """A lowered model: tensor declarations, constants, definitions (callees first) and the entry.
 
-    ``weights`` maps tensor names to values; it is not part of structural equality (the text form carries
-    declarations, not values). Call the program to evaluate it eagerly.
+    ``weights`` maps tensor names to values; ``analyses`` maps an analysis pass's name to its result (see
+    ``bwskc.passes``). Neither is part of structural equality (the text form carries declarations, not
+    values or analyses). Call the program to evaluate it eagerly.
     """
 
     def __init__(self, name: str, tensors: dict[str, TensorDecl], consts: list[Prim],
-                 defs: dict[str, Def], entry: Entry, weights: dict[str, torch.Tensor] | None = None):
+                 defs: dict[str, Def], entry: Entry, weights: dict[str, torch.Tensor] | None = None,
+                 analyses: dict[str, Any] | None = None):
         self.name = name
         self.tensors = dict(tensors)
         self.consts = list(consts)
         self.defs = dict(defs)
         self.entry = entry
         self.weights = dict(weights or {})
+        self.analyses = dict(analyses or {})
         self._interpreter = None
+
+    def replace(self, *, defs: dict[str, Def] | None = None, entry: Entry | None = None,
+                consts: list[Prim] | None = None, keep_analyses: bool = False) -> "Program":
+        """A copy with new definitions, entry or constants; weights kept, analyses dropped unless kept
+        (a rewrite invalidates them: the pass manager re-runs them)."""
+        return Program(self.name, self.tensors, self.consts if consts is None else consts,
+                       self.defs if defs is None else defs, self.entry if entry is None else entry,
+                       self.weights, self.analyses if keep_analyses else None)
 
     # structural equality, without recursion limits
     def _key(self):
@@ -340,7 +356,7 @@ class Program:
             from bwskc.errors import BwskError
             raise BwskError(f"weights missing for {len(missing)} tensors, e.g. {missing[0]}")
         return Program(self.name, self.tensors, self.consts, self.defs, self.entry,
-                       {k: weights[k] for k in self.tensors})
+                       {k: weights[k] for k in self.tensors}, self.analyses)
 
     def __call__(self, *args, **kwargs):
         from bwskc.runtime.interp import Interpreter

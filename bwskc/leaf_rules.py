@@ -1,0 +1,1189 @@
+"""S/K typing rules for ATen ops, judged as functions of their activation inputs (their holes).
+
+Each rule returns a ``Verdict`` with its evidence (see ``bwskc.evidence``). The one-line proofs are in
+``claim`` and collected in docs/typing.md. An op without a rule is GRAY with the reason "no rule".
+Families:
+
+* data movement (view, transpose, slice, cat, getitem, index with known indices...): every output element
+  is a copy of an input element or a constant. Running the op once on *coded* inputs (element k holds the
+  number 2**40 + k) shows which inputs are read: all read gives a gather as the left inverse; an unread
+  element gives a witness (change it: the output does not move). Exact, and decided per site.
+* elementwise maps: strictly monotone ones are injective (inverse in closed form); folds (GELU, SiLU),
+  saturations (ReLU, clamp), even powers and periodic maps collide (witness in closed form or by bisection).
+* binary arithmetic with one activation operand: a translation is a bijection; a product is injective iff
+  the other factor has no zero. With two activation operands it is judged jointly: ``x + y`` collides at
+  ``(x + 1, y - 1)``, ``x * y`` at ``(2x, y / 2)``.
+* linear maps (linear, addmm, mm/matmul against a weight, convolution): injective iff full column rank;
+  decided from the weights (a rank certificate or a null vector), by shape (rank-nullity) without them.
+* normalisations and reductions: shift (LayerNorm, softmax, attention keys) or scale invariances give
+  witnesses; the degrees of freedom lost are counted per row.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from bwskc.evidence import Verdict, erasing, gray, injective, no_rule
+from bwskc.ir import HOLE, TensorType, TupleType
+from bwskc.leaf import Leaf, random_value
+
+RULES: dict[str, Callable[[Leaf], Verdict]] = {}
+
+
+def rule(*ops: str):
+    def register(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+    return register
+
+
+def type_leaf(leaf: Leaf) -> Verdict:
+    if not leaf.inputs:
+        return Verdict("S", "nullary", "no activation input: a function of the one-point domain is "
+                       "injective (a constant; not counted in ratios)", 0, inverse=lambda y: (),
+                       extra={"inverse_text": "()"})
+    fn = RULES.get(leaf.op) or RULES.get(leaf.packet)
+    if fn is None:
+        return no_rule(leaf.op)
+    return fn(leaf)
+
+
+def _numel(t) -> int:
+    if isinstance(t, TupleType):
+        return sum(_numel(i) for i in t.items)
+    return t.numel if isinstance(t, TensorType) else 1
+
+
+def _float(t) -> bool:
+    return isinstance(t, TensorType) and t.torch_dtype.is_floating_point
+
+
+def _dof(leaf: Leaf, lost: int):
+    """Degrees of freedom are counted for real-valued inputs only (discrete inputs have none)."""
+    return lost if all(_float(t) for t in leaf.inputs) else None
+
+
+# ------------------------------------------------------------------------------------- data movement
+
+_BASE = float(2 ** 40)
+_SELECTION_LIMIT = 1 << 24
+
+
+def _coded(types, start: int):
+    out = []
+    for t in types:
+        if isinstance(t, TupleType):
+            items, start = _coded(t.items, start)
+            out.append(tuple(items))
+        else:
+            n = t.numel
+            out.append((torch.arange(n, dtype=torch.float64) + _BASE + start).reshape(t.shape))
+            start += n
+    return out, start
+
+
+def _flat_out(y) -> torch.Tensor:
+    if isinstance(y, (tuple, list)):
+        parts = [_flat_out(i) for i in y]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    if isinstance(y, torch.Tensor):
+        return y.reshape(-1).to(torch.float64) if y.is_floating_point() else torch.zeros(0)
+    return torch.zeros(0, dtype=torch.float64)
+
+
+def _rebuild(types, flat: torch.Tensor, start: int):
+    out = []
+    for t in types:
+        if isinstance(t, TupleType):
+            items, start = _rebuild(t.items, flat, start)
+            out.append(tuple(items))
+        else:
+            out.append(flat[start:start + t.numel].reshape(t.shape).to(t.torch_dtype))
+            start += t.numel
+    return out, start
+
+
+@rule("aten.slice", "aten.select", "aten.index", "aten.index_select", "aten.gather", "aten.cat",
+      "aten.stack", "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unbind", "aten.narrow",
+      "aten.flip", "aten.roll", "aten.repeat", "aten.constant_pad_nd", "aten.unfold", "aten.diagonal",
+      "aten.as_strided", "aten.movedim", "aten.tensor_split", "aten.take", "getitem", "tuple",
+      "aten.pixel_shuffle", "aten.pixel_unshuffle", "aten.channel_shuffle", "aten.tril", "aten.triu")
+def selection(leaf: Leaf) -> Verdict:
+    """Output elements are copies of input elements (or constants): decide by running on codes."""
+    total = sum(_numel(t) for t in leaf.inputs)
+    if total > _SELECTION_LIMIT or not leaf.bound_known():
+        why = "too large to code here" if total > _SELECTION_LIMIT else "its bound indices are unknown"
+        return gray("selection", f"{leaf.op} copies input elements: injective iff it reads every one",
+                    "every input element appears in the output", f"coding its inputs ({why})", None)
+    coded, n = _coded(leaf.inputs, 0)
+    flat = _flat_out(leaf.call(*coded))
+    codes = flat - _BASE
+    valid = (codes >= 0) & (codes < n) & (codes == codes.round())
+    pos = torch.nonzero(valid).flatten()
+    code_at = codes[pos].long()
+    first = torch.full((n,), -1, dtype=torch.long)
+    first.scatter_reduce_(0, code_at, pos, reduce="amin", include_self=False)
+    unread = torch.nonzero(first < 0).flatten()
+    if len(unread) == 0:
+        def inverse(y, first=first, types=leaf.inputs):
+            return tuple(_rebuild(types, _flat_out(y)[first], 0)[0])
+        return injective("selection", f"{leaf.op} copies every input element to the output "
+                         "(checked by running it on coded inputs): a gather recovers the inputs",
+                         inverse, "gather of the first output position of each input element",
+                         surjective=len(pos) == n and len(flat) == n)
+    k = int(unread[0])
+
+    def witness(g, k=k, leaf=leaf):
+        a = leaf.random(g)
+        flat_a = torch.cat([_flat_out(v) for v in a]) if a else torch.zeros(0)
+        flat_b = flat_a.clone()
+        flat_b[k] += 1
+        b = tuple(_rebuild(leaf.inputs, flat_b, 0)[0])
+        return a, b
+    return erasing("selection", f"{leaf.op} never reads {len(unread)} of its {n} input elements",
+                   witness, f"change input element {k} (not read)", _dof(leaf, len(unread)),
+                   "unread input elements")
+
+
+def _reshape_back(leaf: Leaf):
+    shape = leaf.x.shape
+    return lambda y: (y.reshape(shape),)
+
+
+@rule("aten.view", "aten._unsafe_view", "aten.reshape", "aten.flatten", "aten.unflatten",
+      "aten.squeeze", "aten.unsqueeze", "aten.view_as")
+def reshape(leaf: Leaf) -> Verdict:
+    if leaf.x is None or _numel(leaf.out) != leaf.x.numel:
+        return selection(leaf)
+    return injective("reshape", "a reshape keeps every element in row-major order: reshaping back "
+                     "inverts it", _reshape_back(leaf), "reshape to the input shape", surjective=True)
+
+
+@rule("aten.clone", "aten.alias", "aten.contiguous", "aten.detach", "aten.lift_fresh_copy",
+      "aten.positive", "aten.resolve_conj", "aten.resolve_neg")
+def identity(leaf: Leaf) -> Verdict:
+    if leaf.x is None:
+        return selection(leaf)
+    return injective("identity", f"{leaf.op} returns its input's values", lambda y: (y,), "identity",
+                     surjective=True)
+
+
+@rule("aten.transpose", "aten.permute", "aten.t", "aten.swapaxes", "aten.numpy_T")
+def permute(leaf: Leaf) -> Verdict:
+    if leaf.x is None:
+        return selection(leaf)
+    rank = len(leaf.x.shape)
+    if leaf.packet == "aten.permute":
+        dims = [d % rank for d in leaf.arg("dims")]
+    else:
+        dims = list(range(rank))
+        if leaf.packet != "aten.t" or rank == 2:
+            i, j = (leaf.arg("dim0", 0), leaf.arg("dim1", 1)) if leaf.packet != "aten.t" else (0, 1)
+            i, j = i % max(rank, 1), j % max(rank, 1)
+            dims[i], dims[j] = dims[j], dims[i]
+    back = [dims.index(i) for i in range(rank)]
+    return injective("permutation", "a permutation of axes is inverted by the inverse permutation",
+                     lambda y: (y.permute(back),), f"permute {back}", surjective=True)
+
+
+@rule("aten.expand", "aten.expand_as", "aten.broadcast_to")
+def expand(leaf: Leaf) -> Verdict:
+    if leaf.x is None:
+        return selection(leaf)
+    src, dst = leaf.x.shape, leaf.out.shape
+    lead = len(dst) - len(src)
+
+    def inverse(y):
+        y = y[(0,) * lead] if lead else y
+        for i, s in enumerate(src):
+            if s == 1 and y.shape[i] != 1:
+                y = y.narrow(i, 0, 1)
+        return (y.contiguous(),)
+    return injective("broadcast", "a broadcast copies each element at least once: one copy of each "
+                     "recovers the input", inverse, "first copy along each broadcast axis")
+
+
+# ----------------------------------------------------------------------------------- elementwise maps
+
+def _unary(leaf: Leaf) -> bool:
+    return leaf.x is not None and _float(leaf.x)
+
+
+def _monotone(inverse: Callable, text: str, surjective=False, domain=None):
+    def make(leaf: Leaf) -> Verdict:
+        if not _unary(leaf):
+            return no_rule(leaf.op)
+        return injective("strictly monotone", f"{leaf.op} is strictly monotone, hence injective; "
+                         f"{text} inverts it", lambda y: (inverse(leaf, y),), text, surjective=surjective,
+                         sample=domain and (lambda g: (domain(leaf, g),)))
+    return make
+
+
+RULES.update({
+    "aten.tanh": _monotone(lambda leaf, y: torch.atanh(y.double()).to(y.dtype), "atanh"),
+    "aten.sigmoid": _monotone(lambda leaf, y: torch.logit(y.double()).to(y.dtype), "logit"),
+    "aten.exp": _monotone(lambda leaf, y: torch.log(y), "log"),
+    "aten.expm1": _monotone(lambda leaf, y: torch.log1p(y), "log1p"),
+    "aten.neg": _monotone(lambda leaf, y: -y, "negation", surjective=True),
+    "aten.atan": _monotone(lambda leaf, y: torch.tan(y), "tan"),
+    "aten.asinh": _monotone(lambda leaf, y: torch.sinh(y), "sinh", surjective=True),
+    "aten.sinh": _monotone(lambda leaf, y: torch.asinh(y), "asinh", surjective=True),
+    "aten.erf": _monotone(lambda leaf, y: torch.erfinv(y.double()).to(y.dtype), "erfinv"),
+    "aten.reciprocal": _monotone(lambda leaf, y: torch.reciprocal(y), "reciprocal"),
+    "aten.logical_not": _monotone(lambda leaf, y: ~y, "not", surjective=True),
+    "aten.bitwise_not": _monotone(lambda leaf, y: ~y, "not", surjective=True),
+})
+
+
+@rule("aten.elu")
+def elu(leaf: Leaf) -> Verdict:
+    alpha, scale, iscale = leaf.arg("alpha", 1), leaf.arg("scale", 1), leaf.arg("input_scale", 1)
+    if not _unary(leaf):
+        return no_rule(leaf.op)
+    if alpha > 0 and scale > 0 and iscale > 0:
+        def inverse(y):
+            yd = y.double()
+            neg = torch.log1p((yd / (scale * alpha)).clamp(min=-1 + 1e-300)) / iscale
+            return (torch.where(yd > 0, yd / scale, neg).to(y.dtype),)
+        return injective("strictly monotone", "ELU with alpha > 0 is strictly increasing (slope 1 for "
+                         "x > 0, alpha*exp(x) > 0 below)", inverse, "y for y > 0, log1p(y/alpha) below")
+    return _saturating(leaf, "ELU with alpha <= 0 is not increasing below 0")
+
+
+@rule("aten.leaky_relu")
+def leaky_relu(leaf: Leaf) -> Verdict:
+    slope = leaf.arg("negative_slope", 0.01)
+    if not _unary(leaf):
+        return no_rule(leaf.op)
+    if slope > 0:
+        return injective("strictly monotone", f"leaky ReLU with slope {slope} > 0 is strictly "
+                         "increasing and onto", lambda y: (torch.where(y >= 0, y, y / slope),),
+                         "y for y >= 0, y/slope below", surjective=True)
+    if slope == 0:
+        return _saturating(leaf, "slope 0: every negative input maps to 0")
+
+    def witness(g):  # x > 0 maps to x, x/slope < 0 maps to x too
+        a = leaf.random(g)[0].abs() + 1
+        return (a,), (a / slope,)
+    return erasing("fold", f"leaky ReLU with slope {slope} < 0 maps x > 0 and x/slope to the same "
+                   "value", witness, "x and x/slope", 0)
+
+
+@rule("aten.softplus")
+def softplus(leaf: Leaf) -> Verdict:
+    beta, threshold = leaf.arg("beta", 1), leaf.arg("threshold", 20)
+    if not _unary(leaf) or beta <= 0:
+        return no_rule(leaf.op)
+
+    def inverse(y):
+        yd = y.double()
+        return (torch.where(yd * beta > threshold, yd, torch.log(torch.expm1(beta * yd)) / beta)
+                .to(y.dtype),)
+    return injective("strictly monotone", "softplus is strictly increasing (log(1+exp(bx))/b, and x "
+                     "above the threshold)", inverse, "log(expm1(b*y))/b")
+
+
+def _saturating(leaf: Leaf, why: str, low: float = -1.0) -> Verdict:
+    """Two inputs below a saturation point give the same output."""
+    def witness(g):
+        a = -leaf.random(g)[0].abs() + low
+        return (a,), (a * 2,)
+    return erasing("saturation", why, witness, f"x and 2x for x < {low}", None,
+                   "data-dependent: the saturated inputs")
+
+
+@rule("aten.relu")
+def relu(leaf: Leaf) -> Verdict:
+    if not _unary(leaf):
+        return no_rule(leaf.op)
+    return _saturating(leaf, "every negative input maps to 0")
+
+
+@rule("aten.hardtanh", "aten.relu6", "aten.clamp", "aten.clamp_min", "aten.clamp_max", "aten.threshold",
+      "aten.hardsigmoid")
+def clamp(leaf: Leaf) -> Verdict:
+    if not _unary(leaf):
+        return no_rule(leaf.op)
+    lo = {"aten.hardtanh": leaf.arg("min_val", -1.0), "aten.relu6": 0.0, "aten.hardsigmoid": -3.0,
+          "aten.threshold": leaf.arg("threshold")}.get(leaf.packet)
+    hi = {"aten.hardtanh": leaf.arg("max_val", 1.0), "aten.relu6": 6.0, "aten.hardsigmoid": 3.0}.get(
+        leaf.packet)
+    if leaf.packet in ("aten.clamp", "aten.clamp_min"):
+        lo = leaf.arg("min")
+    if leaf.packet in ("aten.clamp", "aten.clamp_max"):
+        hi = leaf.arg("max")
+    if isinstance(lo, (int, float)):
+        return _saturating(leaf, f"every input below {lo} maps to the same value", float(lo) - 1)
+    if isinstance(hi, (int, float)):
+        def witness(g):
+            a = leaf.random(g)[0].abs() + float(hi) + 1
+            return (a,), (a * 2,)
+        return erasing("saturation", f"every input above {hi} maps to {hi}", witness,
+                       f"x and 2x for x > {hi}", None, "data-dependent: the saturated inputs")
+    return gray("saturation", f"{leaf.op} with bounds that are not literals", "the bounds are infinite",
+                "the values of its bounds")
+
+
+def _fold_point(fn) -> tuple[float, float]:
+    """Two inputs a != b with fn(a) == fn(b), for a smooth map with one interior minimum (a fold):
+    the minimum on a grid, then bisection on its left for the value at its right."""
+    grid = torch.linspace(-8, 8, 16001, dtype=torch.float64)
+    vals = fn(grid)
+    i = int(torch.argmin(vals))
+    xmin = float(grid[i])
+    a = xmin + 0.4
+    target = float(fn(torch.tensor([a], dtype=torch.float64))[0])
+    lo, hi = -30.0, xmin  # fn decreasing on (lo, xmin): fn(lo) > target > fn(xmin)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if float(fn(torch.tensor([mid], dtype=torch.float64))[0]) > target:
+            lo = mid
+        else:
+            hi = mid
+    return a, (lo + hi) / 2
+
+
+@rule("aten.gelu", "aten.silu", "aten.mish", "aten.hardswish")
+def fold(leaf: Leaf) -> Verdict:
+    if not _unary(leaf):
+        return no_rule(leaf.op)
+    a, b = _fold_point(lambda t: leaf.call(t))
+    dt = leaf.x.torch_dtype
+
+    def witness(g, a=a, b=b):
+        return (torch.full(leaf.x.shape, a, dtype=dt),), (torch.full(leaf.x.shape, b, dtype=dt),)
+    return erasing("fold", f"{leaf.op} has an interior minimum, so it takes every value just above the "
+                   f"minimum twice: f({a:.6g}) = f({b:.6g})", witness, f"{a:.6g} and {b:.6g} "
+                   "(every element)", 0, "a fold: the Jacobian is invertible almost everywhere")
+
+
+@rule("aten.abs", "aten.square", "aten.sign", "aten.floor", "aten.ceil", "aten.round", "aten.trunc",
+      "aten.frac", "aten.cos", "aten.sin", "aten.sgn")
+def even_or_step(leaf: Leaf) -> Verdict:
+    if not _unary(leaf):
+        return no_rule(leaf.op)
+    p = leaf.packet
+    if p in ("aten.abs", "aten.square", "aten.cos"):
+        return erasing("even", f"{p} is even: f(-x) = f(x)", lambda g: _pair(
+            leaf, g, lambda x: x.abs() + 0.5, lambda x: -x), "x and -x", 0,
+            "even: the Jacobian is invertible almost everywhere")
+    if p == "aten.sin":
+        return erasing("periodic", "sin(x) = sin(pi - x)", lambda g: _pair(
+            leaf, g, lambda x: x * 0.5, lambda x: math.pi - x), "x and pi - x", 0)
+    return erasing("step", f"{p} is constant on intervals", lambda g: _pair(
+        leaf, g, lambda x: x.round() + 0.125, lambda x: x + 0.125), "x and x + 1/8 (x = k + 1/8)", None,
+        "a step function: its Jacobian is 0 almost everywhere")
+
+
+def _pair(leaf: Leaf, g, make_a, make_b):
+    a = make_a(leaf.random(g)[0])
+    return (a,), (make_b(a),)
+
+
+@rule("aten.rsqrt", "aten.sqrt", "aten.log", "aten.log2", "aten.log10", "aten.log1p", "aten.acos",
+      "aten.asin", "aten.atanh", "aten.logit")
+def domain_restricted(leaf: Leaf) -> Verdict:
+    if not _unary(leaf):
+        return no_rule(leaf.op)
+    dom = {"aten.log1p": "x > -1", "aten.acos": "-1 <= x <= 1", "aten.asin": "-1 <= x <= 1",
+           "aten.atanh": "-1 < x < 1", "aten.logit": "0 < x < 1"}.get(leaf.packet, "x >= 0")
+    return gray("domain", f"{leaf.packet} is strictly monotone on {dom}; every input outside maps to "
+                "nan", f"every input satisfies {dom}", "a range analysis of its input (the RMSNorm "
+                "composite rule decides rsqrt(mean(x^2) + eps))", 0,
+                sample=lambda g: (leaf.random(g)[0].abs() * 0.5 + 0.1,))
+
+
+# --------------------------------------------------------------------------------- binary arithmetic
+
+_ADDITIVE = ("aten.add", "aten.sub", "aten.rsub")
+
+
+def _scalar_or_tensor(v):
+    return torch.as_tensor(v) if isinstance(v, (int, float, bool)) else v
+
+
+def _other_name(leaf: Leaf) -> str:
+    return "other" if leaf.is_hole("self") else "self"
+
+
+@rule("aten.add", "aten.sub", "aten.rsub")
+def additive(leaf: Leaf) -> Verdict:
+    alpha = leaf.arg("alpha", 1)
+    holes = leaf.hole_args
+    if holes == ["self", "other"]:
+        return _joint_collision(leaf, "x + y is unchanged by (x + c, y - c)" if leaf.packet == "aten.add"
+                                else "x - y is unchanged by (x + c, y + c)",
+                                lambda x, y: (x + 1, y - 1 if leaf.packet == "aten.add" else y + 1))
+    if len(holes) != 1 or leaf.x is None:
+        return no_rule(leaf.op)
+    hole = holes[0]
+    if alpha == 0 and hole == "other":
+        return erasing("zero", "alpha = 0 discards the activation", lambda g: _pair(
+            leaf, g, lambda x: x, lambda x: x + 1), "x and x + 1", leaf.x.numel)
+    sign = {"aten.add": 1, "aten.sub": -1, "aten.rsub": -1}[leaf.packet]
+    if hole == "other":
+        sign = sign * (1 if leaf.packet == "aten.add" else -1) * alpha
+        sign = sign if leaf.packet == "aten.add" else -sign
+
+    def inverse(y, hole=hole):
+        other = _scalar_or_tensor(leaf.arg("other" if hole == "self" else "self"))
+        if leaf.packet == "aten.rsub":  # other - alpha * x
+            x = (other - y) / alpha
+        elif hole == "self":
+            x = y - alpha * other if leaf.packet == "aten.add" else y + alpha * other
+        else:
+            x = (y - other) / alpha if leaf.packet == "aten.add" else (other - y) / alpha
+        return (_unbroadcast(x, leaf.x),)
+    return injective("translation", f"{leaf.packet} with one activation operand is a translation "
+                     "(times a nonzero alpha): subtracting the other operand inverts it", inverse,
+                     "subtract the bound operand", surjective=_same_shape(leaf))
+
+
+def _same_shape(leaf: Leaf) -> bool:
+    return isinstance(leaf.out, TensorType) and leaf.x is not None and leaf.out.shape == leaf.x.shape
+
+
+def _unbroadcast(y: torch.Tensor, t: TensorType) -> torch.Tensor:
+    """The input back from an output it was broadcast into: first copy along broadcast axes."""
+    lead = y.dim() - len(t.shape)
+    if lead > 0:
+        y = y[(0,) * lead]
+    for i, s in enumerate(t.shape):
+        if s == 1 and y.shape[i] != 1:
+            y = y.narrow(i, 0, 1)
+    return y.to(t.torch_dtype).reshape(t.shape)
+
+
+def _joint_collision(leaf: Leaf, claim: str, move: Callable) -> Verdict:
+    def witness(g):
+        a = leaf.random(g)
+        return a, tuple(move(*a))
+    lost = _dof(leaf, sum(_numel(t) for t in leaf.inputs) - _numel(leaf.out))
+    return erasing("joint", f"as a function of both activation operands: {claim}", witness, claim, lost,
+                   "generic rank of the Jacobian: at most the output size")
+
+
+@rule("aten.mul", "aten.div")
+def multiplicative(leaf: Leaf) -> Verdict:
+    holes = leaf.hole_args
+    if holes == ["self", "other"]:
+        return _joint_collision(leaf, "x * y is unchanged by (2x, y/2)" if leaf.packet == "aten.mul"
+                                else "x / y is unchanged by (2x, 2y)",
+                                lambda x, y: (x * 2, y / 2 if leaf.packet == "aten.mul" else y * 2))
+    if len(holes) != 1 or leaf.x is None or not _float(leaf.x):
+        return no_rule(leaf.op)
+    hole = holes[0]
+    other = leaf.arg("other" if hole == "self" else "self")
+    if leaf.packet == "aten.div" and hole == "other":  # c / x
+        if other is None:
+            return gray("reciprocal", "c / x is injective iff c has no zero", "the numerator has no zero",
+                        "its value (known with the weights)")
+        if bool((_scalar_or_tensor(other) != 0).all()):
+            return injective("reciprocal", "c / x with c nonzero is injective (x = c / y)",
+                             lambda y: (_unbroadcast(_scalar_or_tensor(other) / y, leaf.x),), "c / y")
+        return _zero_factor(leaf, other)
+    if other is None:
+        return gray("scaling", f"{leaf.packet} by a bound factor is injective iff the factor has no zero",
+                    "the bound factor has no zero element", "its value (known with the weights)")
+    c = _scalar_or_tensor(other)
+    if bool((c != 0).all()) and bool(torch.isfinite(torch.as_tensor(c)).all()):
+        inv = (lambda y: (_unbroadcast(y / c, leaf.x),)) if leaf.packet == "aten.mul" else (
+            lambda y: (_unbroadcast(y * c, leaf.x),))
+        return injective("scaling", f"{leaf.packet} by a factor with no zero is injective: "
+                         f"{'dividing' if leaf.packet == 'aten.mul' else 'multiplying'} by it inverts it",
+                         inv, "divide by the factor" if leaf.packet == "aten.mul" else "multiply back",
+                         surjective=_same_shape(leaf))
+    return _zero_factor(leaf, c)
+
+
+def _zero_factor(leaf: Leaf, c) -> Verdict:
+    c = torch.as_tensor(c)
+    probe = leaf.call(torch.ones(leaf.x.shape, dtype=leaf.x.torch_dtype) * 0 + 1)
+    zero_out = torch.broadcast_to(c == 0, probe.shape)
+    # x elements all of whose copies meet a zero factor are erased
+    erased = torch.ones(leaf.x.shape, dtype=torch.bool)
+    lead = zero_out.dim() - len(leaf.x.shape)
+    z = zero_out.all(dim=tuple(range(lead))) if lead else zero_out
+    for i, s in enumerate(leaf.x.shape):
+        if s == 1 and z.shape[i] != 1:
+            z = z.all(dim=i, keepdim=True)
+    erased &= z
+    if not bool(erased.any()):
+        return gray("scaling", "some factors are zero but every input element meets a nonzero one",
+                    "always (not decided by this rule)", "a per-element inverse")
+    idx = int(torch.nonzero(erased.flatten())[0])
+
+    def witness(g):
+        a = leaf.random(g)[0]
+        b = a.clone().reshape(-1)
+        b[idx] += 1
+        return (a,), (b.reshape(a.shape),)
+    return erasing("zero factor", "a zero factor erases the inputs it multiplies", witness,
+                   f"change input element {idx}", int(erased.sum()))
+
+
+@rule("aten.pow")
+def power(leaf: Leaf) -> Verdict:
+    if leaf.op != "aten.pow.Tensor_Scalar" or not _unary(leaf):
+        return no_rule(leaf.op)
+    e = leaf.arg("exponent")
+    if e == 1:
+        return identity(leaf)
+    if e == 0:
+        return erasing("constant", "x ** 0 = 1 for every x", lambda g: _pair(leaf, g, lambda x: x,
+                                                                             lambda x: x + 1),
+                       "x and x + 1", leaf.x.numel)
+    if float(e).is_integer() and int(e) % 2 == 0:
+        return erasing("even", f"x ** {e} is even: (-x) ** {e} = x ** {e}", lambda g: _pair(
+            leaf, g, lambda x: x.abs() + 0.5, lambda x: -x), "x and -x", 0,
+            "even power: the Jacobian is invertible almost everywhere")
+    if float(e).is_integer():
+        k = int(e)
+        return injective("strictly monotone", f"x ** {k} (odd) is strictly monotone",
+                         lambda y: (torch.sign(y) * y.abs() ** (1.0 / k),), f"sign(y) |y| ** (1/{k})")
+    return gray("domain", f"x ** {e} is strictly monotone on x >= 0; negative inputs map to nan",
+                "every input is >= 0", "a range analysis of its input", 0,
+                sample=lambda g: (leaf.random(g)[0].abs() + 0.1,))
+
+
+# ------------------------------------------------------------------------------------------ compares
+
+_AND = ("aten.__and__", "aten.logical_and", "aten.bitwise_and")
+_OR = ("aten.__or__", "aten.logical_or", "aten.bitwise_or")
+
+
+@rule("aten.le", "aten.lt", "aten.ge", "aten.gt", "aten.eq", "aten.ne", "aten.isnan", "aten.isinf",
+      "aten.isfinite", *_AND, *_OR)
+def predicate(leaf: Leaf) -> Verdict:
+    """Comparisons keep one bit of real inputs; and/or of two masks lose the operand that is masked."""
+    boolean = all(isinstance(t, TensorType) and t.torch_dtype == torch.bool for t in leaf.inputs)
+    if leaf.packet in _AND + _OR and boolean:
+        if len(leaf.inputs) == 2:
+            fill = leaf.packet in _OR  # the second operand decides: False for and, True for or
+
+            def witness(g):
+                t = leaf.inputs[0]
+                other = torch.full(t.shape, fill, dtype=torch.bool)
+                return (torch.zeros(t.shape, dtype=torch.bool), other), (
+                    torch.ones(t.shape, dtype=torch.bool), other)
+            return erasing("boolean", f"{leaf.packet}(a, b) ignores a where b is "
+                           f"{'True' if fill else 'False'}", witness, "a flipped where b decides", None,
+                           "discrete input")
+        return gray("boolean", f"{leaf.packet} with one bound mask is injective iff the mask lets every "
+                    "bit through", "the bound mask is all True (and) or all False (or)", "its value")
+    if len(leaf.inputs) == 2:
+        def witness(g):  # move both operands by the same integer: order and equality are kept
+            a = tuple(_integral(t, g) for t in leaf.inputs)
+            return a, tuple(x + 3 for x in a)
+        text = "(x, y) and (x + 3, y + 3)"
+    else:
+        def witness(g):  # two finite inputs far beyond any literal threshold
+            x = _integral(leaf.inputs[0], g).abs() + 1000
+            return (x,), (x * 2,)
+        text = "x and 2x, far from the threshold"
+    return erasing("predicate", f"{leaf.packet} is boolean-valued: it keeps one bit of each element",
+                   witness, text, None, "a step function: its Jacobian is 0 almost everywhere")
+
+
+def _integral(t: TensorType, g) -> torch.Tensor:
+    if t.torch_dtype == torch.bool:
+        return torch.rand(t.shape, generator=g) < 0.5
+    return torch.randint(-4, 4, t.shape, generator=g).to(t.torch_dtype)
+
+
+@rule("aten.where")
+def where(leaf: Leaf) -> Verdict:
+    if leaf.names.get("condition") is HOLE:
+        branch = 1 if leaf.is_hole("self") else (2 if leaf.is_hole("other") else None)
+
+        def witness(g):  # the condition picks the other branch everywhere: this one is not read
+            a = list(leaf.random(g))
+            a[0] = torch.full_like(a[0], branch != 1, dtype=torch.bool)
+            b = list(a)
+            if branch is not None:
+                b[branch] = a[branch] + 1
+            else:
+                b[0] = ~a[0] & False
+                a[0] = a[0] & False
+            return tuple(a), tuple(b)
+        if branch is None:
+            return gray("selection", "where with only the condition free maps it to a mix of two bound "
+                        "branches", "the branches differ everywhere", "the branches' values")
+        return erasing("selection", "where(c, x, y) does not read x where c is False (nor y where it "
+                       "is True)", witness, "the condition picks the other branch; this one moved",
+                       None, "data-dependent: the unread branch")
+    if not leaf.bound_known():
+        return gray("selection", "where with a bound condition reads each branch only where it selects",
+                    "the condition selects every element of each activation branch",
+                    "the condition's value")
+    return selection(leaf)
+
+
+@rule("aten.masked_fill")
+def masked_fill(leaf: Leaf) -> Verdict:
+    if leaf.is_hole("mask"):
+        return gray("selection", "masked_fill with an activation mask hides the masked values",
+                    "the mask is all False", "a rule for activation masks")
+    return selection(leaf) if leaf.bound_known() else gray(
+        "selection", "masked_fill erases the masked elements", "the mask is all False", "its value")
+
+
+@rule("aten.zeros_like", "aten.ones_like", "aten.full_like", "aten.empty_like", "aten.new_zeros",
+      "aten.new_ones", "aten.new_full", "aten.new_empty", "aten.scalar_tensor", "aten.rand_like",
+      "aten.randn_like", "aten.sym_size", "aten.size")
+def constant_of(leaf: Leaf) -> Verdict:
+    def witness(g):
+        a = leaf.random(g)
+        return a, tuple(x + 1 if x.dtype != torch.bool else ~x for x in a)
+    return erasing("constant", f"{leaf.packet} reads only its input's shape", witness, "x and x + 1",
+                   _dof(leaf, sum(_numel(t) for t in leaf.inputs)))
+
+
+# --------------------------------------------------------------------------------------- conversions
+
+_RANK = {torch.bool: 0, torch.uint8: 1, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4}
+
+
+@rule("aten._to_copy", "aten.to", "aten._to_dtype", "aten.type_as", "aten._autocast_to_reduced_precision")
+def convert(leaf: Leaf) -> Verdict:
+    if leaf.x is None:
+        return no_rule(leaf.op)
+    src, dst = leaf.x.torch_dtype, leaf.out.torch_dtype
+    if src == dst:
+        return identity(leaf)
+    if src == torch.bool or (src.is_floating_point and dst.is_floating_point and
+                             torch.finfo(dst).bits > torch.finfo(src).bits) or (
+            not src.is_floating_point and not dst.is_floating_point and _RANK.get(dst, 0) > _RANK.get(src, 0)):
+        return injective("widening", f"{src} -> {dst} represents every input exactly",
+                         lambda y: (y.to(src),), f"convert back to {src}")
+    if src.is_floating_point:
+        tiny = 0.25 if not dst.is_floating_point else float(torch.finfo(dst).eps) / 4
+
+        def witness(g):
+            a = leaf.random(g)[0].to(torch.float64).round().to(src) + 1
+            return (a,), (a + a.abs() * tiny if dst.is_floating_point else a + tiny,)
+        return erasing("rounding", f"{src} -> {dst} rounds: nearby inputs meet", witness,
+                       "x and x(1 + eps/4)" if dst.is_floating_point else "x and x + 1/4", 0,
+                       "rounding: the Jacobian is the identity almost everywhere")
+    if dst.is_floating_point:  # integer -> float: exact below 2**(mantissa bits + 1)
+        m = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24, torch.float64: 53}.get(dst, 24)
+        if src == torch.uint8 or (m >= 8 and src == torch.int8) or (m >= 16 and src == torch.int16):
+            return injective("widening", f"{src} fits exactly in {dst}", lambda y: (y.to(src),),
+                             f"convert back to {src}")
+
+        def witness(g):
+            a = torch.full(leaf.x.shape, 2 ** m, dtype=src)
+            return (a,), (a + 1,)
+        return erasing("rounding", f"{src} -> {dst} rounds integers beyond 2**{m}", witness,
+                       f"2**{m} and 2**{m} + 1", None)
+
+    def witness(g):
+        a = torch.zeros(leaf.x.shape, dtype=src) + (1 << (8 * dst.itemsize if dst != torch.bool else 0))
+        return (a if dst != torch.bool else a + 1,), (a * 2 + (0 if dst != torch.bool else 2),)
+    return erasing("narrowing", f"{src} -> {dst} wraps around", witness, "x and x + 2**bits", None)
+
+
+# --------------------------------------------------------------------------------------- linear maps
+
+def _null_vector(w: torch.Tensor) -> torch.Tensor:
+    """A unit vector v with w @ v = 0 (w has more columns than its rank)."""
+    _, _, vh = torch.linalg.svd(w.double(), full_matrices=True)
+    return vh[-1]
+
+
+def _rank_info(w: torch.Tensor) -> tuple[int, float]:
+    s = torch.linalg.svdvals(w.double())
+    tol = s.max() * max(w.shape) * torch.finfo(w.dtype if w.is_floating_point() else torch.float32).eps
+    return int((s > tol).sum()), float(s.min()) if len(s) else 0.0
+
+
+def _linear_verdict(leaf: Leaf, w: torch.Tensor | None, d: int, k: int, rows: int, apply_pinv,
+                    shift_input) -> Verdict:
+    """y = x W^T (+ b) per row, x in R^d, y in R^k, ``rows`` independent rows."""
+    if w is None:
+        if k < d:
+            return erasing("rank-nullity", f"a linear map R^{d} -> R^{k} has a null space of dimension "
+                           f">= {d - k}", None, "x and x + v, v in the weight's null space (needs the "
+                           "weights)", (d - k) * rows, "per row: d - k")
+        return gray("rank", f"a linear map R^{d} -> R^{k} is injective iff its weight has full column "
+                    f"rank {d}", f"rank(W) = {d}", "the weights (an SVD)", None)
+    r, smin = _rank_info(w)
+    if r == d:
+        return injective("full column rank", f"W ({k}x{d}) has rank {d} = its column count "
+                         f"(smallest singular value {smin:.3g}): W^+ W = I", apply_pinv,
+                         "pseudo-inverse: x = (y - b) W^+^T", rank={"rank": r, "columns": d,
+                                                                      "sigma_min": smin},
+                         surjective=k == d)
+    v = _null_vector(w)
+
+    def witness(g):
+        a = leaf.random(g)
+        return a, shift_input(a, v)
+    return erasing("rank-nullity", f"W ({k}x{d}) has rank {r} < {d}: x and x + v collide for v in its "
+                   "null space", witness, "x and x + v, v a null vector of W", (d - r) * rows,
+                   "per row: d - rank(W)")
+
+
+def _add_to_last(a: tuple, v: torch.Tensor, index: int = 0):
+    x = a[index]
+    scale = x.abs().max().clamp(min=1)
+    out = list(a)
+    out[index] = x + (v * scale).to(x.dtype)
+    return tuple(out)
+
+
+@rule("aten.linear")
+def linear(leaf: Leaf) -> Verdict:
+    if leaf.hole_args != ["input"] or leaf.x is None:
+        return _bilinear_or_none(leaf)
+    w = leaf.arg("weight")
+    d, k = leaf.x.shape[-1], leaf.out.shape[-1]
+    rows = leaf.x.numel // max(d, 1)
+
+    def inverse(y, w=w):
+        b = leaf.arg("bias")
+        yd = y.double() - (b.double() if b is not None else 0)
+        return ((yd @ torch.linalg.pinv(w.double()).T).to(y.dtype),)
+    return _linear_verdict(leaf, w, d, k, rows, inverse, lambda a, v: _add_to_last(a, v))
+
+
+@rule("aten.addmm")
+def addmm(leaf: Leaf) -> Verdict:
+    if leaf.hole_args != ["mat1"] or leaf.x is None:
+        return _bilinear_or_none(leaf)
+    m2 = leaf.arg("mat2")
+    w = m2.T if m2 is not None else None
+    beta, alpha = leaf.arg("beta", 1), leaf.arg("alpha", 1)
+    d, k = leaf.x.shape[-1], leaf.out.shape[-1]
+
+    def inverse(y, w=w):
+        b = leaf.arg("self")
+        yd = y.double() - beta * (b.double() if b is not None else 0)
+        return ((yd / alpha @ torch.linalg.pinv(w.double()).T).to(y.dtype),)
+    if alpha == 0:
+        return constant_of(leaf)
+    return _linear_verdict(leaf, w, d, k, leaf.x.shape[0], inverse, lambda a, v: _add_to_last(a, v))
+
+
+@rule("aten.mm", "aten.matmul", "aten.bmm")
+def matmul(leaf: Leaf) -> Verdict:
+    if leaf.hole_args == ["self"] and leaf.x is not None and leaf.x.shape:
+        w2 = leaf.arg("mat2" if "mat2" in leaf.names else "other")
+        if w2 is None or w2.dim() == 2:
+            w = w2.T if w2 is not None else None
+            d = leaf.x.shape[-1]
+            k = leaf.out.shape[-1] if leaf.out.shape else 1
+
+            def inverse(y, w=w):
+                return ((y.double() @ torch.linalg.pinv(w.double()).T).to(y.dtype),)
+            return _linear_verdict(leaf, w, d, k, leaf.x.numel // max(d, 1), inverse,
+                                   lambda a, v: _add_to_last(a, v))
+    return _bilinear_or_none(leaf)
+
+
+def _bilinear_or_none(leaf: Leaf) -> Verdict:
+    if len(leaf.hole_args) == 2 and all(_float(t) for t in leaf.inputs):
+        a_t, b_t = leaf.inputs
+        lost = None
+        if len(a_t.shape) >= 2 and len(b_t.shape) >= 2:
+            m, n = a_t.shape[-2:]
+            p = b_t.shape[-1]
+            batch = _numel(leaf.out) // max(m * p, 1)
+            per = n * n if n < min(m, p) else n * (m + p) - m * p
+            lost = per * batch
+        return erasing("bilinear", "a product of two activations is unchanged by (2a, b/2)",
+                       lambda g: (lambda a: (a, (a[0] * 2, a[1] / 2)))(leaf.random(g)),
+                       "(a, b) and (2a, b/2)", lost,
+                       "per product: n^2 if n < min(m, p) (A G, G^-1 B), else n(m + p) - mp")
+    return no_rule(leaf.op)
+
+
+@rule("aten.convolution", "aten.conv1d", "aten.conv2d", "aten.conv3d")
+def convolution(leaf: Leaf) -> Verdict:
+    if leaf.hole_args != ["input"] or leaf.x is None:
+        return no_rule(leaf.op)
+    per_in = leaf.x.numel // leaf.x.shape[0]
+    per_out = leaf.out.numel // leaf.out.shape[0]
+    batch = leaf.x.shape[0]
+    operator = _conv_operator(leaf) if per_in <= 4096 and leaf.bound_known() else None
+    if operator is None:
+        if per_out < per_in:
+            return erasing("rank-nullity", f"a convolution R^{per_in} -> R^{per_out} per example has a "
+                           f"null space of dimension >= {per_in - per_out}", None,
+                           "x + v, v in the operator's null space (built when the operator is small "
+                           "and the weights are known)", (per_in - per_out) * batch)
+        return gray("rank", f"a convolution R^{per_in} -> R^{per_out} per example is injective iff its "
+                    "operator has full column rank", f"rank = {per_in}",
+                    "the operator's SVD (weights known, at most 4096 inputs per example)")
+
+    def pinv_apply(y, op=operator):
+        b = leaf.arg("bias")
+        shape = leaf.out.shape
+        bias = b.double().reshape((1, -1) + (1,) * (len(shape) - 2)) if b is not None else 0
+        flat = (y.double() - bias).reshape(batch, -1)
+        return ((flat @ torch.linalg.pinv(op).T).reshape(leaf.x.shape).to(y.dtype),)
+
+    def shift(a, v):
+        out = a[0].clone()
+        scale = out.abs().max().clamp(min=1)
+        out[0] += (v * scale).reshape(out.shape[1:]).to(out.dtype)
+        return (out,)
+    return _linear_verdict(leaf, operator, per_in, per_out, batch, pinv_apply, shift)
+
+
+def _conv_operator(leaf: Leaf) -> torch.Tensor:
+    """The per-example matrix of a convolution without bias (columns: input elements)."""
+    per_in = leaf.x.numel // leaf.x.shape[0]
+    basis = torch.eye(per_in, dtype=torch.float64).reshape((per_in,) + tuple(leaf.x.shape[1:]))
+    names = dict(leaf.names)
+    w = leaf.arg("weight").double()
+    args = {k: leaf.arg(k) for k in ("stride", "padding", "dilation", "groups")}
+    fn = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d,
+          5: torch.nn.functional.conv3d}[len(leaf.x.shape)]
+    if leaf.packet == "aten.convolution" and names.get("transposed"):
+        raise ValueError("transposed convolution")
+    padding = args["padding"]
+    if isinstance(padding, str):
+        out = fn(basis, w, None, args["stride"], padding, args["dilation"], args["groups"])
+    else:
+        out = fn(basis, w, None, args["stride"], tuple(padding), args["dilation"], args["groups"])
+    return out.reshape(per_in, -1).T
+
+
+@rule("aten.embedding")
+def embedding(leaf: Leaf) -> Verdict:
+    if leaf.hole_args != ["indices"] or leaf.x is None:
+        return no_rule(leaf.op)
+    w = leaf.arg("weight")
+    vocab = w.shape[0] if w is not None else None
+
+    def sample(g):
+        n = vocab or 8
+        return (torch.randint(0, n, leaf.x.shape, generator=g, dtype=leaf.x.torch_dtype),)
+    if w is None:
+        return gray("distinct rows", "an embedding is injective on token ids iff its rows are distinct",
+                    "the rows of the weight are pairwise distinct", "the weights", None, sample=sample)
+    uniq, inverse_idx, counts = torch.unique(w, dim=0, return_inverse=True, return_counts=True)
+    if int(counts.max()) == 1:
+        def inverse(y, w=w):
+            flat = y.reshape(-1, w.shape[1]).double()
+            idx = torch.cdist(flat, w.double()).argmin(dim=1)
+            return (idx.reshape(leaf.x.shape).to(leaf.x.torch_dtype),)
+        v = sample
+        return Verdict("S", "distinct rows", f"the {vocab} rows of the weight are pairwise distinct "
+                       "(checked): the nearest row recovers the id", None, "discrete input",
+                       inverse=inverse, sample=v, extra={"inverse_text": "nearest row of the weight"})
+    dup = int(torch.nonzero(counts > 1)[0])
+    ids = torch.nonzero(inverse_idx == dup).flatten()[:2]
+
+    def witness(g):
+        return ((torch.full(leaf.x.shape, int(ids[0]), dtype=leaf.x.torch_dtype),),
+                (torch.full(leaf.x.shape, int(ids[1]), dtype=leaf.x.torch_dtype),))
+    return erasing("equal rows", f"rows {int(ids[0])} and {int(ids[1])} of the weight are equal",
+                   witness, f"ids {int(ids[0])} and {int(ids[1])}", None, "discrete input",
+                   sample=sample)
+
+
+@rule("aten.one_hot")
+def one_hot(leaf: Leaf) -> Verdict:
+    if leaf.x is None:
+        return no_rule(leaf.op)
+    n = leaf.arg("num_classes", -1)
+    n = leaf.out.shape[-1] if n in (None, -1) else n
+    return Verdict("S", "one-hot", "one_hot(i) has its single 1 at i: argmax recovers i (ids in range)",
+                   None, "discrete input", inverse=lambda y: (y.argmax(-1).to(leaf.x.torch_dtype),),
+                   sample=lambda g: (torch.randint(0, n, leaf.x.shape, generator=g,
+                                                   dtype=leaf.x.torch_dtype),),
+                   extra={"inverse_text": "argmax"})
+
+
+@rule("aten.cumsum")
+def cumsum(leaf: Leaf) -> Verdict:
+    if leaf.x is None:
+        return no_rule(leaf.op)
+    dim = leaf.arg("dim") % max(len(leaf.x.shape), 1)
+
+    def inverse(y):
+        return (torch.diff(y.double(), dim=dim, prepend=torch.zeros_like(y.double().narrow(dim, 0, 1)))
+                .to(leaf.x.torch_dtype),)
+    return injective("triangular", "a running sum is a unit lower-triangular linear map: differences "
+                     "invert it", inverse, "differences along the summed axis", surjective=True)
+
+
+# ------------------------------------------------------------------------- normalisations, reductions
+
+def _rows(leaf: Leaf, per_row: int) -> int:
+    return leaf.x.numel // max(per_row, 1)
+
+
+def _shift_witness(leaf: Leaf, index: int = 0, scale: float = 1.0):
+    def witness(g):
+        a = leaf.random(g)
+        b = list(a)
+        b[index] = a[index] + 1.5 * scale
+        return a, tuple(b)
+    return witness
+
+
+@rule("aten.layer_norm", "aten.native_layer_norm")
+def layer_norm(leaf: Leaf) -> Verdict:
+    if leaf.hole_args != ["input"] or leaf.x is None:
+        return no_rule(leaf.op)
+    shape = list(leaf.arg("normalized_shape"))
+    d = math.prod(shape)
+    eps = leaf.arg("eps", 1e-5)
+    rows = _rows(leaf, d)
+    if leaf.packet == "aten.native_layer_norm":
+        return gray("normalisation with statistics", "native_layer_norm also returns each row's mean "
+                    "and 1/std, from which the input is recovered", "the weight has no zero element",
+                    "the weight's value", 0)
+    per = 1 if eps > 0 else 2
+    return erasing("shift invariance", "LN(x + c) = LN(x) for any c added to a whole row"
+                   + ("" if eps > 0 else "; with eps = 0 also LN(a x) = LN(x)"),
+                   _shift_witness(leaf), "x and x + 1.5 (every element)", per * rows,
+                   "per row: 1 (the mean) with eps > 0; scale is kept, since mean(z^2) = var/(var + eps) "
+                   "determines var; 2 with eps = 0")
+
+
+@rule("aten.group_norm", "aten.native_group_norm")
+def group_norm(leaf: Leaf) -> Verdict:
+    if leaf.hole_args != ["input"] or leaf.x is None:
+        return no_rule(leaf.op)
+    groups = leaf.arg("num_groups", leaf.arg("group", 1))
+    return erasing("shift invariance", "GN(x + c) = GN(x) for c constant over a group",
+                   _shift_witness(leaf), "x and x + 1.5", groups * leaf.x.shape[0],
+                   "1 per (example, group)")
+
+
+@rule("aten.rms_norm")
+def rms_norm(leaf: Leaf) -> Verdict:
+    if leaf.hole_args != ["input"] or leaf.x is None:
+        return no_rule(leaf.op)
+    d = math.prod(leaf.arg("normalized_shape"))
+    eps = leaf.arg("eps")
+    eps = float(torch.finfo(leaf.x.torch_dtype).eps) if eps is None else eps
+    w = leaf.arg("weight")
+    return rms_verdict(leaf.x, d, eps, w, leaf)
+
+
+def rms_verdict(x_type: TensorType, d: int, eps: float, weight, leaf=None) -> Verdict:
+    """x -> x / sqrt(mean(x^2) + eps) (* w): injective iff eps > 0 (and w has no zero)."""
+    rows = x_type.numel // max(d, 1)
+    if eps <= 0:
+        def witness(g):
+            a = random_value(x_type, g)
+            return (a,), (a * 2,)
+        return erasing("scale invariance", "with eps = 0, RMSNorm(a x) = RMSNorm(x) for a > 0", witness,
+                       "x and 2x", rows, "1 per row (the scale)")
+    if weight is not None and not bool((weight != 0).all()):
+        return gray("RMSNorm", "a zero weight erases its feature", "the weight has no zero",
+                    "its value", None)
+
+    def inverse(y):
+        yd = y.double()
+        if weight is not None:
+            yd = yd / weight.double()
+        s = (yd * yd).sum(-1, keepdim=True)
+        u = eps / (1 - s / d)
+        return ((yd * torch.sqrt(u)).to(y.dtype),)
+    return injective("RMSNorm, eps > 0", "y = x / sqrt(|x|^2/d + eps) keeps x's direction, and |y| is "
+                     "strictly increasing in |x| when eps > 0: |x|^2/d + eps = eps / (1 - |y|^2/d)",
+                     inverse, "x = y sqrt(eps / (1 - |y|^2/d))")
+
+
+@rule("aten._softmax", "aten.softmax", "aten._log_softmax", "aten.log_softmax")
+def softmax(leaf: Leaf) -> Verdict:
+    if leaf.x is None:
+        return no_rule(leaf.op)
+    dim = leaf.arg("dim") % len(leaf.x.shape)
+    return erasing("shift invariance", f"{leaf.packet}(x + c) = {leaf.packet}(x) for c constant along "
+                   "the normalised axis", _shift_witness(leaf), "x and x + 1.5",
+                   _rows(leaf, leaf.x.shape[dim]), "1 per row")
+
+
+@rule("aten.scaled_dot_product_attention", "aten._scaled_dot_product_flash_attention_for_cpu",
+      "aten._scaled_dot_product_efficient_attention", "aten._scaled_dot_product_flash_attention")
+def attention(leaf: Leaf) -> Verdict:
+    names = leaf.hole_args
+    if "key" in names:
+        index = names.index("key")
+
+        def witness(g):
+            a = leaf.random(g)
+            b = list(a)
+            b[index] = a[index] + 0.75  # the same vector added to every key: q.(k + c) shifts a row
+            return a, tuple(b)
+        return erasing("shift invariance", "adding one vector c to every key adds q.c to a whole row of "
+                       "scores, which softmax ignores", witness, "keys k and k + 0.75", None,
+                       "not derived (at least the head size per batch and head: the key shift)")
+    return no_rule(leaf.op)
+
+
+def _reduced(leaf: Leaf) -> list[int]:
+    dims = leaf.arg("dim")
+    rank = len(leaf.x.shape)
+    if dims is None or dims == ():
+        return list(range(rank))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return sorted(d % rank for d in dims)
+
+
+@rule("aten.mean", "aten.sum", "aten.prod", "aten.var", "aten.std", "aten.amax", "aten.amin",
+      "aten.max", "aten.min", "aten.argmax", "aten.argmin", "aten.logsumexp", "aten.norm",
+      "aten.linalg_vector_norm", "aten.all", "aten.any", "aten.var_mean")
+def reduction(leaf: Leaf) -> Verdict:
+    if leaf.x is None or not leaf.x.shape:
+        return no_rule(leaf.op)
+    if leaf.packet in ("aten.max", "aten.min") and leaf.op.endswith((".default", ".dim")) is False:
+        return no_rule(leaf.op)
+    dims = _reduced(leaf) if leaf.packet not in ("aten.max", "aten.min") or leaf.op.endswith(".dim") \
+        else list(range(len(leaf.x.shape)))
+    group = math.prod(leaf.x.shape[d] for d in dims)
+    if group <= 1:
+        return selection(leaf)
+    extreme = leaf.packet in ("aten.amax", "aten.amin", "aten.max", "aten.min", "aten.argmax",
+                              "aten.argmin")
+    lowest = leaf.packet in ("aten.amax", "aten.max", "aten.argmax")
+
+    def witness(g):
+        a = leaf.random(g)[0]
+        b = a.clone().double()
+        sel = [slice(None)] * a.dim()
+        # two elements of one reduction group, everywhere: move them in opposite directions (sum, mean)
+        # or push a non-extreme one further from the extreme (max, argmax)
+        first, second = list(sel), list(sel)
+        for d in dims[:-1]:
+            first[d] = second[d] = 0
+        first[dims[-1]], second[dims[-1]] = 0, 1
+        if extreme:
+            ref = b.amax(dim=dims, keepdim=True) if lowest else b.amin(dim=dims, keepdim=True)
+            mask = b != ref
+            b = torch.where(mask, b - 1 if lowest else b + 1, b)
+        elif leaf.packet in ("aten.var", "aten.std"):
+            b = b + 1
+        elif leaf.packet == "aten.prod":
+            b[tuple(first)] *= 2
+            b[tuple(second)] /= 2
+        else:
+            b[tuple(first)] += 0.5
+            b[tuple(second)] -= 0.5
+        return (a,), (b.to(a.dtype),)
+    lost = leaf.x.numel - leaf.x.numel // group
+    return erasing("reduction", f"{leaf.packet} summarises groups of {group} elements by one value",
+                   witness, "two elements of a group moved apart (sum, mean), or a non-extreme one "
+                   "moved further from the extreme (max)", _dof(leaf, lost) if not extreme else None,
+                   "input size minus output size" if not extreme else "data-dependent (a step function)")
+
+
+@rule("aten.max_pool2d", "aten.max_pool1d", "aten.max_pool3d", "aten.max_pool2d_with_indices",
+      "aten.adaptive_max_pool2d")
+def max_pool(leaf: Leaf) -> Verdict:
+    if leaf.x is None:
+        return no_rule(leaf.op)
+
+    def witness(g):  # each map's smallest element is no window's maximum: lower it further
+        a = leaf.random(g)[0]
+        flat = a.reshape(a.shape[0] * (a.shape[1] if a.dim() > 3 else 1), -1).clone()
+        idx = flat.argmin(dim=1)
+        b = flat.clone()
+        b[torch.arange(len(idx)), idx] -= 1
+        return (a,), (b.reshape(a.shape),)
+    return erasing("reduction", "a max pool keeps only each window's maximum", witness,
+                   "each map's minimum lowered by 1", None, "data-dependent")
+
+
+@rule("aten.adaptive_avg_pool2d", "aten.adaptive_avg_pool1d", "aten.avg_pool2d", "aten.avg_pool1d",
+      "aten._adaptive_avg_pool2d", "aten.mean_pool")
+def avg_pool(leaf: Leaf) -> Verdict:
+    if leaf.x is None:
+        return no_rule(leaf.op)
+    if leaf.out.numel >= leaf.x.numel:
+        return gray("rank", "an average pool that does not shrink is injective iff its operator has full "
+                    "column rank", "full column rank", "the operator's SVD")
+    return erasing("rank-nullity", f"an average pool R^{leaf.x.numel} -> R^{leaf.out.numel} is linear "
+                   "and shrinks", lambda g: _avg_witness(leaf, g), "a null vector of the pooling "
+                   "operator", leaf.x.numel - leaf.out.numel,
+                   "input minus output size (each window's average is one linear form)")
+
+
+def _avg_witness(leaf: Leaf, g):
+    a = leaf.random(g)[0]
+    per_in = a[0:1].numel()
+    if per_in > 4096:
+        raise ValueError("operator too large for a witness")
+    basis = torch.eye(per_in, dtype=torch.float64).reshape((per_in,) + tuple(a.shape[1:]))
+    op = leaf.call(basis.to(a.dtype)).reshape(per_in, -1).T.double()
+    v = _null_vector(op)
+    b = a.clone()
+    b[0] += (v * 2).reshape(a.shape[1:]).to(a.dtype)
+    return (a,), (b,)
+
+
+# ------------------------------------------------------------------------------- modes: dropout, BN
+
+@rule("aten.native_dropout", "aten.dropout", "aten.feature_dropout", "aten.alpha_dropout")
+def dropout(leaf: Leaf) -> Verdict:
+    if leaf.x is None:
+        return no_rule(leaf.op)
+    p, train = leaf.arg("p"), leaf.arg("train")
+    if not train or p == 0:
+        v = injective("identity", f"dropout with p = {p} in {'training' if train else 'eval'} mode is "
+                      "the identity", lambda y: ((y[0] if isinstance(y, tuple) else y),), "identity",
+                      surjective=True)
+        return v
+    if p >= 1:
+        return constant_of(leaf)
+
+    def witness(g):
+        a = leaf.random(g)[0]
+        seed = int(torch.randint(0, 2 ** 31, (1,), generator=g))
+        torch.manual_seed(seed)
+        y = leaf.call(a)
+        out = y[0] if isinstance(y, tuple) else y
+        dropped = (out == 0) & (a != 0)
+        b = torch.where(dropped, a + 1, a)
+        return (a,), (b,)
+    v = erasing("dropout", f"dropout with p = {p} in training zeroes each element with probability p: "
+                "a dropped element is erased (for the mask drawn, replayed by seed)", witness,
+                "x and x + 1 on the dropped elements (same seed)", None,
+                f"data-dependent: p n = {p * leaf.x.numel:g} expected")
+    v.extra["replay_seed"] = True
+    return v
+
+
+@rule("aten._native_batch_norm_legit_no_training", "aten._native_batch_norm_legit_functional",
+      "aten._native_batch_norm_legit", "aten.native_batch_norm", "aten.batch_norm",
+      "aten._batch_norm_with_update", "aten._batch_norm_no_update")
+def batch_norm(leaf: Leaf) -> Verdict:
+    if leaf.hole_args != ["input"] or leaf.x is None:
+        return no_rule(leaf.op)
+    train = leaf.arg("training", leaf.packet in ("aten._native_batch_norm_legit_functional",
+                                                 "aten._batch_norm_with_update"))
+    if leaf.op == "aten._native_batch_norm_legit_no_training.default" or \
+            leaf.packet == "aten._batch_norm_no_update":
+        train = False
+    if train:
+        c = leaf.x.shape[1]
+        return erasing("shift invariance", "in training, batch norm uses the batch's statistics: adding "
+                       "a constant to one channel across the whole batch changes nothing",
+                       _shift_witness(leaf), "x and x + 1.5", c, "1 per channel, over the batch")
+    w, var, eps = leaf.arg("weight"), leaf.arg("running_var"), leaf.arg("eps", 1e-5)
+    if w is None and leaf.names.get("weight") is not None:
+        return gray("affine", "in eval, batch norm is a per-channel affine map: injective iff its weight "
+                    "has no zero", "the weight has no zero", "the weight's value", 0)
+    if w is not None and not bool((w != 0).all()):
+        return gray("affine", "a zero batch-norm weight erases its channel", "no zero weight",
+                    "(decided: a weight is zero)", None)
+    shape = (1, -1) + (1,) * (len(leaf.x.shape) - 2)
+
+    def inverse(y):
+        out = y[0] if isinstance(y, tuple) else y
+        mean, b = leaf.arg("running_mean"), leaf.arg("bias")
+        scale = torch.rsqrt(var.double() + eps) * (w.double() if w is not None else 1)
+        x = (out.double() - (b.double().reshape(shape) if b is not None else 0)) / scale.reshape(shape)
+        return ((x + mean.double().reshape(shape)).to(out.dtype),)
+    return injective("affine", "in eval, batch norm is (x - mean) / sqrt(var + eps) * w + b per channel, "
+                     "injective with w nonzero", inverse, "undo the per-channel affine map")
