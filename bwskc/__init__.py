@@ -5,6 +5,7 @@ Public API (see README.md and docs/ARCHITECTURE.md):
 * ``bwskc.lower(model_or_exported_program, example_args=(), example_kwargs=None) -> Program``
 * ``bwskc.parse(text) -> Program``; ``program.text()``; ``==`` is structural equality
 * ``program(*args, **kwargs)`` evaluates the IR eagerly; ``program.to_fx()`` gives a GraphModule
+* ``bwskc.run_passes(program, ["typing", "calm", "fusion"]) -> Program`` (analyses in ``.analyses``)
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from bwskc.errors import BwskError, IRSyntaxError, VerifyError
 from bwskc.ir import Program
 
 __version__ = "0.1.0"
-__all__ = ["lower", "parse", "verify", "Program", "BwskError", "IRSyntaxError", "VerifyError"]
+__all__ = ["BwskError", "IRSyntaxError", "Program", "VerifyError", "lower", "parse", "run_passes", "verify"]
 
 
 def lower(model_or_exported_program, example_args=(), example_kwargs=None, *, name=None,
@@ -40,6 +41,14 @@ def parse(text: str, filename: str = "<string>") -> Program:
     return parse_program(text, filename)
 
 
+def run_passes(program: Program, passes, *, axes: str | None = None, print_after=(),
+               printer=None) -> Program:
+    """Run named passes (``typing``, ``calm``, ``fusion``) in order, verifying the IR between them; the
+    result carries each analysis in ``program.analyses[name]``. See ``bwskc.passes.manager``."""
+    from bwskc.passes.manager import run_passes as _run
+    return _run(program, passes, options={"axes": axes}, print_after=print_after, printer=printer)
+
+
 def verify(program: Program) -> None:
     """Raise VerifyError unless every name is bound and every term is well typed."""
     from bwskc.verify import verify_program
@@ -48,6 +57,6 @@ def verify(program: Program) -> None:
 
 _verify_function = verify
 
-import bwskc.verify as _verify_module  # noqa: E402  (import the submodule now, then rebind the name)
+import bwskc.verify as _verify_module
 
 verify = _verify_function

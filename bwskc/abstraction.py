@@ -24,7 +24,7 @@ from bwskc.ir import Comb, Term
 
 
 class Var:
-    __slots__ = ("id", "fv")
+    __slots__ = ("fv", "id")
 
     def __init__(self, id: int):
         self.id = id
@@ -34,7 +34,7 @@ class Var:
 class Lit:
     """A closed IR term (a primitive leaf, a definition reference, a constant, a combinator)."""
 
-    __slots__ = ("term", "fv")
+    __slots__ = ("fv", "term")
 
     def __init__(self, term):
         self.term = term
@@ -42,7 +42,7 @@ class Lit:
 
 
 class App:
-    __slots__ = ("fn", "arg", "fv")
+    __slots__ = ("arg", "fn", "fv")
 
     def __init__(self, fn, arg):
         self.fn, self.arg = fn, arg

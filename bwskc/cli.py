@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bwskc.errors import BwskError, IRSyntaxError
 
-EMITS = ("ir", "json", "dot")
+EMITS = ("ir", "json", "dot", "report")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,8 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     lower = sub.add_parser("lower", help="lower a model to BWSK IR")
     lower.add_argument("model", help="ExportedProgram file (torch.export.save), Hugging Face directory "
                        "or config.json, BWSK IR text (.bwsk), or a pickled nn.Module (--trust-pickle)")
-    lower.add_argument("--emit", default="ir", help="ir (text form, default), json (schema bwskc.ir/1) "
-                       "or dot (graphviz)")
+    lower.add_argument("--emit", default="ir", help="ir (text form, default), json (schema bwskc.ir/1), "
+                       "dot (graphviz; rendered to FILE.svg too when -o FILE and graphviz are there) "
+                       "or report (S/K, erasure, barriers and phases per layer)")
+    lower.add_argument("--passes", default="", metavar="P1,P2",
+                       help="passes to run in order: typing, calm, fusion (prerequisites are added)")
+    lower.add_argument("--print-after", action="append", default=[], metavar="PASS",
+                       help="print the IR to stderr after this pass (repeatable)")
+    lower.add_argument("--axes", metavar="SPEC", help="CALM partition axes: batch,sequence (default) "
+                       "or AXIS=INPUT:DIM,... e.g. batch=input_ids:0,sequence=input_ids:1")
     lower.add_argument("-o", "--output", help="write here instead of stdout (replaced atomically)")
     lower.add_argument("--input", action="append", default=[], metavar="SPEC",
                        help="example input, repeatable: DTYPE[D0,...] or NAME=DTYPE[...], "
@@ -104,13 +111,32 @@ def cmd_lower(args) -> None:
         loaded = load_model(args.model, inputs=args.input, trust_pickle=args.trust_pickle,
                             meta=args.meta, train=args.train)
         program = lower_exported(loaded.exported, loaded.name)
-    write_output(emit(program, args.emit), args.output)
+    names = [n.strip() for n in args.passes.split(",") if n.strip()]
+    if args.emit == "report" and not names:
+        names = ["typing", "calm", "fusion"]
+    if names or args.print_after:
+        from bwskc.passes.manager import run_passes
+
+        def show(name, p):
+            sys.stderr.write(f"# IR after {name}\n{p.text()}")
+        program = run_passes(program, names, options={"axes": args.axes}, print_after=args.print_after,
+                             printer=show)
+    elif args.axes:
+        raise BwskError("--axes needs the calm pass (--passes calm)")
+    text = emit(program, args.emit)
+    write_output(text, args.output)
+    if args.emit == "dot" and args.output:
+        from bwskc.emit import render_dot
+        sys.stderr.write(render_dot(args.output) + "\n")
 
 
 def emit(program, kind: str) -> str:
     if kind == "ir":
         return program.text()
     from bwskc import emit as emitters
+    if kind == "report":
+        from bwskc.report import report
+        return report(program)
     return emitters.to_json(program) if kind == "json" else emitters.to_dot(program)
 
 

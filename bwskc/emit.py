@@ -17,15 +17,20 @@ def _type_fields(t: Type) -> dict:
 
 
 def nodes(program: Program) -> list[dict]:
-    """One node per primitive leaf, in print order: constants first, then each definition's leaves."""
+    """One node per leaf site (``bwskc.sites``), in print order: constants first, then each definition's
+    leaves. ``type``/``evidence`` come from the typing pass, ``coordination`` from calm, when they ran."""
+    from bwskc.sites import sites
+    typing = program.analyses.get("typing")
+    calm = program.analyses.get("calm")
     out = []
-    for i, c in enumerate(program.consts):
-        out.append(_node(len(out), c, "", f"%{i}"))
-    for d in list(program.defs.values()) + [program.entry]:
-        name = getattr(d, "name", "entry")
-        module = getattr(d, "module", "")
-        for p in prims(d.body):
-            out.append(_node(len(out), p, module, name))
+    for site in sites(program):
+        node = _node(site.id, site.prim, site.module, site.scope)
+        if typing is not None:
+            v = typing.verdicts[site.id]
+            node["type"], node["evidence"] = v.type, v.evidence()
+        if calm is not None:
+            node["coordination"] = dict(calm.coordination.get(site.id, {}))
+        out.append(node)
     return out
 
 
@@ -59,6 +64,12 @@ def to_json(program: Program) -> str:
             "ops": dict(sorted(ops.items())),
         },
     }
+    for name in ("typing", "calm"):
+        if name in program.analyses:
+            doc["summary"][name] = program.analyses[name].summary()
+    phases = [d.name for d in program.defs.values() if d.kind == "phase"]
+    if "fusion" in getattr(program.analyses.get("passes"), "order", []):
+        doc["summary"]["phases"] = phases
     return json.dumps(doc, indent=1) + "\n"
 
 
@@ -66,18 +77,46 @@ def _q(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+_COLOURS = {"S": "#b7e4c7", "K": "#f4a6a6", "GRAY": "#d9d9d9"}
+
+
 def to_dot(program: Program) -> str:
-    """Definitions as nodes (label: name, signature, leaf count), calls as edges."""
+    """Definitions as nodes (name, signature, leaf count), calls as edges. After typing a definition is
+    filled by its composite verdict (S green, K red, GRAY grey) and labelled with its leaf counts; after
+    calm a definition holding barriers gets a bold red border and the collectives they need; phases are
+    dashed."""
     from bwskc.ir import Ref, subterms
-    lines = [f"digraph {_q(program.name)} {{", "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
-    bodies = [(d.name, d.inputs, d.output, d.body) for d in program.defs.values()]
-    bodies.append(("entry", program.entry.inputs, program.entry.output, program.entry.body))
-    for name, ins, out, body in bodies:
+    from bwskc.sites import sites
+    typing, calm = program.analyses.get("typing"), program.analyses.get("calm")
+    by_scope: dict[str, list] = {}
+    if typing is not None or calm is not None:
+        for site in sites(program):
+            by_scope.setdefault(site.scope, []).append(site.id)
+    lines = [f"digraph {_q(program.name)} {{", "  rankdir=TB;",
+             '  node [shape=box, fontname="monospace", style=filled, fillcolor=white];']
+    bodies = [(d.name, d.inputs, d.output, d.body, d.kind) for d in program.defs.values()]
+    bodies.append(("entry", program.entry.inputs, program.entry.output, program.entry.body, "def"))
+    for name, ins, out, body, kind in bodies:
         sig = f"({', '.join(type_text(t) for t in ins)}) -> {type_text(out)}"
         count = sum(1 for _ in prims(body))
-        label = _q(name)[:-1] + "\\n" + _q(sig)[1:-1] + "\\n" + f'{count} leaves"'
-        lines.append(f"  {_q(name)} [label={label}];")
-    for name, _, _, body in bodies:
+        label = [name, sig, f"{count} leaves"]
+        attrs = []
+        if typing is not None:
+            c = typing.counts(by_scope.get(name, []))
+            verdict = typing.defs[name].type
+            label.append(f"{verdict}  (S {c['S']}, K {c['K']}, GRAY {c['GRAY']})")
+            attrs.append(f'fillcolor="{_COLOURS[verdict]}"')
+        if calm is not None:
+            barriers = Counter(coll for i in by_scope.get(name, [])
+                               for coll in calm.coordination.get(i, {}).values() if coll)
+            if barriers:
+                label.append("barriers: " + ", ".join(f"{k} x{v}" for k, v in sorted(barriers.items())))
+                attrs.append('color="#c00000", penwidth=3')
+        if kind == "phase":
+            attrs.append('style="filled,dashed"')
+        text = "\\n".join(_q(x)[1:-1] for x in label)
+        lines.append(f"  {_q(name)} [label=\"{text}\"{''.join(', ' + a for a in attrs)}];")
+    for name, _, _, body, _ in bodies:
         callees = []
         for t in subterms(body):
             if isinstance(t, Ref) and t.name in program.defs and t.name not in callees:
@@ -86,3 +125,17 @@ def to_dot(program: Program) -> str:
             lines.append(f"  {_q(name)} -> {_q(c)};")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def render_dot(path: str) -> str:
+    """Render a written DOT file to SVG beside it with graphviz's ``dot``; say what happened."""
+    import shutil
+    import subprocess
+    exe = shutil.which("dot")
+    if exe is None:
+        return f"bwskc: wrote {path}; graphviz is not installed, so no SVG (install graphviz: dot -Tsvg)"
+    svg = path.rsplit(".", 1)[0] + ".svg" if path.endswith(".dot") else path + ".svg"
+    done = subprocess.run([exe, "-Tsvg", path, "-o", svg], capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"bwskc: wrote {path}; graphviz failed: {done.stderr.strip().splitlines()[0]}"
+    return f"bwskc: wrote {path} and {svg}"

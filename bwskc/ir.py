@@ -16,8 +16,9 @@ Equality is structural (positions from parsed text are carried but never compare
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Union
+from typing import Any, Union
 
 import torch
 
@@ -57,7 +58,7 @@ class TensorType:
 
 @dataclass(frozen=True)
 class TupleType:
-    items: tuple["Type", ...]
+    items: tuple[Type, ...]
 
     def __str__(self) -> str:
         return "(" + ", ".join(map(str, self.items)) + ")"
@@ -317,7 +318,7 @@ class Program:
         self._interpreter = None
 
     def replace(self, *, defs: dict[str, Def] | None = None, entry: Entry | None = None,
-                consts: list[Prim] | None = None, keep_analyses: bool = False) -> "Program":
+                consts: list[Prim] | None = None, keep_analyses: bool = False) -> Program:
         """A copy with new definitions, entry or constants; weights kept, analyses dropped unless kept
         (a rewrite invalidates them: the pass manager re-runs them)."""
         return Program(self.name, self.tensors, self.consts if consts is None else consts,
@@ -349,7 +350,7 @@ class Program:
         from bwskc.text import print_program
         return print_program(self)
 
-    def with_weights(self, weights: dict[str, torch.Tensor]) -> "Program":
+    def with_weights(self, weights: dict[str, torch.Tensor]) -> Program:
         """A copy bound to ``weights`` (a state dict); names must match the declarations."""
         missing = sorted(set(self.tensors) - set(weights))
         if missing:

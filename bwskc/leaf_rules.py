@@ -572,8 +572,25 @@ def predicate(leaf: Leaf) -> Verdict:
             return erasing("boolean", f"{leaf.packet}(a, b) ignores a where b is "
                            f"{'True' if fill else 'False'}", witness, "a flipped where b decides", None,
                            "discrete input")
-        return gray("boolean", f"{leaf.packet} with one bound mask is injective iff the mask lets every "
-                    "bit through", "the bound mask is all True (and) or all False (or)", "its value")
+        passing = leaf.packet in _AND  # the bound value that lets the activation through
+        mask = leaf.arg("other" if leaf.is_hole("self") else "self")
+        if mask is None:
+            return gray("boolean", f"{leaf.packet} with one bound mask is injective iff the mask lets "
+                        "every bit through", "the bound mask is all True (and) or all False (or)",
+                        "its value")
+        blocked = torch.broadcast_to(torch.as_tensor(mask) != passing, leaf.out.shape)
+        if not bool(blocked.any()):
+            return injective("boolean", f"the bound mask is all {passing}: {leaf.packet} passes its "
+                             "operand through", lambda y: (_unbroadcast(y, leaf.x),), "identity")
+
+        def witness(g):
+            a = leaf.random(g)[0]
+            flip = _unbroadcast(blocked, TensorType("bool", leaf.x.shape)) if blocked.shape != tuple(
+                leaf.x.shape) else blocked
+            return (a,), (a ^ flip,)
+        return erasing("boolean", f"where the bound mask is {not passing}, {leaf.packet} ignores its "
+                       "operand", witness, "the operand flipped where the mask decides", None,
+                       "discrete input")
     if len(leaf.inputs) == 2:
         def witness(g):  # move both operands by the same integer: order and equality are kept
             a = tuple(_integral(t, g) for t in leaf.inputs)
@@ -610,8 +627,21 @@ def where(leaf: Leaf) -> Verdict:
                 a[0] = a[0] & False
             return tuple(a), tuple(b)
         if branch is None:
-            return gray("selection", "where with only the condition free maps it to a mix of two bound "
-                        "branches", "the branches differ everywhere", "the branches' values")
+            a, b = leaf.arg("self"), leaf.arg("other")
+            if a is None or b is None:
+                return gray("selection", "where with only the condition free is injective iff its two "
+                            "bound branches differ everywhere", "the branches differ everywhere",
+                            "the branches' values")
+            differ = torch.broadcast_to(torch.as_tensor(a) != torch.as_tensor(b), leaf.out.shape)
+            if bool(differ.all()):
+                return injective("selection", "the two bound branches differ everywhere, so the output "
+                                 "tells which one the condition picked", lambda y: (_unbroadcast(
+                                     y == torch.as_tensor(a).to(y.dtype), leaf.x),),
+                                 "condition = (y == first branch)")
+            return gray("selection", "the bound branches agree somewhere: the condition is lost there "
+                        "unless it is broadcast from positions where they differ",
+                        "each condition element meets a position where the branches differ",
+                        "a per-element check")
         return erasing("selection", "where(c, x, y) does not read x where c is False (nor y where it "
                        "is True)", witness, "the condition picks the other branch; this one moved",
                        None, "data-dependent: the unread branch")
@@ -781,6 +811,21 @@ def matmul(leaf: Leaf) -> Verdict:
                 return ((y.double() @ torch.linalg.pinv(w.double()).T).to(y.dtype),)
             return _linear_verdict(leaf, w, d, k, leaf.x.numel // max(d, 1), inverse,
                                    lambda a, v: _add_to_last(a, v))
+    if leaf.hole_args == ["other"] and len(leaf.inputs) == 1 and leaf.x is not None and \
+            len(leaf.x.shape) >= 2:
+        w = leaf.arg("self")
+        if w is None or w.dim() == 2:  # y = W x on each column of x
+            d = leaf.x.shape[-2]
+            k = leaf.out.shape[-2]
+
+            def inverse(y, w=w):
+                return ((torch.linalg.pinv(w.double()) @ y.double()).to(y.dtype),)
+
+            def shift(a, v):
+                x = a[0]
+                scale = x.abs().max().clamp(min=1)
+                return (x + (v * scale).reshape(-1, 1).to(x.dtype),)
+            return _linear_verdict(leaf, w, d, k, leaf.x.numel // max(d, 1), inverse, shift)
     return _bilinear_or_none(leaf)
 
 
@@ -808,7 +853,8 @@ def convolution(leaf: Leaf) -> Verdict:
     per_in = leaf.x.numel // leaf.x.shape[0]
     per_out = leaf.out.numel // leaf.out.shape[0]
     batch = leaf.x.shape[0]
-    operator = _conv_operator(leaf) if per_in <= 4096 and leaf.bound_known() else None
+    small = per_in <= 4096 and per_in * per_out <= 1 << 21  # an SVD in well under a second
+    operator = _conv_operator(leaf) if small and leaf.bound_known() else None
     if operator is None:
         if per_out < per_in:
             return erasing("rank-nullity", f"a convolution R^{per_in} -> R^{per_out} per example has a "
@@ -866,7 +912,7 @@ def embedding(leaf: Leaf) -> Verdict:
     if w is None:
         return gray("distinct rows", "an embedding is injective on token ids iff its rows are distinct",
                     "the rows of the weight are pairwise distinct", "the weights", None, sample=sample)
-    uniq, inverse_idx, counts = torch.unique(w, dim=0, return_inverse=True, return_counts=True)
+    _, inverse_idx, counts = torch.unique(w, dim=0, return_inverse=True, return_counts=True)
     if int(counts.max()) == 1:
         def inverse(y, w=w):
             flat = y.reshape(-1, w.shape[1]).double()

@@ -18,14 +18,31 @@ from typing import Any
 import networkx as nx
 import torch
 from torch.export import ExportedProgram
-from torch.export.graph_signature import (ConstantArgument, InputKind, OutputKind, TensorArgument)
+from torch.export.graph_signature import (
+    ConstantArgument,
+    InputKind,
+    OutputKind,
+    TensorArgument,
+)
 from torch.fx import Node
 
 from bwskc import abstraction as ab
 from bwskc._deep import run_deep
 from bwskc.errors import BwskError
-from bwskc.ir import (HOLE, Const, ConstRef, Def, Entry, Prim, Program, Ref, TensorDecl,
-                      TensorRef, TupleType, type_of_value)
+from bwskc.ir import (
+    HOLE,
+    Const,
+    ConstRef,
+    Def,
+    Entry,
+    Prim,
+    Program,
+    Ref,
+    TensorDecl,
+    TensorRef,
+    TupleType,
+    type_of_value,
+)
 
 _LITERAL_TYPES = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.layout,
                   torch.memory_format)
@@ -63,7 +80,7 @@ class _Lowerer:
         self.input_names: list[str] = []
         self.consts: list[Prim] = []
         self.const_index: dict[Node, int] = {}
-        self.defs: "OrderedDict[str, Def]" = OrderedDict()
+        self.defs: OrderedDict[str, Def] = OrderedDict()
         self.def_names: dict[str, str] = {}  # scope key -> definition name
         self.next_var = 0
 
@@ -203,7 +220,7 @@ class _Lowerer:
         raise BwskError(f"unsupported output {v!r}")
 
     def _groups(self, nodes, scope, inlined):
-        groups: "OrderedDict[str, list[Node]]" = OrderedDict()
+        groups: OrderedDict[str, list[Node]] = OrderedDict()
         own = []
         for n in nodes:
             child = next((k for k in self.chains[n][len(scope):] if k not in inlined), None)

@@ -12,20 +12,42 @@ from functools import lru_cache
 
 import torch
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.exceptions import (
+    UnexpectedCharacters,
+    UnexpectedEOF,
+    UnexpectedInput,
+    UnexpectedToken,
+)
 
 from bwskc._deep import run_deep
 from bwskc.errors import BwskError, IRSyntaxError
 from bwskc.grammar import grammar_text
-from bwskc.ir import (DTYPE_BY_NAME, HOLE, SCALAR_KINDS, Comb, Const, ConstRef, Def, Entry, Prim,
-                      Program, Ref, ScalarType, TensorDecl, TensorRef, TensorType, TupleType, Type)
+from bwskc.ir import (
+    DTYPE_BY_NAME,
+    HOLE,
+    SCALAR_KINDS,
+    Comb,
+    Const,
+    ConstRef,
+    Def,
+    Entry,
+    Prim,
+    Program,
+    Ref,
+    ScalarType,
+    TensorDecl,
+    TensorRef,
+    TensorType,
+    TupleType,
+    Type,
+)
 
 FORMAT_VERSION = 1
 _WIDTH = 100
 _MAX_INDENT = 40  # deeper nesting is printed at this indent, so text stays linear in the term's size
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.@]*$")
-KEYWORDS = {"bwsk", "program", "param", "buffer", "constant", "const", "def", "entry", "B", "C", "I",
-            "K", "S", "W", "True", "False", "None", "inf", "nan", "_"}
+KEYWORDS = {"bwsk", "program", "param", "buffer", "constant", "const", "def", "phase", "entry", "B", "C",
+            "I", "K", "S", "W", "True", "False", "None", "inf", "nan", "_"}
 _TORCH_ATTRS = {str(v): v for v in [
     *DTYPE_BY_NAME.values(), torch.strided, torch.sparse_coo, torch.sparse_csr, torch._mkldnn,
     torch.contiguous_format, torch.channels_last, torch.channels_last_3d, torch.preserve_format]}
@@ -150,7 +172,8 @@ def _print_program(p: Program) -> str:
     printer = _TermPrinter()
     for d in p.defs.values():
         sig = ", ".join(type_text(t) for t in d.inputs)
-        out = [f"def {name_text(d.name)} : ({sig}) -> {type_text(d.output)} =\n  "]
+        keyword = "phase" if d.kind == "phase" else "def"
+        out = [f"{keyword} {name_text(d.name)} : ({sig}) -> {type_text(d.output)} =\n  "]
         printer.render(d.body, 2, out)
         lines.append("".join(out))
         lines.append("")
@@ -245,7 +268,7 @@ class _ToIR(Transformer):
         try:
             return torch.device(json.loads(str(tok)))
         except RuntimeError:
-            raise _Semantic(f"bad device {str(tok)}", tok) from None
+            raise _Semantic(f"bad device {tok!s}", tok) from None
 
     def const_arg(self, tok):
         return ConstRef(int(str(tok)[1:]))
@@ -317,6 +340,10 @@ class _ToIR(Transformer):
     @v_args(meta=True, inline=True)
     def def_(self, meta, name, inputs, output, body):
         return ("def", Def(_unquote(name), inputs, output, body, pos=_pos(meta)), name)
+
+    @v_args(meta=True, inline=True)
+    def phase_def(self, meta, name, inputs, output, body):
+        return ("def", Def(_unquote(name), inputs, output, body, pos=_pos(meta), kind="phase"), name)
 
     def type_list(self, *items):
         return tuple(t for t in items if t is not None)

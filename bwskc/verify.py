@@ -15,8 +15,21 @@ import torch
 
 from bwskc._deep import run_deep
 from bwskc.errors import BwskError, VerifyError
-from bwskc.ir import (HOLE, Comb, Const, ConstRef, Prim, Program, Ref, TensorRef, TensorType, TupleType,
-                      iter_args, subterms, type_of_value)
+from bwskc.ir import (
+    HOLE,
+    Comb,
+    Const,
+    ConstRef,
+    Prim,
+    Program,
+    Ref,
+    TensorRef,
+    TensorType,
+    TupleType,
+    iter_args,
+    subterms,
+    type_of_value,
+)
 from bwskc.runtime.denote import fill, resolve_op
 
 

@@ -23,13 +23,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from bwskc.passes.manager import Pass
 
 from bwskc._deep import run_deep
 from bwskc.evidence import GRAY, K, S, Verdict, erasing, gray
-from bwskc.ir import Comb, Const, Prim, Program, Ref, Term, TensorType, prims
+from bwskc.ir import Comb, Const, Prim, Program, Ref, TensorType, Term, prims
 from bwskc.leaf import Leaf, Values
 from bwskc.leaf_rules import rms_verdict, type_leaf
-from bwskc.passes.manager import Pass
 from bwskc.sites import Site, sites
 
 

@@ -5,9 +5,8 @@ at run time. Parameters and buffers are registered under their state-dict names.
 """
 from __future__ import annotations
 
-
 import torch
-import torch.fx as fx
+from torch import fx
 
 from bwskc._deep import run_deep
 from bwskc.ir import Program

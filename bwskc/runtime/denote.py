@@ -7,8 +7,9 @@ once per application, so the fx graph holds exactly one node per primitive appli
 from __future__ import annotations
 
 import operator
-from functools import lru_cache
-from typing import Any, Callable
+from collections.abc import Callable
+from functools import cache
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ _COMB: dict[str, Callable] = {
 _AS_RESHAPE = ("aten.view.default", "aten._unsafe_view.default")
 
 
-@lru_cache(maxsize=None)
+@cache
 def resolve_op(name: str) -> Callable:
     """The callable for an IR op name: ``aten.add.Tensor`` -> ``torch.ops.aten.add.Tensor``."""
     if name == "getitem":

@@ -1,0 +1,127 @@
+"""``--emit report``: per-layer and total tables (markdown, in the seeds' style) of what the passes found:
+S, K and GRAY counts and ratios, degrees of freedom erased per example, barriers per axis, phases."""
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+
+from bwskc.ir import Program, TensorType
+from bwskc.sites import sites
+
+_LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
+
+
+def layer_of(module: str) -> str:
+    """The layer a module belongs to: its path up to the first numbered component (``transformer.h.3``),
+    else its first component (``lm_head``), or ``(model)`` for the model itself and constants."""
+    m = _LAYER.match(module)
+    if m:
+        return m.group(1)
+    return module.split(".", 1)[0] if module else "(model)"
+
+
+def _pct(a: int, b: int) -> str:
+    return f"{100 * a / b:.1f}%" if b else "-"
+
+
+def report(program: Program) -> str:
+    typing, calm = program.analyses.get("typing"), program.analyses.get("calm")
+    all_sites = [s for s in sites(program) if not s.is_const and s.inputs]
+    batch = program.entry.inputs[0].shape[0] if program.entry.inputs and isinstance(
+        program.entry.inputs[0], TensorType) and program.entry.inputs[0].shape else 1
+    axes = list(calm.axes) if calm is not None else []
+    layers: dict[str, list] = defaultdict(list)
+    for s in all_sites:
+        layers[layer_of(s.module)].append(s)
+    phases = [d for d in program.defs.values() if d.kind == "phase"]
+    phases_by_layer = Counter(layer_of(d.module) for d in phases)
+
+    out = [f"# bwskc report: {program.name}", ""]
+    ran = getattr(program.analyses.get("passes"), "order", [])
+    out.append(f"Passes: {', '.join(ran) or 'none'}. {len(all_sites)} operations (constants excluded), "
+               f"batch {batch}. Degrees of freedom (DOF) erased are per example: input dimension minus "
+               "the generic rank of each operation's Jacobian, summed; `+n` counts operations whose "
+               "erasure is data-dependent (ReLU, max, dropout).")
+    out.append("")
+    head = ["Layer", "Ops", "S", "K", "GRAY", "S ratio", "K ratio", "DOF erased"]
+    head += [f"Barriers ({a})" for a in axes] + ["Phases"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "|".join("---" for _ in head) + "|")
+    totals = Counter()
+    total_dof, total_unknown = 0, 0
+    for name, group in layers.items():
+        row, dof, unknown = _row(name, group, typing, calm, axes, batch, phases_by_layer[name])
+        totals.update(row)
+        total_dof += dof
+        total_unknown += unknown
+        out.append(_cells(name, row, dof, unknown, axes, batch))
+    out.append(_cells("**Total**", totals, total_dof, total_unknown, axes, batch))
+    out.append("")
+    if typing is not None:
+        out += _ops_table(all_sites, typing)
+    if calm is not None:
+        out += _calm_section(calm)
+    if phases:
+        out += ["## Phases", "", "| Phase | Kind | Operations |", "|---|---|---|"]
+        for d in phases:
+            kind = "residual chain" if ".residual" in d.name else "S-phase"
+            n = sum(1 for s in sites(program) if s.scope == d.name)
+            out.append(f"| `{d.name}` | {kind} | {n} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def _row(name, group, typing, calm, axes, batch, n_phases):
+    row = Counter({"ops": len(group), "phases": n_phases})
+    dof, unknown = 0, 0
+    if typing is not None:
+        for s in group:
+            v = typing.verdicts[s.id]
+            row[v.type] += 1
+            if v.dof_lost is None:
+                unknown += 1
+            else:
+                dof += v.dof_lost
+    if calm is not None:
+        for s in group:
+            for a in axes:
+                if calm.coordination.get(s.id, {}).get(a):
+                    row[f"barrier:{a}"] += 1
+    return row, dof, unknown
+
+
+def _cells(name, row, dof, unknown, axes, batch) -> str:
+    n = row["S"] + row["K"] + row["GRAY"]
+    dof_text = f"{dof / batch:g}" + (f" +{unknown}" if unknown else "")
+    cells = [name, str(row["ops"]), str(row["S"]), str(row["K"]), str(row["GRAY"]), _pct(row["S"], n),
+             _pct(row["K"], n), dof_text]
+    cells += [str(row[f"barrier:{a}"]) for a in axes] + [str(row["phases"])]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _ops_table(all_sites, typing) -> list[str]:
+    out = ["## Operations", "", "| Op | Count | Type | Rule | Claim |", "|---|---|---|---|---|"]
+    seen: dict[tuple, list] = {}
+    for s in all_sites:
+        v = typing.verdicts[s.id]
+        key = (s.prim.op, v.type, v.rule)
+        seen.setdefault(key, [0, v.claim])[0] += 1
+    for (op, t, rule), (count, claim) in sorted(seen.items()):
+        out.append(f"| `{op}` | {count} | {t} | {rule} | {claim.replace('|', '/')} |")
+    out.append("")
+    return out
+
+
+def _calm_section(calm) -> list[str]:
+    out = ["## Coordination (CALM)", "", "| Axis | Partitions | Barriers | Collectives | "
+           "Free regions | Largest region | Free FLOPs |", "|---|---|---|---|---|---|---|"]
+    for a, where in calm.axes.items():
+        coll = calm.barriers.get(a, {})
+        regions = calm.regions.get(a, [])
+        part = ", ".join(f"{n}:{d}" for n, d in where)
+        out.append(f"| {a} | {part} | {sum(coll.values())} | "
+                   f"{', '.join(f'{k} x{v}' for k, v in sorted(coll.items())) or '-'} | {len(regions)} | "
+                   f"{max((len(r) for r in regions), default=0)} | "
+                   f"{100 * calm.free_flops_fraction.get(a, 0):.1f}% |")
+    out.append("")
+    return out
