@@ -122,8 +122,76 @@ def composite(term: Term, result: TypingResult) -> Verdict:
     return _structural(term, result)
 
 
+_POINTWISE = {
+    "aten.add.Tensor", "aten.sub.Tensor", "aten.mul.Tensor", "aten.div.Tensor", "aten.pow.Tensor_Scalar",
+    "aten.tanh.default", "aten.sigmoid.default", "aten.exp.default", "aten.neg.default",
+    "aten.gelu.default", "aten.silu.default", "aten.relu.default", "aten.erf.default",
+    "aten.softplus.default", "aten.elu.default", "aten.clone.default", "aten.alias.default",
+    "aten.rsub.Scalar", "aten.log1p.default", "aten.expm1.default", "aten.abs.default",
+}
+
+
+def _pointwise_unary(term: Term) -> TensorType | None:
+    """The type x of a term that is a unary map applying one scalar function to every element: only
+    pointwise leaves, no bound tensors, every value of x's shape and dtype."""
+    from bwskc.ir import TensorRef, ConstRef, iter_args, subterms
+    shape = None
+    for t in subterms(term):
+        if isinstance(t, (Ref, Const)):
+            return None
+        if isinstance(t, Comb) and t.kind == "K":
+            return None
+        if isinstance(t, Prim):
+            if t.op not in _POINTWISE or not isinstance(t.type, TensorType) or not t.type.dtype.startswith(
+                    ("f", "bf")):
+                return None
+            if any(isinstance(a, (TensorRef, ConstRef)) for a in iter_args(t.args + tuple(
+                    v for _, v in t.kwargs))):
+                return None
+            if shape is None:
+                shape = t.type
+            elif t.type != shape:
+                return None
+    return shape
+
+
+def _pointwise_fold(term: Term, result: TypingResult) -> Verdict | None:
+    """A pointwise composite is a scalar map phi applied elementwise. A verified collision of phi (an
+    interior minimum, then bisection) proves K; finding none proves nothing (None)."""
+    x_type = _pointwise_unary(term)
+    if x_type is None or result._program is None:
+        return None
+    from bwskc.leaf_rules import _fold_point
+    from bwskc.runtime.denote import Denoter
+    from bwskc.runtime.interp import _EagerBackend
+    fn = Denoter(result._program, _EagerBackend({})).term(term)
+
+    def phi(t):
+        with torch.no_grad():
+            return fn(t)
+    try:
+        grid = torch.linspace(-8, 8, 16001, dtype=torch.float64)
+        values = phi(grid)
+        i = int(torch.argmin(values))
+        if i in (0, len(grid) - 1) or not bool(torch.isfinite(values).all()):
+            return None
+        a, b = _fold_point(phi)
+        fa, fb = phi(torch.tensor([a, b], dtype=torch.float64))
+    except Exception:  # not evaluable on a scalar grid: no claim
+        return None
+    if abs(a - b) < 1e-3 or not torch.isclose(fa, fb, rtol=1e-9, atol=1e-12):
+        return None
+    dt = x_type.torch_dtype
+
+    def witness(g):
+        return (torch.full(x_type.shape, a, dtype=dt),), (torch.full(x_type.shape, b, dtype=dt),)
+    return erasing("pointwise fold", f"the composite applies one scalar map to every element, and that "
+                   f"map has an interior minimum: phi({a:.6g}) = phi({b:.6g})", witness,
+                   f"{a:.6g} and {b:.6g} (every element)", 0, "a fold")
+
+
 def _structural(term: Term, result: TypingResult) -> Verdict:
-    """S if every leaf is jointly injective and no K occurs; otherwise GRAY (no sound rule decides)."""
+    """S if every leaf is jointly injective and no K occurs; a pointwise fold is K; otherwise GRAY."""
     from bwskc.ir import subterms
     worst = S
     for t in subterms(term):
@@ -139,6 +207,10 @@ def _structural(term: Term, result: TypingResult) -> Verdict:
         if v.type != S:
             worst = GRAY
             break
+    if worst != S:
+        folded = _pointwise_fold(term, result)
+        if folded is not None:
+            return folded
     if worst == S:
         return Verdict(S, "structural", "every leaf is jointly injective and no K discards a value: "
                        "each combinator passes an injective image of its inputs on", 0)
@@ -181,6 +253,9 @@ def _compose(term: Comb, result: TypingResult) -> Verdict:
         return gray("B: erasing after injective", f"component {j + 1} erases, after injective maps that "
                     "are not onto", "its collisions miss the image of the maps inside it",
                     "the image of the inner maps", _dof_sum(term, result))
+    folded = _pointwise_fold(term, result)
+    if folded is not None:
+        return folded
     return gray("B: undecided part", f"component {j + 1} is GRAY: {parts[j].claim}", parts[j].condition,
                 parts[j].decided_by, _dof_sum(term, result))
 

@@ -1,0 +1,597 @@
+"""The ``fusion`` pass: maximal S-regions and maximal residual chains become named phases.
+
+A phase is an outlined region: a definition of kind ``phase`` whose body is the region's term, while the
+place the region held becomes a reference to it. Phases are named after the definition they were found
+in (their *owner*): ``OWNER.phaseN`` for an S-region, ``OWNER.residualN`` for a residual chain, N counting
+from 0 within the owner (post-order: a region nested in another is numbered first). Regions found in the
+entry are owned by ``entry`` (``entry.phase0``). A phase is inserted into ``program.defs`` just before its
+owner, so definitions stay ordered callees first. Outlining changes no value, and the interpreter and the
+fx codegen treat a phase like any definition, so meaning is preserved by construction (and tested).
+
+Both kinds of region are runs of consecutive components of an n-ary composition ``B(f1, ..., fn)``
+(applied right to left), decided per component *in context*: each component's type is inferred within
+its owner (``bwskc.verify.Inference``), so a component is a unary function from a value to a value
+whatever it is syntactically (a one-hole leaf, a reference, a combinator term).
+
+**S-regions.** A maximal run of at least two consecutive components that are unary and S-typed
+(``program.analyses["typing"].term_type(f) == "S"``) becomes ``OWNER.phaseN = B(fi, ..., fj)``;
+composition preserves injectivity, so the phase is S. Inside an S-phase no further S-region is looked
+for (it would not be maximal).
+
+**Residual chains.** A residual block is a function ``x -> x + F(x)``. It is recognised semantically, not
+by the shape of its term: the component is applied to a fresh variable ``x`` and reduced symbolically
+(combinator rules, definitions unfolded, primitives left as calls); the result must be
+``aten.add.Tensor(a, t)`` (no ``alpha``, either order) where ``t`` depends on ``x`` only through ``a``
+(the residual stream), and ``a`` must in turn reduce to ``x``, possibly through further blocks (then the
+component counts several) and through *links*: reshapes and identity copies (``view``, ``reshape``,
+``_unsafe_view``, ``clone``, ``alias`` with the same number of elements), which are bijections. So
+``S(add, F)``, a reference to GPT-2's ``transformer.h.0 = B(S(add, ..), S(add, ..))`` (2 blocks),
+Pythia's parallel block ``S(add, S(B(add, attn..), mlp..))`` (1 block) and OPT's
+``B(view, S(add, ..), view, S(add, ..))`` (2 blocks) are all chain elements, while a post-norm block
+``LN(x + F(x))`` (BERT) or a post-activation one ``relu(x + F(x))`` (ResNet) is not.
+A maximal run of chain elements (links allowed between elements, not at the ends) holding at least two
+blocks in total becomes ``OWNER.residualN``.
+
+*Conditioned chains.* A block may take extra inputs ``m1..mk`` besides the stream (T5 and Switch blocks
+take the attention mask, decoder blocks the encoder output too): ``b : (m1, .., mk, x) -> x`` with
+``b m x = x + F(m, x)``. The lowering composes such blocks, sharing ``m``, as ``lift_k(b)`` components
+(``S(b)``, ``S(B(S, b))``, ...: ``g -> \\m. b m (g m)``) ending with one ``clift_k(b)`` (``C(b)``,
+``C(B(C, b))``, ...: ``x -> \\m. b m x``). A run of those with the same ``m`` types becomes a phase
+``P : (m1, .., mk, x) -> x = \\m x. bn m (.. (b1 m x))`` (written point-free by bracket abstraction,
+e.g. ``S(B(B, b2), b1)``), and the run is replaced by ``lift_k(P)`` or ``clift_k(P)``, the same shape.
+
+**Where regions are not outlined.** A run that is a definition's whole body is left alone: the
+definition already names it, and it is one unit where it is used (GPT-2's ``transformer.h.0`` is an
+element of the chain in ``transformer``, not a chain of its own); for the same reason a lone reference to
+a phase is not outlined again, which makes the pass idempotent. Subterms are searched everywhere (the
+arguments of ``S``, ``W``, ``C``, ``K`` and partial ``B``, and components not outlined). The pass is
+linear in the IR size: one type inference per definition, one symbolic check per component (per
+definition for references), and templates of fixed size.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bwskc.passes.manager import Pass
+
+from bwskc import abstraction as ab
+from bwskc._deep import run_deep
+from bwskc.ir import (
+    HOLE,
+    Comb,
+    Def,
+    Entry,
+    Prim,
+    Program,
+    Ref,
+    ScalarType,
+    TensorType,
+    Term,
+    TupleType,
+)
+from bwskc.verify import Fn, Inference, TVar, fn_type
+
+RESIDUAL_ADD = "aten.add.Tensor"
+LINK_OPS = frozenset({"aten.view.default", "aten._unsafe_view.default", "aten.reshape.default",
+                      "aten.clone.default", "aten.alias.default"})
+MAX_SHARED = 4  # extra inputs a conditioned block may take (T5's decoder blocks take 2)
+_STEP_BUDGET = 20_000  # symbolic reduction steps per chain check (well-typed terms always normalise)
+_VALUE_TYPES = (TensorType, TupleType, ScalarType)
+
+
+def _is_value(t) -> bool:
+    return isinstance(t, _VALUE_TYPES)
+
+
+# ------------------------------------------------------------------------------- types in context
+
+@dataclass(frozen=True)
+class Arrow:
+    """A ground function type ``arg -> res`` (``None`` where inference left a variable)."""
+
+    arg: Any
+    res: Any
+
+
+class _ContextTypes(Inference):
+    """Type inference over one definition that remembers the type of every subterm occurrence."""
+
+    def __init__(self, program: Program):
+        super().__init__(program)
+        self.seen: dict[int, list] = {}
+
+    def infer(self, t):
+        ty = super().infer(t)
+        self.seen.setdefault(id(t), []).append(ty)
+        return ty
+
+    def ground(self, t):
+        t = self.resolve(t)
+        if isinstance(t, Fn):
+            return Arrow(self.ground(t.arg), self.ground(t.res))
+        return None if isinstance(t, TVar) else t
+
+    def type_of(self, term: Term):
+        """The ground type of ``term`` where every occurrence of this object agrees, else None."""
+        types = {self.ground(t) for t in self.seen.get(id(term), ())}
+        return types.pop() if len(types) == 1 else None
+
+
+def _unary(ty) -> bool:
+    return isinstance(ty, Arrow) and _is_value(ty.arg) and _is_value(ty.res)
+
+
+def _curried(ty, n: int) -> tuple[list, Any] | None:
+    """``(a1 .. an, r)`` if ``ty`` is ``a1 -> .. -> an -> r`` with value types, else None."""
+    args = []
+    for _ in range(n):
+        if not isinstance(ty, Arrow) or not _is_value(ty.arg):
+            return None
+        args.append(ty.arg)
+        ty = ty.res
+    return (args, ty) if _is_value(ty) else None
+
+
+def _arrow(inputs, output):
+    for i in reversed(inputs):
+        output = Arrow(i, output)
+    return output
+
+
+# ---------------------------------------------------------------------- symbolic reduction (blocks)
+
+class _Var:
+    __slots__ = ("type",)
+
+    def __init__(self, type):
+        self.type = type
+
+
+class _Thunk:
+    """``fun args``, unevaluated: ``fun`` is a closed term or a node; reduced once, on demand."""
+
+    __slots__ = ("args", "fun", "value")
+
+    def __init__(self, fun, args=()):
+        self.fun, self.args, self.value = fun, tuple(args), None
+
+
+class _Call:
+    """A primitive applied to all its holes (a value, not reduced further)."""
+
+    __slots__ = ("args", "prim")
+
+    def __init__(self, prim, args):
+        self.prim, self.args = prim, tuple(args)
+
+
+class _Pap:
+    """A term applied to too few arguments (a function value)."""
+
+    __slots__ = ("args", "term")
+
+    def __init__(self, term, args):
+        self.term, self.args = term, tuple(args)
+
+
+class _Stuck:
+    """Something that is not a function application we can reduce (a variable applied, a bound value)."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, args=()):
+        self.args = tuple(args)
+
+
+class _OutOfSteps(Exception):
+    pass
+
+
+def _node(x):
+    return x if isinstance(x, (_Var, _Thunk, _Call, _Pap, _Stuck)) else _Thunk(x)
+
+
+class _Reducer:
+    """Weak-head reduction of combinator terms applied to symbolic values, definitions unfolded."""
+
+    def __init__(self, program: Program):
+        self.defs = program.defs
+        self.steps = 0
+
+    def whnf(self, n):
+        if not isinstance(n, _Thunk):
+            return n
+        if n.value is None:
+            n.value = self._reduce(n.fun, list(n.args))
+        return n.value
+
+    def _reduce(self, fun, args):
+        while True:
+            self.steps += 1
+            if self.steps > _STEP_BUDGET:
+                raise _OutOfSteps
+            if isinstance(fun, (_Var, _Thunk, _Call, _Pap, _Stuck)):
+                fun = self.whnf(fun)
+                if isinstance(fun, _Pap):
+                    fun, args = fun.term, list(fun.args) + args
+                    continue
+                return fun if not args else _Stuck((fun, *args))
+            if isinstance(fun, Prim):
+                n = fun.arity
+                return _Pap(fun, args) if len(args) < n else (
+                    _Call(fun, args) if len(args) == n else _Stuck(args))
+            if isinstance(fun, Ref) and fun.name in self.defs:
+                if not args:
+                    return _Pap(fun, ())
+                fun = self.defs[fun.name].body
+                continue
+            if not isinstance(fun, Comb):  # a bound tensor or constant used as a value
+                return _Stuck(args)
+            kind, cargs = fun.kind, fun.args
+            if kind == "B" and len(cargs) >= 2:
+                if not args:
+                    return _Pap(fun, ())
+                inner = args[0]
+                for f in reversed(cargs[1:]):
+                    inner = _Thunk(f, (inner,))
+                fun, args = cargs[0], [inner] + args[1:]
+                continue
+            full = [_node(a) for a in cargs] + args
+            need = {"I": 1, "K": 2, "W": 2, "B": 3, "C": 3, "S": 3}[kind]
+            if len(full) < need:
+                return _Pap(fun, args)
+            rest = full[need:]
+            if kind in ("I", "K"):
+                fun, args = full[0], rest
+            elif kind == "W":
+                fun, args = full[0], [full[1], full[1]] + rest
+            elif kind == "B":
+                fun, args = full[0], [_Thunk(full[1], (full[2],))] + rest
+            elif kind == "C":
+                fun, args = full[0], [full[2], full[1]] + rest
+            else:  # S
+                fun, args = full[0], [full[2], _Thunk(full[1], (full[2],))] + rest
+
+
+def _depends(node, target, barrier) -> bool:
+    """Whether ``node`` can reach ``target`` without passing through ``barrier`` (structurally: the
+    arguments a node was built from; terms are closed, so only nodes carry free variables)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is barrier or id(n) in seen:
+            continue
+        if n is target:
+            return True
+        seen.add(id(n))
+        if isinstance(n, _Thunk):
+            stack.extend(a for a in (n.fun, *n.args) if not isinstance(a, Term))
+        elif isinstance(n, (_Call, _Pap, _Stuck)):
+            stack.extend(n.args)
+    return False
+
+
+def _value_type(v):
+    return v.type if isinstance(v, _Var) else (v.prim.type if isinstance(v, _Call) else None)
+
+
+def _is_residual_add(p: Prim) -> bool:
+    return (p.op == RESIDUAL_ADD and p.args == (HOLE, HOLE)
+            and all(k == "alpha" and v == 1 and not isinstance(v, bool) for k, v in p.kwargs))
+
+
+def _is_link(p: Prim, in_type) -> bool:
+    out = p.type
+    return (p.op in LINK_OPS and p.arity == 1 and isinstance(out, TensorType)
+            and isinstance(in_type, TensorType) and out.dtype == in_type.dtype
+            and out.numel == in_type.numel)
+
+
+def chain_blocks(program: Program, term: Term, inputs: list) -> int:
+    """How many residual blocks ``term`` applies to its last input (its others are shared by every
+    block), or 0 if it is not a chain: ``term m.. x`` must reduce to ``x`` through residual adds
+    ``a + t`` (``t`` reaching ``x`` only through the stream ``a``) and links."""
+    reducer = _Reducer(program)
+    ms = [_Var(t) for t in inputs[:-1]]
+    x = _Var(inputs[-1])
+    cur, expect, count = _Thunk(term, (*ms, x)), None, 0
+    try:
+        while True:
+            v = reducer.whnf(cur)
+            if expect is not None and _value_type(v) != expect:
+                return 0
+            if v is x:
+                return count
+            if not isinstance(v, _Call):
+                return 0
+            p = v.prim
+            if _is_residual_add(p):
+                a, t = v.args
+                if not _depends(t, x, a):
+                    cur = a
+                elif not _depends(a, x, t):
+                    cur = t
+                else:
+                    return 0
+                count += 1
+                expect = p.type
+            elif _is_link(p, _value_type(reducer.whnf(v.args[0])) if v.args else None):
+                cur, expect = v.args[0], None
+            else:
+                return 0
+    except _OutOfSteps:
+        return 0
+
+
+# ------------------------------------------------------------------------------ lifting templates
+
+_MARK = "\x00block"  # a name no program has: the place of the block in a template
+
+
+def _template(k: int, lifted: bool) -> Term:
+    """``lift_k(b) = \\g m.. . b m.. (g m..)`` (lifted) or ``clift_k(b) = \\x m.. . b m.. x``, point-free
+    by the lowering's own bracket abstraction, so they read as the lowering writes them."""
+    b = ab.Lit(Ref(_MARK))
+    ms = [ab.Var(i) for i in range(1, k + 1)]
+    s = ab.Var(0)
+    body = ab.apply(b, *ms, ab.apply(s, *ms) if lifted else s)
+    for v in reversed([s] + ms):
+        body = ab.abstract(v.id, body)
+    return ab.to_term(body)
+
+
+_TEMPLATES = {(k, lifted): _template(k, lifted) for k in range(1, MAX_SHARED + 1) for lifted in (True, False)}
+
+
+def _match(template: Term, term: Term):
+    """The subterm of ``term`` at the template's mark if the rest is equal, else None."""
+    stack, found = [(template, term)], None
+    while stack:
+        tp, t = stack.pop()
+        if isinstance(tp, Ref) and tp.name == _MARK:
+            found = t
+        elif isinstance(tp, Comb):
+            if not isinstance(t, Comb) or t.kind != tp.kind or len(t.args) != len(tp.args):
+                return None
+            stack.extend(zip(tp.args, t.args))
+        elif tp != t:
+            return None
+    return found
+
+
+def _instantiate(template: Term, b: Term) -> Term:
+    if isinstance(template, Ref) and template.name == _MARK:
+        return b
+    if isinstance(template, Comb):
+        return Comb(template.kind, tuple(_instantiate(a, b) for a in template.args))
+    return template
+
+
+def _chain_body(blocks: list[Term], k: int) -> Term:
+    """``\\m1 .. mk x. bn m.. (.. (b1 m.. x))`` point-free (``blocks`` outermost first)."""
+    ms = [ab.Var(i) for i in range(1, k + 1)]
+    x = ab.Var(0)
+    body = x
+    for b in reversed(blocks):
+        body = ab.apply(ab.Lit(b), *ms, body)
+    for v in [x] + list(reversed(ms)):
+        body = ab.abstract(v.id, body)
+    return ab.to_term(body)
+
+
+# ------------------------------------------------------------------------------------ the rewrite
+
+@dataclass
+class _Elem:
+    """A chain element: ``lift_k(block)`` / ``clift_k(block)`` (k = 0: the block itself)."""
+
+    block: Term
+    k: int
+    lifted: bool
+    count: int  # residual blocks it holds
+    inputs: tuple  # block's inputs: k shared, then the stream
+    output: Any
+
+
+class _Fuser:
+    def __init__(self, program: Program, term_type: Callable[[Term], str]):
+        self.program = program
+        self.term_type = term_type
+        self.taken = set(program.defs) | set(program.tensors)
+        self.counters: dict[tuple[str, str], int] = {}
+        self.chain_cache: dict[tuple[str, int], int] = {}
+        self.phases: dict[str, list[Def]] = {}  # owner -> phases, in creation order (callees first)
+        self.s_cache: dict[int, tuple[Term, bool]] = {}  # id -> (term kept alive, is S)
+
+    def run(self) -> Program:
+        defs: dict[str, Def] = {}
+        for d in self.program.defs.values():
+            body = self.scope(d.name, d.body, d.inputs, d.output, whole_ok=False)
+            defs.update((p.name, p) for p in self.phases.get(d.name, []))
+            defs[d.name] = d if body is d.body else Def(d.name, d.inputs, d.output, body, d.pos, d.kind)
+        e = self.program.entry
+        body = self.scope("entry", e.body, e.inputs, e.output, whole_ok=True)
+        defs.update((p.name, p) for p in self.phases.get("entry", []))
+        entry = e if body is e.body else Entry(e.input_names, e.inputs, e.output_names, e.outputs,
+                                               body, e.pos)
+        return self.program.replace(defs=defs, entry=entry)
+
+    # one definition (or the entry)
+    def scope(self, owner, body, inputs, output, whole_ok):
+        self.owner, self.inf = owner, _ContextTypes(self.program)
+        self.inf.unify(self.inf.infer(body), fn_type(inputs, output), None)
+        # a definition that is itself a chain element is one unit of the chains it is used in: the
+        # residual runs of its top-level composition are not outlined (nor an S-run spanning all of it)
+        self.whole = None if whole_ok else body
+        self.whole_chain = not whole_ok and self.blocks(Ref(owner), list(inputs)) > 0
+        return self.term(body, s_on=True)
+
+    def term(self, t, s_on):
+        if isinstance(t, Comb) and t.kind == "B" and len(t.args) >= 2:
+            return self.compose(t, s_on)
+        if isinstance(t, Comb) and t.args:
+            args = tuple(self.term(a, s_on) for a in t.args)
+            return t if all(a is b for a, b in zip(args, t.args)) else Comb(t.kind, args, t.pos)
+        return t
+
+    def compose(self, t: Comb, s_on: bool):
+        comps = t.args
+        types = [self.inf.type_of(c) for c in comps]
+        out: list[Term] = []
+        i = 0
+        for lo, hi, kind, elems in self.runs(t, types, s_on):
+            out.extend(self.term(c, s_on) for c in comps[i:lo])
+            if kind == "skip":  # a residual run left in place: its blocks are searched inside
+                out.extend(self.term(c, s_on) for c in comps[lo:hi])
+            else:
+                out.append(self.outline(comps[lo:hi], types[lo:hi], kind, elems))
+            i = hi
+        out.extend(self.term(c, s_on) for c in comps[i:])
+        if len(out) == 1:
+            return out[0]
+        if len(out) == len(comps) and all(a is b for a, b in zip(out, comps)):
+            return t
+        return Comb("B", tuple(out), t.pos)
+
+    # finding runs
+    def runs(self, t: Comb, types, s_on):
+        """Disjoint runs ``(lo, hi, kind, elements)`` of ``t``'s components, left to right; kind is
+        ``residual``, ``phase`` or ``skip`` (a residual run that stays: a whole body, a fused phase)."""
+        comps, n = t.args, len(t.args)
+        elems = [self.element(c, ty) for c, ty in zip(comps, types)]
+        found, taken = [], [False] * n
+        i = 0
+        while i < n:
+            if elems[i] is None:
+                i += 1
+                continue
+            last, j = i, i + 1
+            while j < n:
+                if elems[j] is not None and self.continues(elems[last], elems[j]):
+                    last = j
+                elif not (elems[last].k == 0 and self.is_link(comps[j], types[j])):
+                    break
+                j += 1
+            run = elems[i:last + 1]
+            if sum(e.count for e in run if e is not None) >= 2:
+                whole = self.whole is t and (self.whole_chain or (i == 0 and last == n - 1))
+                found.append((i, last + 1, "skip" if whole or self.is_fused(run) else "residual", run))
+                taken[i:last + 1] = [True] * len(run)
+            i = last + 1
+        if s_on:
+            i = 0
+            while i < n:
+                j = i
+                while j < n and not taken[j] and _unary(types[j]) and self.is_s(comps[j]):
+                    j += 1
+                if j - i >= 2 and not (self.whole is t and i == 0 and j == n):
+                    found.append((i, j, "phase", None))
+                i = max(j, i + 1)
+        return sorted(found, key=lambda r: r[0])
+
+    def is_s(self, c: Term) -> bool:
+        key = id(c)
+        if key not in self.s_cache:
+            self.s_cache[key] = (c, self.term_type(c) == "S")
+        return self.s_cache[key][1]
+
+    @staticmethod
+    def is_link(c: Term, ty) -> bool:
+        return isinstance(c, Prim) and _unary(ty) and _is_link(c, ty.arg)
+
+    @staticmethod
+    def continues(prev: _Elem, nxt: _Elem) -> bool:
+        """Whether ``nxt`` (applied before ``prev``) extends a run ending at ``prev``."""
+        if prev.k != nxt.k:
+            return False
+        if prev.k == 0:
+            return True
+        return prev.lifted and prev.inputs[:-1] == nxt.inputs[:-1]
+
+    def is_fused(self, run) -> bool:
+        if len(run) != 1 or not isinstance(run[0].block, Ref):
+            return False
+        d = self.program.defs.get(run[0].block.name)
+        return d is not None and d.kind == "phase"
+
+    def element(self, c: Term, ty) -> _Elem | None:
+        """``c`` as a chain element, or None."""
+        if _unary(ty):
+            n = self.blocks(c, [ty.arg])
+            return _Elem(c, 0, False, n, (ty.arg,), ty.res) if n else None
+        if not isinstance(c, Comb):
+            return None
+        for (k, lifted), tpl in _TEMPLATES.items():
+            b = _match(tpl, c)
+            if b is None:
+                continue
+            if isinstance(b, Ref) and b.name in self.program.defs:
+                d = self.program.defs[b.name]
+                sig = (list(d.inputs), d.output) if len(d.inputs) == k + 1 else None
+            else:
+                sig = _curried(self.inf.type_of(b), k + 1)
+            if sig is None or not all(_is_value(a) for a in sig[0]):
+                continue
+            n = self.blocks(b, sig[0])
+            if n:
+                return _Elem(b, k, lifted, n, tuple(sig[0]), sig[1])
+        return None
+
+    def blocks(self, term: Term, inputs: list) -> int:
+        key = (term.name, len(inputs)) if isinstance(term, Ref) else None
+        if key is not None and key in self.chain_cache:
+            return self.chain_cache[key]
+        n = chain_blocks(self.program, term, inputs)
+        if key is not None:
+            self.chain_cache[key] = n
+        return n
+
+    # outlining
+    def outline(self, comps, types, kind, elems) -> Term:
+        name = self.fresh("residual" if kind == "residual" else "phase")
+        k = elems[0].k if kind == "residual" else 0
+        if k:  # a conditioned chain: P m.. x = bn m.. (.. (b1 m.. x)), used as lift_k(P) or clift_k(P)
+            blocks = [self.term(e.block, True) for e in elems]
+            self.add_phase(name, elems[-1].inputs, elems[0].output, _chain_body(blocks, k))
+            return _instantiate(_TEMPLATES[(k, elems[-1].lifted)], Ref(name))
+        inner = [self.term(c, kind == "residual") for c in comps]
+        body = inner[0] if len(inner) == 1 else Comb("B", tuple(inner))
+        self.add_phase(name, (types[-1].arg,), types[0].res, body)
+        return Ref(name)
+
+    def fresh(self, label: str) -> str:
+        key = (self.owner, label)
+        n = self.counters.get(key, 0)
+        while f"{self.owner}.{label}{n}" in self.taken:
+            n += 1
+        self.counters[key] = n + 1
+        name = f"{self.owner}.{label}{n}"
+        self.taken.add(name)
+        return name
+
+    def add_phase(self, name, inputs, output, body):
+        self.phases.setdefault(self.owner, []).append(
+            Def(name, tuple(inputs), output, body, kind="phase"))
+
+
+def fuse(program: Program, typing) -> Program:
+    """``program`` with its maximal S-regions and residual chains outlined as phases. ``typing`` is an
+    object with ``term_type(term) -> "S" | "K" | "GRAY"`` (the ``typing`` analysis) or such a function."""
+    term_type = typing if callable(typing) and not hasattr(typing, "term_type") else typing.term_type
+    return run_deep(lambda: _Fuser(program, term_type).run())
+
+
+class FusionPass(Pass):
+    name = "fusion"
+    kind = "rewrite"
+    requires = ("typing",)
+
+    def rewrite(self, program: Program, options: dict) -> Program:
+        """Options: ``fusion.typing`` replaces the typing analysis (an object with ``term_type``)."""
+        typing = options.get("fusion.typing") or program.analyses["typing"]
+        return fuse(program, typing)
+
+
+PASS = FusionPass()
