@@ -92,7 +92,8 @@ def _row(name, group, typing, calm, axes, batch, n_phases):
 
 def _cells(name, row, dof, unknown, axes, batch) -> str:
     n = row["S"] + row["K"] + row["GRAY"]
-    dof_text = f"{dof / batch:g}" + (f" +{unknown}" if unknown else "")
+    per = dof / batch
+    dof_text = (f"{per:.0f}" if per == int(per) else f"{per:.1f}") + (f" +{unknown}" if unknown else "")
     cells = [name, str(row["ops"]), str(row["S"]), str(row["K"]), str(row["GRAY"]), _pct(row["S"], n),
              _pct(row["K"], n), dof_text]
     cells += [str(row[f"barrier:{a}"]) for a in axes] + [str(row["phases"])]

@@ -456,11 +456,13 @@ def _norm_dims(dims, rank):
 
 
 def _engine(ctx: Ctx, letters: dict, out_letters, special=None, contract=None, rebase=(),
-            random=False) -> Plan:
+            random=False, prefer=None) -> Plan:
     """The generic rule: every dim of every operand and of the result carries a letter (None: not
     carried, e.g. broadcast from size 1). A partitioned letter that reaches the result is free; one
     that does not is contracted (``contract``, default all-reduce); ``special`` letters name their own
-    collective: letter -> (collective, reason, the result stays partitioned along it)."""
+    collective: letter -> (collective, reason, the result stays partitioned along it). When operands
+    are partitioned on several kept dims, the one of slot ``prefer`` (a matmul's rows: the queries)
+    or else the largest keeps its partition and the others are gathered."""
     special = special or {}
     outs = out_letters if isinstance(out_letters, list) else [out_letters]
     out_shapes = ctx.out_shapes()
@@ -479,25 +481,32 @@ def _engine(ctx: Ctx, letters: dict, out_letters, special=None, contract=None, r
             return ctx.barrier("all-to-all", f"{ctx.short}: operands partitioned along {ctx.axis} "
                                "with different layouts must be redistributed")
     in_out = {L for o in outs if o is not None for L in o if L is not None}
+    order = sorted(by_letter, key=lambda L: min(i for i in ctx.parted()
+                                                 if letters[i][ctx.part(i).dim] == L))
+    specials = [L for L in order if L in special]
+    kept = [L for L in order if (L in special and special[L][2]) or (L not in special and L in in_out)]
+    contracted = [L for L in order if L not in special and L not in in_out]
     collective = reason = None
-    kept = []
-    for L in by_letter:
-        if L in special:
-            coll, why, stays = special[L]
-            if collective is None:
-                collective, reason = coll, why
-            if stays:
-                kept.append(L)
-        elif L not in in_out:
-            if collective is None:
-                collective, reason = contract or (
-                    "all-reduce", f"{ctx.short} reduces over the dim that {ctx.axis} partitions "
-                    "(partial results per shard)")
-        else:
-            kept.append(L)
-    if len(kept) > 1:
-        return ctx.barrier("all-to-all", f"{ctx.short}: operands are partitioned along {ctx.axis} "
-                           "on different dims")
+    if specials:
+        collective, reason = special[specials[0]][:2]
+    elif contracted and not kept:
+        collective, reason = contract or (
+            "all-reduce", f"{ctx.short} reduces over the dim that {ctx.axis} partitions "
+            "(partial results per shard)")
+    elif contracted:
+        collective, reason = "all-gather", (
+            f"{ctx.short}: one operand is partitioned along {ctx.axis} on a dim the op contracts, "
+            "another on a dim it keeps: the first must be gathered")
+    elif len(kept) > 1:
+        collective, reason = "all-gather", (
+            f"{ctx.short}: operands are partitioned along {ctx.axis} on different dims: all but one "
+            "must be gathered")
+    if len(kept) > 1:  # the largest operands keep their partition; the others are gathered
+        weight = {L: sum(math.prod(ctx.shape(i)) for i in ctx.parted()
+                         if letters[i][ctx.part(i).dim] == L) for L in kept}
+        mine = ctx.part(prefer) is not None and letters[prefer][ctx.part(prefer).dim] \
+            if prefer is not None else None
+        kept.sort(key=lambda L: (L != mine, -weight[L]))
     X = kept[0] if kept else None
     ins = []
     for i in range(len(ctx.slots)):
@@ -941,7 +950,7 @@ def _rule_matmul(ctx: Ctx) -> Plan:
         letters = {x: xl, w: wl}
         if bias is not None:
             letters[bias] = _right_aligned(ctx.shape(bias), ol, out_shape)
-        return _engine(ctx, letters, ol, contract=_contract_reason(ctx))
+        return _engine(ctx, letters, ol, contract=_contract_reason(ctx), prefer=x)
     else:  # matmul
         a, b = ctx.si("self"), ctx.si("other")
         ra, rb = len(ctx.shape(a)), len(ctx.shape(b))
@@ -955,11 +964,12 @@ def _rule_matmul(ctx: Ctx) -> Plan:
             blt = (_right_aligned(ctx.shape(b)[:-2], bl, bshape) + ("k", "n")) if rb >= 2 else ("k",)
             letters = {a: al, b: blt}
             ol = bl + (("m",) if ra >= 2 else ()) + (("n",) if rb >= 2 else ())
-        return _engine(ctx, letters, ol, contract=_contract_reason(ctx))
+        return _engine(ctx, letters, ol, contract=_contract_reason(ctx), prefer=a)
     bias = ctx.si("self") if name in ("addmm", "baddbmm", "addbmm", "addmv") else None
     if bias is not None:
         letters[bias] = _right_aligned(ctx.shape(bias), ol, out_shape)
-    return _engine(ctx, letters, ol, contract=_contract_reason(ctx))
+    return _engine(ctx, letters, ol, contract=_contract_reason(ctx),
+                   prefer=next(iter(letters)) if name not in ("dot", "vdot") else None)
 
 
 def _rule_einsum(ctx: Ctx) -> Plan:
@@ -1292,8 +1302,8 @@ _SORTS = {"sort", "argsort", "topk", "kthvalue", "median", "nanmedian", "mode", 
 
 def _dispatch(ctx: Ctx) -> Plan:
     name = ctx.op.split(".")[1] if ctx.op.count(".") == 2 else ctx.op
-    pointwise, random = _tags(ctx.op)
-    if name in _RANDOM or random:
+    pointwise, _ = _tags(ctx.op)
+    if name in _RANDOM:
         if name == "dropout" and not ctx.val("train", False):
             return _elementwise(ctx)
         return _elementwise(ctx, random=True)
