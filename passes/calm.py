@@ -33,6 +33,26 @@ same-size convolution or the carry of a scan leave the output partitioned like t
 An op without a rule is a barrier ``unknown`` ("no rule"), never silently free; its output is taken as
 gathered (replicated). An op whose operands are all replicated is free (every worker computes the same).
 
+**Rules.** Most ops go through one engine: every dim of every operand and of the result carries a
+letter (an einsum view of the op). A partitioned letter that reaches the result is free (replicated
+operands that carry it are sliced); one that does not is contracted (all-reduce); operands partitioned
+on different letters need a gather; some letters name their own collective. So: elementwise ops
+(ATen's ``pointwise`` tag, broadcasting aligned from the right) are free; linear/matmul/mm/bmm/addmm/
+einsum contracting the partitioned dim are all-reduce, partitioned rows or columns are free;
+reductions (sum, mean, amax, max, argmax, var, norm...) over it are all-reduce; softmax/log_softmax and
+layer/RMS/group norm over it are all-reduce with the result still partitioned; training batch norm over
+the batch or positions is all-reduce (eval batch norm is free); cumsum/cumprod and LSTM/GRU/RNN along
+it are scan; sort/topk along it all-gather; scaled_dot_product_attention is free along batch and head
+dims and along the queries alone, all-gather over the key/value positions, all-reduce over the head
+dim, position-offset for ``is_causal`` with split queries; conv/pool/interpolation windows along it
+are halo-exchange (1x1 windows and integer nearest upsampling are free, adaptive pooling to 1 is
+all-reduce); embedding, one_hot, gather, index_select and index keep the indices' partition and gather
+(all-gather) a partitioned table; views/reshapes track the factor (all-to-all when it is split),
+transpose/permute/unsqueeze/expand/repeat/repeat_interleave/stack move it, cat of equally partitioned
+operands along it is free (the factor gains an outer ``n``), a cat, split, slice or unbind across
+shards is all-gather, select of one position is broadcast, flip is all-to-all, roll and padding are
+halo-exchange, tril/triu are position-offset.
+
 **Plans.** For every application of a leaf the rule gives a ``Plan``: how each tensor operand is cut
 for a shard (``ins``, one entry per operand slot: holes, bound tensors and constants in argument order),
 where the axis sits in the output (``out``), and the collective for a barrier. ``shard``, ``unshard``
@@ -49,16 +69,25 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
+from bwskc.passes.manager import Pass
 
 from bwskc._deep import run_deep
 from bwskc.errors import BwskError
-from bwskc.ir import (HOLE, ConstRef, Prim, Program, ScalarType, TensorRef, TensorType, TupleType,
-                      iter_args)
-from bwskc.passes.manager import Pass
+from bwskc.ir import (
+    HOLE,
+    ConstRef,
+    Prim,
+    Program,
+    ScalarType,
+    TensorRef,
+    TensorType,
+    TupleType,
+    iter_args,
+)
 from bwskc.runtime.denote import Denoter, resolve_op
 from bwskc.sites import Site, sites
 
@@ -256,15 +285,30 @@ _SHAPE_ARG = {"aten.view.default": 1, "aten.reshape.default": 1, "aten._unsafe_v
 
 
 def local_literals(prim: Prim, args: list, kwargs: dict, local_out_shape) -> tuple[list, dict]:
-    """The arguments a worker passes: shape literals (view sizes) rewritten to its local shape."""
+    """The arguments a worker passes: shape literals (view sizes, adaptive pools' and interpolations'
+    output sizes) rewritten to its local shape."""
+    if local_out_shape is None:
+        return args, kwargs
     i = _SHAPE_ARG.get(prim.op)
-    if i is not None and local_out_shape is not None:
+    if i is not None:
         args = list(args)
         if len(args) > i:
             args[i] = list(local_out_shape)
         else:
             kwargs = dict(kwargs)
             kwargs[next(iter(k for k in kwargs if k in ("size", "shape")))] = list(local_out_shape)
+        return args, kwargs
+    name = prim.op.split(".")[1] if prim.op.count(".") == 2 else ""
+    if name.startswith(("adaptive_", "_adaptive_", "upsample_", "_upsample_")):
+        key = 1 if len(args) > 1 else "output_size"
+        size = args[1] if key == 1 else kwargs.get(key)
+        if size is not None:
+            local = list(local_out_shape[len(local_out_shape) - len(size):])
+            if key == 1:
+                args = list(args)
+                args[1] = local
+            else:
+                kwargs = {**kwargs, key: local}
     return args, kwargs
 
 
@@ -283,7 +327,7 @@ class AVal:
     """An abstract value: its type, per axis where the axis sits (``Part`` or None), the site that
     produced it, tuple items, and the constant index when it is a constant's value."""
 
-    __slots__ = ("type", "parts", "src", "items", "const")
+    __slots__ = ("const", "items", "parts", "src", "type")
 
     def __init__(self, type, parts, src=None, items=None, const=None):
         self.type, self.parts, self.src, self.items, self.const = type, parts, src, items, const
@@ -334,7 +378,7 @@ def slot_positions(prim: Prim) -> list:
 # ------------------------------------------------------------------------------------ op schemas
 
 
-@lru_cache(maxsize=None)
+@cache
 def _overload(op: str):
     parts = op.split(".")
     if len(parts) != 3:
@@ -345,7 +389,7 @@ def _overload(op: str):
         return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _schema_names(op: str) -> tuple:
     ov = _overload(op)
     if ov is None:
@@ -354,12 +398,11 @@ def _schema_names(op: str) -> tuple:
                  for a in ov._schema.arguments)
 
 
-@lru_cache(maxsize=None)
-def _tags(op: str) -> tuple[bool, bool]:
+@cache
+def _pointwise(op: str) -> bool:
+    """ATen's own tag for elementwise ops with broadcasting."""
     ov = _overload(op)
-    if ov is None:
-        return False, False
-    return torch.Tag.pointwise in ov.tags, torch.Tag.nondeterministic_seeded in ov.tags
+    return ov is not None and torch.Tag.pointwise in ov.tags
 
 
 # --------------------------------------------------------------------------------------- the rules
@@ -368,7 +411,7 @@ def _tags(op: str) -> tuple[bool, bool]:
 class Ctx:
     """One application of a leaf, seen along one axis."""
 
-    def __init__(self, an: "_Analysis", prim: Prim, args, kwargs, slots, locs, a: int):
+    def __init__(self, an: _Analysis, prim: Prim, args, kwargs, slots, locs, a: int):
         self.an, self.prim, self.op = an, prim, prim.op
         self.args, self.kwargs, self.slots, self.a = args, kwargs, slots, a
         self.axis = an.axis_names[a]
@@ -434,10 +477,6 @@ class Ctx:
     def free(self, out, ins=None, **kw):
         return Plan(self.own_ins() if ins is None else ins, out, None, None, **kw)
 
-    def where(self, i) -> str:
-        p = self.part(i)
-        return f"dim {p.dim}" if p is not None else "?"
-
 
 def _norm_dim(d, rank):
     r = max(rank, 1)
@@ -476,14 +515,17 @@ def _engine(ctx: Ctx, letters: dict, out_letters, special=None, contract=None, r
             return ctx.barrier("all-gather", f"{ctx.short}: operand {i} is partitioned along "
                                f"{ctx.axis} on dim {p.dim}, which the op does not carry through")
         by_letter.setdefault(ls[p.dim], set()).add((ctx.shape(i)[p.dim], p.outer, p.inner))
-    for L, lays in by_letter.items():
+    for lays in by_letter.values():
         if len(lays) > 1:
             return ctx.barrier("all-to-all", f"{ctx.short}: operands partitioned along {ctx.axis} "
                                "with different layouts must be redistributed")
     in_out = {L for o in outs if o is not None for L in o if L is not None}
     order = sorted(by_letter, key=lambda L: min(i for i in ctx.parted()
                                                  if letters[i][ctx.part(i).dim] == L))
-    specials = [L for L in order if L in special]
+    # a real collective names the barrier before a position offset (causal attention along the
+    # sequence needs the keys and values first)
+    specials = sorted((L for L in order if L in special),
+                      key=lambda L: special[L][0] == "position-offset")
     kept = [L for L in order if (L in special and special[L][2]) or (L not in special and L in in_out)]
     contracted = [L for L in order if L not in special and L not in in_out]
     collective = reason = None
@@ -491,8 +533,8 @@ def _engine(ctx: Ctx, letters: dict, out_letters, special=None, contract=None, r
         collective, reason = special[specials[0]][:2]
     elif contracted and not kept:
         collective, reason = contract or (
-            "all-reduce", f"{ctx.short} reduces over the dim that {ctx.axis} partitions "
-            "(partial results per shard)")
+            "all-reduce", (f"{ctx.short} reduces over the dim that {ctx.axis} partitions "
+                           "(partial results per shard)"))
     elif contracted:
         collective, reason = "all-gather", (
             f"{ctx.short}: one operand is partitioned along {ctx.axis} on a dim the op contracts, "
@@ -566,10 +608,6 @@ def _elementwise(ctx: Ctx, random=False) -> Plan:
         letters[i] = tuple((R - r + k) if (s.shape[k] == oshape[R - r + k]) else None
                            for k in range(r))
     return _engine(ctx, letters, _tuple_out(ctx, tuple(range(R))), random=random)
-
-
-def _identity_letters(ctx, i):
-    return tuple(range(len(ctx.shape(i))))
 
 
 # view-like -------------------------------------------------------------------------------------------
@@ -813,8 +851,8 @@ def _rule_reduce(ctx: Ctx, collective="all-reduce", verb="reduces over") -> Plan
     p = ctx.part(x)
     special = {}
     if p is not None and p.dim in red:
-        special[("r", p.dim)] = (collective, f"{name} {verb} dim {p.dim}, which {ctx.axis} "
-                                 "partitions", False)
+        special[("r", p.dim)] = (collective, (f"{name} {verb} dim {p.dim}, which {ctx.axis} "
+                                 "partitions"), False)
     return _engine(ctx, {x: xl}, _tuple_out(ctx, ol), special=special)
 
 
@@ -845,8 +883,8 @@ def _rule_layer_norm(ctx: Ctx) -> Plan:
         i = ctx.si(name)
         if i is not None:
             letters[i] = tuple(range(r - len(ctx.shape(i)), r))
-    special = {d: ("all-reduce", f"{ctx.short} normalizes over dim {d}, which {ctx.axis} partitions "
-                   "(statistics need every shard)", True) for d in normed}
+    special = {d: ("all-reduce", (f"{ctx.short} normalizes over dim {d}, which {ctx.axis} partitions "
+                   "(statistics need every shard)"), True) for d in normed}
     full = tuple(range(r))
     stats = tuple(d if d not in normed else None for d in range(r))
     if isinstance(ctx.out_type, TupleType):
@@ -866,8 +904,8 @@ def _rule_group_norm(ctx: Ctx) -> Plan:
         i = ctx.si(name)
         if i is not None:
             letters[i] = ("c",)
-    special = {L: ("all-reduce", f"{ctx.short} normalizes over groups of channels and positions, "
-                   f"which {ctx.axis} partitions", True) for L in xl[1:]}
+    special = {L: ("all-reduce", (f"{ctx.short} normalizes over groups of channels and positions, "
+                   f"which {ctx.axis} partitions"), True) for L in xl[1:]}
     if isinstance(ctx.out_type, TupleType):
         out = [xl] + [("n", None) for _ in ctx.out_type.items[1:]]
     else:
@@ -888,8 +926,8 @@ def _rule_batch_norm(ctx: Ctx) -> Plan:
     training = name != "_native_batch_norm_legit_no_training" and bool(ctx.val("training", False))
     special = {}
     if training:
-        special = {L: ("all-reduce", f"training batch norm averages over dim {k}, which {ctx.axis} "
-                       "partitions (batch statistics)", True)
+        special = {L: ("all-reduce", (f"training batch norm averages over dim {k}, which {ctx.axis} "
+                       "partitions (batch statistics)"), True)
                    for k, L in enumerate(xl) if L != "c"}
     if isinstance(ctx.out_type, TupleType):
         C = ctx.shape(x)[1] if r > 1 else 0
@@ -911,8 +949,8 @@ def _right_aligned(shape, target_letters, target_shape):
 
 
 def _contract_reason(ctx):
-    return ("all-reduce", f"{ctx.short} contracts over the dim that {ctx.axis} partitions "
-            "(each shard has a partial sum)")
+    return ("all-reduce", (f"{ctx.short} contracts over the dim that {ctx.axis} partitions "
+            "(each shard has a partial sum)"))
 
 
 def _rule_matmul(ctx: Ctx) -> Plan:
@@ -975,7 +1013,7 @@ def _rule_matmul(ctx: Ctx) -> Plan:
 def _rule_einsum(ctx: Ctx) -> Plan:
     eq = ctx.val("equation").replace(" ", "")
     tens = ctx.sis("tensors")
-    lhs, _, rhs = eq.partition("->")
+    lhs, arrow, rhs = eq.partition("->")
     specs = lhs.split(",")
     if len(specs) != len(tens) or any(t is None for t in tens):
         return ctx.barrier("unknown", "einsum: unsupported equation")
@@ -983,7 +1021,7 @@ def _rule_einsum(ctx: Ctx) -> Plan:
     for s, t in zip(specs, tens):
         if "..." in s:
             ell_rank = max(ell_rank, len(ctx.shape(t)) - (len(s) - 3))
-    if not _:
+    if not arrow:
         # implicit output: letters appearing once, sorted, ellipsis first
         counts = {}
         for s in specs:
@@ -1025,13 +1063,13 @@ def _rule_sdpa(ctx: Ctx) -> Plan:
     if m is not None:
         target = out_shape[:-1] + (ctx.shape(k)[-2],)
         letters[m] = _right_aligned(ctx.shape(m), bl + ("L", "S"), target)
-    special = {"S": ("all-gather", f"attention over the key/value positions, which {ctx.axis} "
-                     "partitions: every query needs every key and value", False),
-               "E": ("all-reduce", f"attention scores contract over the head dim, which {ctx.axis} "
-                     "partitions", False)}
+    special = {"S": ("all-gather", (f"attention over the key/value positions, which {ctx.axis} "
+                     "partitions: every query needs every key and value"), False),
+               "E": ("all-reduce", (f"attention scores contract over the head dim, which {ctx.axis} "
+                     "partitions"), False)}
     if ctx.val("is_causal", False):
-        special["L"] = ("position-offset", f"is_causal masks by the global query position, which "
-                        f"{ctx.axis} partitions", True)
+        special["L"] = ("position-offset", (f"is_causal masks by the global query position, which "
+                        f"{ctx.axis} partitions"), True)
     out = bl + ("L", "Ev")
     if isinstance(ctx.out_type, TupleType):
         out = [out] + [None for _ in ctx.out_type.items[1:]]
@@ -1059,8 +1097,8 @@ def _rule_gather(ctx: Ctx) -> Plan:
     xs, isz = ctx.shape(x), ctx.shape(idx)
     xl = tuple(("x", k) if k == dim or xs[k] != isz[k] else k for k in range(r))
     il = tuple(("i", k) if k == dim else k for k in range(r))
-    special = {("x", dim): ("all-gather", f"gather along dim {dim}, which {ctx.axis} partitions, "
-                            "reads data-dependent positions across shards", False)}
+    special = {("x", dim): ("all-gather", (f"gather along dim {dim}, which {ctx.axis} partitions, "
+                            "reads data-dependent positions across shards"), False)}
     return _engine(ctx, {x: xl, idx: il}, il, special=special)
 
 
@@ -1069,8 +1107,8 @@ def _rule_index_select(ctx: Ctx) -> Plan:
     r = len(ctx.shape(x))
     dim = _norm_dim(ctx.val("dim"), r)
     xl = tuple(k if k != dim else "x" for k in range(r))
-    special = {"x": ("all-gather", f"index_select along dim {dim}, which {ctx.axis} partitions, reads "
-                     "data-dependent positions across shards", False)}
+    special = {"x": ("all-gather", (f"index_select along dim {dim}, which {ctx.axis} partitions, reads "
+                     "data-dependent positions across shards"), False)}
     return _engine(ctx, {x: xl, idx: ("i",)}, tuple(k if k != dim else "i" for k in range(r)),
                    special=special)
 
@@ -1109,8 +1147,8 @@ def _rule_index(ctx: Ctx) -> Plan:
             xl[p.dim] = ("b", e)
             rebase.append(s)
         else:
-            special[("x", p.dim)] = ("all-gather", f"index along dim {p.dim}, which {ctx.axis} "
-                                     "partitions, with data-dependent positions", False)
+            special[("x", p.dim)] = ("all-gather", (f"index along dim {p.dim}, which {ctx.axis} "
+                                     "partitions, with data-dependent positions"), False)
     letters[x] = tuple(xl)
     return _engine(ctx, letters, ol, special=special, rebase=rebase)
 
@@ -1179,12 +1217,12 @@ def _rule_conv(ctx: Ctx) -> Plan:
     special = {}
     for k in range(nsp):
         if not (ksize[k] == 1 and stride[k] == 1 and pad[k] == 0 and outpad[k] == 0):
-            special[sl[k]] = ("halo-exchange", f"{ctx.short} kernel {ksize[k]} stride {stride[k]} "
+            special[sl[k]] = ("halo-exchange", (f"{ctx.short} kernel {ksize[k]} stride {stride[k]} "
                               f"padding {pad[k]} along dim {k + rx - nsp}, which {ctx.axis} "
-                              "partitions, reads neighbouring shards", True)
+                              "partitions, reads neighbouring shards"), True)
     if groups > 1 and not depthwise:
-        special[ci] = ("all-gather", f"grouped {ctx.short} over the channel dim {ctx.axis} "
-                       "partitions", False)
+        special[ci] = ("all-gather", (f"grouped {ctx.short} over the channel dim {ctx.axis} "
+                       "partitions"), False)
     return _engine(ctx, letters, ol, special=special, contract=_contract_reason(ctx))
 
 
@@ -1219,13 +1257,13 @@ def _rule_pool(ctx: Ctx) -> Plan:
             if out_shape[d] == xs[d]:
                 continue
             if out_shape[d] == 1:
-                special[sl[k]] = ("all-reduce", f"{name} pools over all of dim {d}, which "
-                                  f"{ctx.axis} partitions", False)
+                special[sl[k]] = ("all-reduce", (f"{name} pools over all of dim {d}, which "
+                                  f"{ctx.axis} partitions"), False)
                 continue
         elif ks[k] == 1 and st[k] == 1 and pd[k] == 0:
             continue
-        special[sl[k]] = ("halo-exchange", f"{name} window along dim {d}, which {ctx.axis} "
-                          "partitions, reads neighbouring shards", True)
+        special[sl[k]] = ("halo-exchange", (f"{name} window along dim {d}, which {ctx.axis} "
+                          "partitions, reads neighbouring shards"), True)
     return _engine(ctx, {x: xl}, _tuple_out(ctx, xl), special=special)
 
 
@@ -1252,6 +1290,43 @@ def _rule_prelu(ctx: Ctx) -> Plan:
     r = len(ctx.shape(x))
     letters = {x: tuple(range(r)), w: (1,) if ctx.shape(w) and ctx.shape(w)[0] > 1 else (None,)}
     return _engine(ctx, letters, tuple(range(r)))
+
+
+def _rule_upsample(ctx: Ctx) -> Plan:
+    name = ctx.op.split(".")[1]
+    nsp = int(re.search(r"(\d)d", name).group(1))
+    p = ctx.part(0)
+    xs, os_ = ctx.shape(0), ctx.out_type.shape
+    d = p.dim
+    if d < len(xs) - nsp:
+        return ctx.free(p)
+    if "nearest" in name and os_[d] % xs[d] == 0:
+        # nearest with an integer ratio repeats every element: the factor stays, each element wider
+        return ctx.free(Part(d, p.outer, p.inner * (os_[d] // xs[d])))
+    return ctx.barrier("halo-exchange", f"{name} interpolates along dim {d}, which {ctx.axis} "
+                       "partitions, from neighbouring shards", out=p if os_[d] == xs[d] else None)
+
+
+def _rule_rnn(ctx: Ctx) -> Plan:
+    """aten.lstm/gru/rnn_tanh/rnn_relu .input: a recurrence along the time dim."""
+    x = ctx.si("input")
+    rx = len(ctx.shape(x))
+    batch_first = bool(ctx.val("batch_first", False))
+    if rx == 3:
+        xl = ("n", "t", "f") if batch_first else ("t", "n", "f")
+        hl = (None, "n", "h")
+    else:
+        xl, hl = ("t", "f"), (None, "h")
+    letters = {x: xl}
+    for i in ctx.sis("hx") or [ctx.si("hx")]:
+        if i is not None:
+            letters[i] = hl
+    ol = tuple("o" if L == "f" else L for L in xl)
+    hy = tuple(None if L == "h" else L for L in hl)
+    special = {"t": ("scan", (f"{ctx.short} carries its state along the time dim, which {ctx.axis} "
+                     "partitions: each shard needs the previous one's final state"), True)}
+    out = [ol] + [hy for _ in ctx.out_type.items[1:]]
+    return _engine(ctx, letters, out, special=special, contract=_contract_reason(ctx))
 
 
 def _single(rule):
@@ -1302,12 +1377,11 @@ _SORTS = {"sort", "argsort", "topk", "kthvalue", "median", "nanmedian", "mode", 
 
 def _dispatch(ctx: Ctx) -> Plan:
     name = ctx.op.split(".")[1] if ctx.op.count(".") == 2 else ctx.op
-    pointwise, _ = _tags(ctx.op)
     if name in _RANDOM:
         if name == "dropout" and not ctx.val("train", False):
             return _elementwise(ctx)
         return _elementwise(ctx, random=True)
-    if pointwise or name in _IDENTITY:
+    if name in _IDENTITY or _pointwise(ctx.op):
         return _elementwise(ctx)
     if name in _VIEWS:
         return _single(_rule_reshape)(ctx)
@@ -1381,6 +1455,10 @@ def _dispatch(ctx: Ctx) -> Plan:
         return _single(_rule_glu)(ctx)
     if name in ("prelu", "_prelu_kernel"):
         return _rule_prelu(ctx)
+    if name.startswith(("upsample_", "_upsample_")):
+        return _single(_rule_upsample)(ctx)
+    if name in ("lstm", "gru", "rnn_tanh", "rnn_relu") and ctx.op.endswith(".input"):
+        return _rule_rnn(ctx)
     return ctx.barrier("unknown", f"no rule for {ctx.op}")
 
 
@@ -1454,6 +1532,11 @@ def estimate_flops(prim: Prim, slot_types: list, out_type) -> int:
             L, E, S, Ev = q[-2], q[-1], k[-2], v[-1]
             batch = out_n // max(L * Ev, 1)
             return batch * L * S * (2 * E + 2 * Ev + 3)
+        if name in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
+            gates = {"lstm": 4, "gru": 3}.get(name, 1)
+            x, out = shapes[0], first.shape
+            steps = math.prod(x[:-1])
+            return 2 * steps * gates * (x[-1] + out[-1]) * out[-1]
         if name == "einsum":
             return 2 * max(out_n, 1) * max(1, math.prod(s[-1] for s in shapes if s))
         if name in _POOL:
@@ -1485,7 +1568,7 @@ def site_slot_types(program: Program, site: Site) -> list:
 
 
 class _Backend:
-    def __init__(self, an: "_Analysis"):
+    def __init__(self, an: _Analysis):
         self.an = an
         self.tensors: dict[str, AVal] = {}
 
@@ -1567,13 +1650,13 @@ class _Analysis:
         src = sids[0] if sids else None
         for s in sids:
             self.apps[s] += 1
-        if site is not None and site.is_const:
-            return self._make(prim.type, self.none_parts, src, const=int(site.scope[1:]))
         locs_vals = _walk_slots(args, kwargs)
         for _, v in locs_vals:
             if v.src is not None:
                 for s in sids:
                     self.edges.append((v.src, s))
+        if site is not None and site.is_const:  # computed from parameters only: replicated
+            return self._make(prim.type, self.none_parts, src, const=int(site.scope[1:]))
         if prim.op == "getitem":
             tup, i = args[0], args[1]
             if isinstance(tup, AVal) and tup.items is not None:
@@ -1649,7 +1732,7 @@ class _Analysis:
                           regions=regions, barriers={a: dict(sorted(b.items()))
                                                      for a, b in barriers.items()},
                           flops=flops, free_flops_fraction=free_frac, reasons=reasons, plans=plans,
-                          applications={i: int(round(v)) for i, v in apps.items()},
+                          applications={i: round(v) for i, v in apps.items()},
                           partitioned_flops_fraction=part_frac)
 
     def _regions(self, k: int) -> list[list[int]]:
@@ -1678,10 +1761,10 @@ def analyze(program: Program, axes: str | dict | None = None) -> CalmResult:
     """Run the analysis with ``axes`` (a ``--axes`` string, a parsed dict, or None for the defaults)."""
     notes = []
     if axes is None or isinstance(axes, str):
-        if axes is None or not axes.strip():
-            parsed, notes = default_axes(program)
-        else:
-            parsed = parse_axes(axes, program)
+        parsed = parse_axes(axes, program)
+        bare = {a.strip() for a in (axes or "").split(",") if "=" not in a}
+        notes = [n for n in default_axes(program)[1]
+                 if not (axes or "").strip() or n.split(":", 1)[0] in bare]
     else:
         parsed = {a: [(n, int(d)) for n, d in v] for a, v in axes.items()}
     an = _Analysis(program, parsed)
