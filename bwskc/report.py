@@ -114,8 +114,11 @@ def _ops_table(all_sites, typing) -> list[str]:
 
 
 def _calm_section(calm) -> list[str]:
-    out = ["## Coordination (CALM)", "", "| Axis | Partitions | Barriers | Collectives | "
-           "Free regions | Largest region | Free FLOPs |", "|---|---|---|---|---|---|---|"]
+    out = ["## Coordination (CALM)", "", "Free FLOPs: the share of FLOPs in coordination-free operations; "
+           "split FLOPs: the share that is free and also divided among the shards (not recomputed on "
+           "every shard).", "", "| Axis | Partitions | Barriers | Collectives | Free regions | "
+           "Largest region | Free FLOPs | Split FLOPs |", "|---|---|---|---|---|---|---|---|"]
+    split = getattr(calm, "partitioned_flops_fraction", {})
     for a, where in calm.axes.items():
         coll = calm.barriers.get(a, {})
         regions = calm.regions.get(a, [])
@@ -123,6 +126,11 @@ def _calm_section(calm) -> list[str]:
         out.append(f"| {a} | {part} | {sum(coll.values())} | "
                    f"{', '.join(f'{k} x{v}' for k, v in sorted(coll.items())) or '-'} | {len(regions)} | "
                    f"{max((len(r) for r in regions), default=0)} | "
-                   f"{100 * calm.free_flops_fraction.get(a, 0):.1f}% |")
+                   f"{100 * calm.free_flops_fraction.get(a, 0):.1f}% | "
+                   f"{100 * split.get(a, 0):.1f}% |")
     out.append("")
+    for note in getattr(calm, "notes", []):
+        out.append(f"Note: {note}")
+    if getattr(calm, "notes", []):
+        out.append("")
     return out

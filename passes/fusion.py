@@ -36,9 +36,12 @@ blocks in total becomes ``OWNER.residualN``.
 take the attention mask, decoder blocks the encoder output too): ``b : (m1, .., mk, x) -> x`` with
 ``b m x = x + F(m, x)``. The lowering composes such blocks, sharing ``m``, as ``lift_k(b)`` components
 (``S(b)``, ``S(B(S, b))``, ...: ``g -> \\m. b m (g m)``) ending with one ``clift_k(b)`` (``C(b)``,
-``C(B(C, b))``, ...: ``x -> \\m. b m x``). A run of those with the same ``m`` types becomes a phase
-``P : (m1, .., mk, x) -> x = \\m x. bn m (.. (b1 m x))`` (written point-free by bracket abstraction,
-e.g. ``S(B(B, b2), b1)``), and the run is replaced by ``lift_k(P)`` or ``clift_k(P)``, the same shape.
+``C(B(C, b))``, ...: ``x -> \\m. b m x``), or with a block ``b : (x, m1, .., mk) -> x`` taking its
+stream first (the lowering orders a block's inputs by definition, so the first layer, whose stream was
+computed before the mask, reads it first: Llama). A run of those with the same ``m`` types becomes a
+phase ``P : (m1, .., mk, x) -> x = \\m x. bn m (.. (b1 m x))`` (written point-free by bracket
+abstraction, e.g. ``S(B(B, b2), b1)``), and the run is replaced by ``lift_k(P)`` or ``clift_k(P)``,
+the shape it had.
 
 **Where regions are not outlined.** A run that is a definition's whole body is left alone: the
 definition already names it, and it is one unit where it is used (GPT-2's ``transformer.h.0`` is an
@@ -51,6 +54,7 @@ definition for references), and templates of fixed size.
 from __future__ import annotations
 
 from collections.abc import Callable
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +83,7 @@ LINK_OPS = frozenset({"aten.view.default", "aten._unsafe_view.default", "aten.re
 MAX_SHARED = 4  # extra inputs a conditioned block may take (T5's decoder blocks take 2)
 _STEP_BUDGET = 20_000  # symbolic reduction steps per chain check (well-typed terms always normalise)
 _VALUE_TYPES = (TensorType, TupleType, ScalarType)
+_S_PHASE = re.compile(r".+\.phase[0-9]+")
 
 
 def _is_value(t) -> bool:
@@ -101,6 +106,7 @@ class _ContextTypes(Inference):
     def __init__(self, program: Program):
         super().__init__(program)
         self.seen: dict[int, list] = {}
+        self.grounded: dict[int, Any] = {}  # id(Fn) -> Arrow, once inference is done (shared parts)
 
     def infer(self, t):
         ty = super().infer(t)
@@ -109,14 +115,16 @@ class _ContextTypes(Inference):
 
     def ground(self, t):
         t = self.resolve(t)
-        if isinstance(t, Fn):
-            return Arrow(self.ground(t.arg), self.ground(t.res))
-        return None if isinstance(t, TVar) else t
+        if not isinstance(t, Fn):
+            return None if isinstance(t, TVar) else t
+        if id(t) not in self.grounded:
+            self.grounded[id(t)] = Arrow(self.ground(t.arg), self.ground(t.res))
+        return self.grounded[id(t)]
 
     def type_of(self, term: Term):
         """The ground type of ``term`` where every occurrence of this object agrees, else None."""
-        types = {self.ground(t) for t in self.seen.get(id(term), ())}
-        return types.pop() if len(types) == 1 else None
+        first, *rest = [self.ground(t) for t in self.seen.get(id(term), ())] or [None]
+        return first if all(t == first for t in rest) else None
 
 
 def _unary(ty) -> bool:
@@ -289,14 +297,15 @@ def _is_link(p: Prim, in_type) -> bool:
             and out.numel == in_type.numel)
 
 
-def chain_blocks(program: Program, term: Term, inputs: list) -> int:
-    """How many residual blocks ``term`` applies to its last input (its others are shared by every
-    block), or 0 if it is not a chain: ``term m.. x`` must reduce to ``x`` through residual adds
-    ``a + t`` (``t`` reaching ``x`` only through the stream ``a``) and links."""
+def chain_blocks(program: Program, term: Term, inputs: list, stream: int = -1) -> int:
+    """How many residual blocks ``term`` applies to its input number ``stream`` (the last by default;
+    its other inputs are shared by every block), or 0 if it is not a chain: ``term`` applied to fresh
+    variables must reduce to the stream ``x`` through residual adds ``a + t`` (``t`` reaching ``x``
+    only through the stream ``a``) and links."""
     reducer = _Reducer(program)
-    ms = [_Var(t) for t in inputs[:-1]]
-    x = _Var(inputs[-1])
-    cur, expect, count = _Thunk(term, (*ms, x)), None, 0
+    args = [_Var(t) for t in inputs]
+    x = args[stream]
+    cur, expect, count = _Thunk(term, args), None, 0
     try:
         while True:
             v = reducer.whnf(cur)
@@ -369,13 +378,14 @@ def _instantiate(template: Term, b: Term) -> Term:
     return template
 
 
-def _chain_body(blocks: list[Term], k: int) -> Term:
-    """``\\m1 .. mk x. bn m.. (.. (b1 m.. x))`` point-free (``blocks`` outermost first)."""
+def _chain_body(elems: list, k: int) -> Term:
+    """``\\m1 .. mk x. bn m.. (.. (b1 m.. x))`` point-free (``elems`` outermost first; ``b1 x m..``
+    for an element whose stream is its first input)."""
     ms = [ab.Var(i) for i in range(1, k + 1)]
     x = ab.Var(0)
     body = x
-    for b in reversed(blocks):
-        body = ab.apply(ab.Lit(b), *ms, body)
+    for block, stream_first in reversed(elems):
+        body = ab.apply(ab.Lit(block), body, *ms) if stream_first else ab.apply(ab.Lit(block), *ms, body)
     for v in [x] + list(reversed(ms)):
         body = ab.abstract(v.id, body)
     return ab.to_term(body)
@@ -385,14 +395,18 @@ def _chain_body(blocks: list[Term], k: int) -> Term:
 
 @dataclass
 class _Elem:
-    """A chain element: ``lift_k(block)`` / ``clift_k(block)`` (k = 0: the block itself)."""
+    """A chain element: ``lift_k(block)``, ``clift_k(block)`` or a block taking its stream first (then
+    its k shared inputs: the first block of a chain whose stream was defined before them); k = 0: the
+    block itself."""
 
     block: Term
     k: int
-    lifted: bool
+    lifted: bool  # lift_k(block): it can be followed (to its right) by further elements
     count: int  # residual blocks it holds
-    inputs: tuple  # block's inputs: k shared, then the stream
+    shared: tuple  # types of the k shared inputs
+    stream: Any  # type of the stream in
     output: Any
+    stream_first: bool = False
 
 
 class _Fuser:
@@ -401,14 +415,15 @@ class _Fuser:
         self.term_type = term_type
         self.taken = set(program.defs) | set(program.tensors)
         self.counters: dict[tuple[str, str], int] = {}
-        self.chain_cache: dict[tuple[str, int], int] = {}
+        self.chain_cache: dict[tuple[str, int, int], int] = {}
         self.phases: dict[str, list[Def]] = {}  # owner -> phases, in creation order (callees first)
         self.s_cache: dict[int, tuple[Term, bool]] = {}  # id -> (term kept alive, is S)
 
     def run(self) -> Program:
         defs: dict[str, Def] = {}
         for d in self.program.defs.values():
-            body = self.scope(d.name, d.body, d.inputs, d.output, whole_ok=False)
+            s_phase = d.kind == "phase" and _S_PHASE.fullmatch(d.name) is not None
+            body = self.scope(d.name, d.body, d.inputs, d.output, whole_ok=False, s_on=not s_phase)
             defs.update((p.name, p) for p in self.phases.get(d.name, []))
             defs[d.name] = d if body is d.body else Def(d.name, d.inputs, d.output, body, d.pos, d.kind)
         e = self.program.entry
@@ -419,32 +434,39 @@ class _Fuser:
         return self.program.replace(defs=defs, entry=entry)
 
     # one definition (or the entry)
-    def scope(self, owner, body, inputs, output, whole_ok):
+    def scope(self, owner, body, inputs, output, whole_ok, s_on=True):
         self.owner, self.inf = owner, _ContextTypes(self.program)
         self.inf.unify(self.inf.infer(body), fn_type(inputs, output), None)
-        # a definition that is itself a chain element is one unit of the chains it is used in: the
-        # residual runs of its top-level composition are not outlined (nor an S-run spanning all of it)
+        # A definition that is itself a chain element is one unit of the chains it is used in: its
+        # stream (its top-level composition, and compositions nested in its chain elements) is part of
+        # those chains, so no residual run is outlined along it. Its whole body, when an S-run, is its
+        # own S-region (searched as a phase's body).
         self.whole = None if whole_ok else body
-        self.whole_chain = not whole_ok and self.blocks(Ref(owner), list(inputs)) > 0
-        return self.term(body, s_on=True)
+        on_stream = not whole_ok and (self.blocks(Ref(owner), list(inputs)) > 0 or (
+            len(inputs) > 1 and self.blocks(Ref(owner), list(inputs), stream=0) > 0))
+        return self.term(body, s_on, on_stream)
 
-    def term(self, t, s_on):
+    def term(self, t, s_on, on_stream=False):
+        """``t`` with its regions outlined; ``s_on``: S-regions may be outlined (not inside one);
+        ``on_stream``: ``t`` lies on the stream of an enclosing chain (its residual runs belong to it)."""
         if isinstance(t, Comb) and t.kind == "B" and len(t.args) >= 2:
-            return self.compose(t, s_on)
+            return self.compose(t, s_on, on_stream)
         if isinstance(t, Comb) and t.args:
             args = tuple(self.term(a, s_on) for a in t.args)
             return t if all(a is b for a, b in zip(args, t.args)) else Comb(t.kind, args, t.pos)
         return t
 
-    def compose(self, t: Comb, s_on: bool):
+    def compose(self, t: Comb, s_on: bool, on_stream: bool):
         comps = t.args
         types = [self.inf.type_of(c) for c in comps]
         out: list[Term] = []
         i = 0
-        for lo, hi, kind, elems in self.runs(t, types, s_on):
+        for lo, hi, kind, elems in self.runs(t, types, s_on, on_stream):
             out.extend(self.term(c, s_on) for c in comps[i:lo])
             if kind == "skip":  # a residual run left in place: its blocks are searched inside
-                out.extend(self.term(c, s_on) for c in comps[lo:hi])
+                out.extend(self.term(c, s_on, True) for c in comps[lo:hi])
+            elif kind == "s-body":
+                out.extend(self.term(c, False) for c in comps[lo:hi])
             else:
                 out.append(self.outline(comps[lo:hi], types[lo:hi], kind, elems))
             i = hi
@@ -456,7 +478,7 @@ class _Fuser:
         return Comb("B", tuple(out), t.pos)
 
     # finding runs
-    def runs(self, t: Comb, types, s_on):
+    def runs(self, t: Comb, types, s_on, on_stream):
         """Disjoint runs ``(lo, hi, kind, elements)`` of ``t``'s components, left to right; kind is
         ``residual``, ``phase`` or ``skip`` (a residual run that stays: a whole body, a fused phase)."""
         comps, n = t.args, len(t.args)
@@ -476,8 +498,7 @@ class _Fuser:
                 j += 1
             run = elems[i:last + 1]
             if sum(e.count for e in run if e is not None) >= 2:
-                whole = self.whole is t and (self.whole_chain or (i == 0 and last == n - 1))
-                found.append((i, last + 1, "skip" if whole or self.is_fused(run) else "residual", run))
+                found.append((i, last + 1, "skip" if on_stream or self.is_fused(run) else "residual", run))
                 taken[i:last + 1] = [True] * len(run)
             i = last + 1
         if s_on:
@@ -486,8 +507,8 @@ class _Fuser:
                 j = i
                 while j < n and not taken[j] and _unary(types[j]) and self.is_s(comps[j]):
                     j += 1
-                if j - i >= 2 and not (self.whole is t and i == 0 and j == n):
-                    found.append((i, j, "phase", None))
+                if j - i >= 2:  # a definition's whole body is its own region: searched as in a phase
+                    found.append((i, j, "s-body" if self.whole is t and j - i == n else "phase", None))
                 i = max(j, i + 1)
         return sorted(found, key=lambda r: r[0])
 
@@ -508,10 +529,10 @@ class _Fuser:
             return False
         if prev.k == 0:
             return True
-        return prev.lifted and prev.inputs[:-1] == nxt.inputs[:-1]
+        return prev.lifted and prev.shared == nxt.shared
 
     def is_fused(self, run) -> bool:
-        if len(run) != 1 or not isinstance(run[0].block, Ref):
+        if len(run) != 1 or not isinstance(run[0].block, Ref) or run[0].stream_first:
             return False
         d = self.program.defs.get(run[0].block.name)
         return d is not None and d.kind == "phase"
@@ -520,7 +541,12 @@ class _Fuser:
         """``c`` as a chain element, or None."""
         if _unary(ty):
             n = self.blocks(c, [ty.arg])
-            return _Elem(c, 0, False, n, (ty.arg,), ty.res) if n else None
+            return _Elem(c, 0, False, n, (), ty.arg, ty.res) if n else None
+        for k in range(1, MAX_SHARED + 1):  # x m.. -> x': a block taking its stream first
+            sig = _curried(ty, k + 1)
+            n = sig and self.blocks(c, sig[0], stream=0)
+            if n:
+                return _Elem(c, k, False, n, tuple(sig[0][1:]), sig[0][0], sig[1], stream_first=True)
         if not isinstance(c, Comb):
             return None
         for (k, lifted), tpl in _TEMPLATES.items():
@@ -532,18 +558,16 @@ class _Fuser:
                 sig = (list(d.inputs), d.output) if len(d.inputs) == k + 1 else None
             else:
                 sig = _curried(self.inf.type_of(b), k + 1)
-            if sig is None or not all(_is_value(a) for a in sig[0]):
-                continue
-            n = self.blocks(b, sig[0])
+            n = sig and self.blocks(b, sig[0])
             if n:
-                return _Elem(b, k, lifted, n, tuple(sig[0]), sig[1])
+                return _Elem(b, k, lifted, n, tuple(sig[0][:-1]), sig[0][-1], sig[1])
         return None
 
-    def blocks(self, term: Term, inputs: list) -> int:
-        key = (term.name, len(inputs)) if isinstance(term, Ref) else None
+    def blocks(self, term: Term, inputs: list, stream: int = -1) -> int:
+        key = (term.name, len(inputs), stream) if isinstance(term, Ref) else None
         if key is not None and key in self.chain_cache:
             return self.chain_cache[key]
-        n = chain_blocks(self.program, term, inputs)
+        n = chain_blocks(self.program, term, inputs, stream)
         if key is not None:
             self.chain_cache[key] = n
         return n
@@ -553,10 +577,11 @@ class _Fuser:
         name = self.fresh("residual" if kind == "residual" else "phase")
         k = elems[0].k if kind == "residual" else 0
         if k:  # a conditioned chain: P m.. x = bn m.. (.. (b1 m.. x)), used as lift_k(P) or clift_k(P)
-            blocks = [self.term(e.block, True) for e in elems]
-            self.add_phase(name, elems[-1].inputs, elems[0].output, _chain_body(blocks, k))
+            blocks = [(self.term(e.block, True, True), e.stream_first) for e in elems]
+            self.add_phase(name, elems[0].shared + (elems[-1].stream,), elems[0].output,
+                           _chain_body(blocks, k))
             return _instantiate(_TEMPLATES[(k, elems[-1].lifted)], Ref(name))
-        inner = [self.term(c, kind == "residual") for c in comps]
+        inner = [self.term(c, kind == "residual", kind == "residual") for c in comps]
         body = inner[0] if len(inner) == 1 else Comb("B", tuple(inner))
         self.add_phase(name, (types[-1].arg,), types[0].res, body)
         return Ref(name)
