@@ -3,58 +3,64 @@
 A phase is an outlined region: a definition of kind ``phase`` whose body is the region's term, while the
 place the region held becomes a reference to it. Phases are named after the definition they were found
 in (their *owner*): ``OWNER.phaseN`` for an S-region, ``OWNER.residualN`` for a residual chain, N counting
-from 0 within the owner (post-order: a region nested in another is numbered first). Regions found in the
-entry are owned by ``entry`` (``entry.phase0``). A phase is inserted into ``program.defs`` just before its
-owner, so definitions stay ordered callees first. Outlining changes no value, and the interpreter and the
-fx codegen treat a phase like any definition, so meaning is preserved by construction (and tested).
+from 0 within the owner in the order regions are found (an enclosing region before those inside it).
+Regions found in the entry are owned by ``entry`` (``entry.phase0``); a name already taken is skipped.
+A phase is inserted into ``program.defs`` just before its owner (the entry's after every definition), so
+definitions stay ordered callees first. Outlining changes no value, and the interpreter and the fx
+codegen treat a phase like any definition, so meaning is preserved by construction (and tested).
 
 Both kinds of region are runs of consecutive components of an n-ary composition ``B(f1, ..., fn)``
-(applied right to left), decided per component *in context*: each component's type is inferred within
-its owner (``bwskc.verify.Inference``), so a component is a unary function from a value to a value
-whatever it is syntactically (a one-hole leaf, a reference, a combinator term).
+(applied right to left), judged per component *in context*: each component's type is inferred within
+its owner (``bwskc.verify.Inference``), so a unary function from a value to a value is recognised
+whatever its shape (a one-hole leaf, a reference, a combinator term).
 
 **S-regions.** A maximal run of at least two consecutive components that are unary and S-typed
 (``program.analyses["typing"].term_type(f) == "S"``) becomes ``OWNER.phaseN = B(fi, ..., fj)``;
-composition preserves injectivity, so the phase is S. Inside an S-phase no further S-region is looked
-for (it would not be maximal).
+composition preserves injectivity, so the phase is S. Inside an S-region nothing more is outlined (it
+would not be maximal); a definition whose whole body is such a run is its own region (not outlined:
+it is one S component where it is used).
 
-**Residual chains.** A residual block is a function ``x -> x + F(x)``. It is recognised semantically, not
-by the shape of its term: the component is applied to a fresh variable ``x`` and reduced symbolically
-(combinator rules, definitions unfolded, primitives left as calls); the result must be
-``aten.add.Tensor(a, t)`` (no ``alpha``, either order) where ``t`` depends on ``x`` only through ``a``
-(the residual stream), and ``a`` must in turn reduce to ``x``, possibly through further blocks (then the
-component counts several) and through *links*: reshapes and identity copies (``view``, ``reshape``,
-``_unsafe_view``, ``clone``, ``alias`` with the same number of elements), which are bijections. So
-``S(add, F)``, a reference to GPT-2's ``transformer.h.0 = B(S(add, ..), S(add, ..))`` (2 blocks),
+**Residual chains.** A residual block is a function ``x -> x + F(x)``, recognised semantically rather
+than by the shape of its term: the component is applied to a fresh variable ``x`` and reduced
+symbolically (combinator rules, definitions unfolded, primitives left as calls); the result must be
+``aten.add.Tensor(a, t)`` (no ``alpha``; either order) where ``t`` depends on ``x`` only through ``a``,
+the residual stream, and ``a`` must in turn reduce to ``x``, possibly through further blocks (the
+component then counts several) and through *links*: reshapes and identity copies (``view``,
+``reshape``, ``_unsafe_view``, ``clone``, ``alias``, same number of elements), which are bijections.
+So ``S(add, F)``, a reference to GPT-2's ``transformer.h.0 = B(S(add, ..), S(add, ..))`` (2 blocks),
 Pythia's parallel block ``S(add, S(B(add, attn..), mlp..))`` (1 block) and OPT's
-``B(view, S(add, ..), view, S(add, ..))`` (2 blocks) are all chain elements, while a post-norm block
-``LN(x + F(x))`` (BERT) or a post-activation one ``relu(x + F(x))`` (ResNet) is not.
-A maximal run of chain elements (links allowed between elements, not at the ends) holding at least two
-blocks in total becomes ``OWNER.residualN``.
+``B(view, S(add, ..), view, S(add, ..))`` (2 blocks) are chain elements, while a post-norm block
+``LN(x + F(x))`` (BERT), a post-activation one ``relu(x + F(x))`` (ResNet) or one whose ``F`` reads an
+earlier value of the stream are not. A maximal run of chain elements (links allowed between elements,
+not at its ends) holding at least two blocks in total becomes ``OWNER.residualN``.
 
-*Conditioned chains.* A block may take extra inputs ``m1..mk`` besides the stream (T5 and Switch blocks
-take the attention mask, decoder blocks the encoder output too): ``b : (m1, .., mk, x) -> x`` with
-``b m x = x + F(m, x)``. The lowering composes such blocks, sharing ``m``, as ``lift_k(b)`` components
-(``S(b)``, ``S(B(S, b))``, ...: ``g -> \\m. b m (g m)``) ending with one ``clift_k(b)`` (``C(b)``,
-``C(B(C, b))``, ...: ``x -> \\m. b m x``), or with a block ``b : (x, m1, .., mk) -> x`` taking its
-stream first (the lowering orders a block's inputs by definition, so the first layer, whose stream was
-computed before the mask, reads it first: Llama). A run of those with the same ``m`` types becomes a
-phase ``P : (m1, .., mk, x) -> x = \\m x. bn m (.. (b1 m x))`` (written point-free by bracket
-abstraction, e.g. ``S(B(B, b2), b1)``), and the run is replaced by ``lift_k(P)`` or ``clift_k(P)``,
-the shape it had.
+*Conditioned chains.* A block may take extra inputs ``m1..mk`` besides its stream (the attention mask;
+a decoder block also the encoder's output): ``b : (m.., x) -> x`` with ``b m x = x + F(m, x)``. The
+lowering composes such blocks, sharing ``m``, as ``lift_k(b)`` components (``S(b)``, ``S(B(S, b))``,
+...: ``g -> \\m. b m (g m)``) ending, on the right, with one ``clift_k(b)`` (``C(b)``, ``C(B(C, b))``,
+...: ``x -> \\m. b m x``) or with a block ``b : (x, m..) -> x`` that reads its stream first (the
+lowering orders inputs by definition, and the first layer's stream may be computed before the mask:
+Llama). A run of those with the same ``m`` types becomes a phase ``P : (m.., x) -> x`` equal to
+``\\m x. bn m (.. (b1 m x))``, written point-free by the lowering's bracket abstraction (e.g.
+``S(B(B, b2), b1)``), and the run is replaced by ``lift_k(P)`` or ``clift_k(P)``, the shape it had.
 
-**Where regions are not outlined.** A run that is a definition's whole body is left alone: the
-definition already names it, and it is one unit where it is used (GPT-2's ``transformer.h.0`` is an
-element of the chain in ``transformer``, not a chain of its own); for the same reason a lone reference to
-a phase is not outlined again, which makes the pass idempotent. Subterms are searched everywhere (the
-arguments of ``S``, ``W``, ``C``, ``K`` and partial ``B``, and components not outlined). The pass is
-linear in the IR size: one type inference per definition, one symbolic check per component (per
-definition for references), and templates of fixed size.
+**Chains are found where they are used.** A definition that is itself a chain element is one element
+of the chains it is used in: no residual run is outlined along its stream (in the compositions the
+stream passes through, which the symbolic check records; the residual functions ``F`` are off the
+stream, and chains inside them are outlined). So GPT-2's ``transformer.h.0`` holds no phase, and
+``transformer.residual0 = B(h.1, h.0)`` is the one chain, of 4 blocks; a lone chain element that holds
+two blocks or more is a phase by itself (a one-layer GPT-2: ``transformer.residual0 = transformer.h.0``).
+A lone reference to a phase is not outlined again, which makes the pass idempotent.
+
+Subterms are searched everywhere (the arguments of ``S``, ``W``, ``C``, ``K`` and partial ``B``, and
+components not outlined). The pass is linear in the IR size: one type inference per definition, one
+bounded symbolic check per component (memoised per definition for references), templates of fixed
+size.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +68,7 @@ from bwskc.passes.manager import Pass
 
 from bwskc import abstraction as ab
 from bwskc._deep import run_deep
+from bwskc.errors import BwskError
 from bwskc.ir import (
     HOLE,
     Comb,
@@ -207,6 +214,7 @@ class _Reducer:
     def __init__(self, program: Program):
         self.defs = program.defs
         self.steps = 0
+        self.reduced: set[int] = set()  # ids of the combinator terms reduced (the stream's path)
 
     def whnf(self, n):
         if not isinstance(n, _Thunk):
@@ -237,6 +245,7 @@ class _Reducer:
                 continue
             if not isinstance(fun, Comb):  # a bound tensor or constant used as a value
                 return _Stuck(args)
+            self.reduced.add(id(fun))
             kind, cargs = fun.kind, fun.args
             if kind == "B" and len(cargs) >= 2:
                 if not args:
@@ -302,7 +311,18 @@ def chain_blocks(program: Program, term: Term, inputs: list, stream: int = -1) -
     its other inputs are shared by every block), or 0 if it is not a chain: ``term`` applied to fresh
     variables must reduce to the stream ``x`` through residual adds ``a + t`` (``t`` reaching ``x``
     only through the stream ``a``) and links."""
+    return _chain(program, term, inputs, stream)[0]
+
+
+def _chain(program: Program, term: Term, inputs: list, stream: int = -1) -> tuple[int, frozenset]:
+    """``chain_blocks`` and the ids of the combinator terms the stream passes through (the residual
+    functions ``t`` are never reduced, so the terms inside them are not among these)."""
     reducer = _Reducer(program)
+    count = _chain_count(reducer, term, inputs, stream)
+    return count, frozenset(reducer.reduced) if count else frozenset()
+
+
+def _chain_count(reducer: _Reducer, term: Term, inputs: list, stream: int) -> int:
     args = [_Var(t) for t in inputs]
     x = args[stream]
     cur, expect, count = _Thunk(term, args), None, 0
@@ -406,6 +426,7 @@ class _Elem:
     shared: tuple  # types of the k shared inputs
     stream: Any  # type of the stream in
     output: Any
+    stream_terms: frozenset  # the compositions its stream passes through
     stream_first: bool = False
 
 
@@ -415,7 +436,8 @@ class _Fuser:
         self.term_type = term_type
         self.taken = set(program.defs) | set(program.tensors)
         self.counters: dict[tuple[str, str], int] = {}
-        self.chain_cache: dict[tuple[str, int, int], int] = {}
+        self.chain_cache: dict[tuple[str, int, int], tuple[int, frozenset]] = {}
+        self.stream_terms: set[int] = set()  # compositions on the stream of a chain: not outlined
         self.phases: dict[str, list[Def]] = {}  # owner -> phases, in creation order (callees first)
         self.s_cache: dict[int, tuple[Term, bool]] = {}  # id -> (term kept alive, is S)
 
@@ -437,34 +459,33 @@ class _Fuser:
     def scope(self, owner, body, inputs, output, whole_ok, s_on=True):
         self.owner, self.inf = owner, _ContextTypes(self.program)
         self.inf.unify(self.inf.infer(body), fn_type(inputs, output), None)
-        # A definition that is itself a chain element is one unit of the chains it is used in: its
-        # stream (its top-level composition, and compositions nested in its chain elements) is part of
-        # those chains, so no residual run is outlined along it. Its whole body, when an S-run, is its
-        # own S-region (searched as a phase's body).
+        # A definition that is itself a chain element is one unit of the chains it is used in: no
+        # residual run is outlined along its stream. Its whole body, when an S-run, is its own S-region
+        # (searched as a phase's body).
         self.whole = None if whole_ok else body
-        on_stream = not whole_ok and (self.blocks(Ref(owner), list(inputs)) > 0 or (
-            len(inputs) > 1 and self.blocks(Ref(owner), list(inputs), stream=0) > 0))
-        return self.term(body, s_on, on_stream)
+        if not whole_ok:
+            for stream in (-1, 0) if len(inputs) > 1 else (-1,):
+                self.stream_terms |= self.blocks(Ref(owner), list(inputs), stream)[1]
+        return self.term(body, s_on)
 
-    def term(self, t, s_on, on_stream=False):
-        """``t`` with its regions outlined; ``s_on``: S-regions may be outlined (not inside one);
-        ``on_stream``: ``t`` lies on the stream of an enclosing chain (its residual runs belong to it)."""
+    def term(self, t, s_on):
+        """``t`` with its regions outlined (``s_on``: S-regions may be, i.e. not inside one)."""
         if isinstance(t, Comb) and t.kind == "B" and len(t.args) >= 2:
-            return self.compose(t, s_on, on_stream)
+            return self.compose(t, s_on)
         if isinstance(t, Comb) and t.args:
             args = tuple(self.term(a, s_on) for a in t.args)
             return t if all(a is b for a, b in zip(args, t.args)) else Comb(t.kind, args, t.pos)
         return t
 
-    def compose(self, t: Comb, s_on: bool, on_stream: bool):
+    def compose(self, t: Comb, s_on: bool):
         comps = t.args
         types = [self.inf.type_of(c) for c in comps]
         out: list[Term] = []
         i = 0
-        for lo, hi, kind, elems in self.runs(t, types, s_on, on_stream):
+        for lo, hi, kind, elems in self.runs(t, types, s_on):
             out.extend(self.term(c, s_on) for c in comps[i:lo])
             if kind == "skip":  # a residual run left in place: its blocks are searched inside
-                out.extend(self.term(c, s_on, True) for c in comps[lo:hi])
+                out.extend(self.term(c, s_on) for c in comps[lo:hi])
             elif kind == "s-body":
                 out.extend(self.term(c, False) for c in comps[lo:hi])
             else:
@@ -478,7 +499,7 @@ class _Fuser:
         return Comb("B", tuple(out), t.pos)
 
     # finding runs
-    def runs(self, t: Comb, types, s_on, on_stream):
+    def runs(self, t: Comb, types, s_on):
         """Disjoint runs ``(lo, hi, kind, elements)`` of ``t``'s components, left to right; kind is
         ``residual``, ``phase`` or ``skip`` (a residual run that stays: a whole body, a fused phase)."""
         comps, n = t.args, len(t.args)
@@ -498,8 +519,11 @@ class _Fuser:
                 j += 1
             run = elems[i:last + 1]
             if sum(e.count for e in run if e is not None) >= 2:
-                found.append((i, last + 1, "skip" if on_stream or self.is_fused(run) else "residual", run))
+                skip = id(t) in self.stream_terms or self.is_fused(run)
+                found.append((i, last + 1, "skip" if skip else "residual", run))
                 taken[i:last + 1] = [True] * len(run)
+                for e in run:  # the chain's stream runs through its elements: nothing to outline there
+                    self.stream_terms |= e.stream_terms if e is not None else frozenset()
             i = last + 1
         if s_on:
             i = 0
@@ -532,7 +556,7 @@ class _Fuser:
         return prev.lifted and prev.shared == nxt.shared
 
     def is_fused(self, run) -> bool:
-        if len(run) != 1 or not isinstance(run[0].block, Ref) or run[0].stream_first:
+        if len(run) != 1 or not isinstance(run[0].block, Ref):
             return False
         d = self.program.defs.get(run[0].block.name)
         return d is not None and d.kind == "phase"
@@ -540,16 +564,9 @@ class _Fuser:
     def element(self, c: Term, ty) -> _Elem | None:
         """``c`` as a chain element, or None."""
         if _unary(ty):
-            n = self.blocks(c, [ty.arg])
-            return _Elem(c, 0, False, n, (), ty.arg, ty.res) if n else None
-        for k in range(1, MAX_SHARED + 1):  # x m.. -> x': a block taking its stream first
-            sig = _curried(ty, k + 1)
-            n = sig and self.blocks(c, sig[0], stream=0)
-            if n:
-                return _Elem(c, k, False, n, tuple(sig[0][1:]), sig[0][0], sig[1], stream_first=True)
-        if not isinstance(c, Comb):
-            return None
-        for (k, lifted), tpl in _TEMPLATES.items():
+            n, via = self.blocks(c, [ty.arg])
+            return _Elem(c, 0, False, n, (), ty.arg, ty.res, via) if n else None
+        for (k, lifted), tpl in _TEMPLATES.items() if isinstance(c, Comb) else ():
             b = _match(tpl, c)
             if b is None:
                 continue
@@ -558,30 +575,36 @@ class _Fuser:
                 sig = (list(d.inputs), d.output) if len(d.inputs) == k + 1 else None
             else:
                 sig = _curried(self.inf.type_of(b), k + 1)
-            n = sig and self.blocks(b, sig[0])
+            n, via = self.blocks(b, sig[0]) if sig else (0, None)
             if n:
-                return _Elem(b, k, lifted, n, tuple(sig[0][:-1]), sig[0][-1], sig[1])
+                return _Elem(b, k, lifted, n, tuple(sig[0][:-1]), sig[0][-1], sig[1], via)
+        for k in range(1, MAX_SHARED + 1):  # x m.. -> x': a block taking its stream first
+            sig = _curried(ty, k + 1)
+            n, via = self.blocks(c, sig[0], stream=0) if sig else (0, None)
+            if n:
+                return _Elem(c, k, False, n, tuple(sig[0][1:]), sig[0][0], sig[1], via, stream_first=True)
         return None
 
-    def blocks(self, term: Term, inputs: list, stream: int = -1) -> int:
+    def blocks(self, term: Term, inputs: list, stream: int = -1) -> tuple[int, frozenset]:
+        """Residual blocks of ``term`` and the compositions its stream passes through."""
         key = (term.name, len(inputs), stream) if isinstance(term, Ref) else None
         if key is not None and key in self.chain_cache:
             return self.chain_cache[key]
-        n = chain_blocks(self.program, term, inputs, stream)
+        found = _chain(self.program, term, inputs, stream)
         if key is not None:
-            self.chain_cache[key] = n
-        return n
+            self.chain_cache[key] = found
+        return found
 
     # outlining
     def outline(self, comps, types, kind, elems) -> Term:
         name = self.fresh("residual" if kind == "residual" else "phase")
         k = elems[0].k if kind == "residual" else 0
         if k:  # a conditioned chain: P m.. x = bn m.. (.. (b1 m.. x)), used as lift_k(P) or clift_k(P)
-            blocks = [(self.term(e.block, True, True), e.stream_first) for e in elems]
+            blocks = [(self.term(e.block, True), e.stream_first) for e in elems]
             self.add_phase(name, elems[0].shared + (elems[-1].stream,), elems[0].output,
                            _chain_body(blocks, k))
             return _instantiate(_TEMPLATES[(k, elems[-1].lifted)], Ref(name))
-        inner = [self.term(c, kind == "residual", kind == "residual") for c in comps]
+        inner = [self.term(c, kind == "residual") for c in comps]
         body = inner[0] if len(inner) == 1 else Comb("B", tuple(inner))
         self.add_phase(name, (types[-1].arg,), types[0].res, body)
         return Ref(name)
@@ -615,7 +638,9 @@ class FusionPass(Pass):
 
     def rewrite(self, program: Program, options: dict) -> Program:
         """Options: ``fusion.typing`` replaces the typing analysis (an object with ``term_type``)."""
-        typing = options.get("fusion.typing") or program.analyses["typing"]
+        typing = options.get("fusion.typing") or program.analyses.get("typing")
+        if typing is None:
+            raise BwskError("the fusion pass needs the typing analysis: run it with --passes typing,fusion")
         return fuse(program, typing)
 
 
