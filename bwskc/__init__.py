@@ -5,7 +5,10 @@ Public API (see README.md and docs/ARCHITECTURE.md):
 * ``bwskc.lower(model_or_exported_program, example_args=(), example_kwargs=None) -> Program``
 * ``bwskc.parse(text) -> Program``; ``program.text()``; ``==`` is structural equality
 * ``program(*args, **kwargs)`` evaluates the IR eagerly; ``program.to_fx()`` gives a GraphModule
-* ``bwskc.run_passes(program, ["typing", "calm", "fusion"]) -> Program`` (analyses in ``.analyses``)
+* ``bwskc.run_passes(program, ["typing", "calm", "fusion", "reversible"]) -> Program`` (analyses in
+  ``.analyses``)
+* ``bwskc.compile(model, example_args, mode="conventional" | "analyzed" | "reversible")`` -> a trainable
+  ``torch.nn.Module`` whose parameters keep the model's state-dict names
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ from bwskc.errors import BwskError, IRSyntaxError, VerifyError
 from bwskc.ir import Program
 
 __version__ = "0.1.0"
-__all__ = ["BwskError", "IRSyntaxError", "Program", "VerifyError", "lower", "parse", "run_passes", "verify"]
+__all__ = ["BwskError", "IRSyntaxError", "Program", "VerifyError", "compile", "lower", "parse", "run_passes",
+           "verify"]
+MODES = ("conventional", "analyzed", "reversible")
 
 
 def lower(model_or_exported_program, example_args=(), example_kwargs=None, *, name=None,
@@ -47,6 +52,37 @@ def run_passes(program: Program, passes, *, axes: str | None = None, print_after
     result carries each analysis in ``program.analyses[name]``. See ``bwskc.passes.manager``."""
     from bwskc.passes.manager import run_passes as _run
     return _run(program, passes, options={"axes": axes}, print_after=print_after, printer=printer)
+
+
+def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str = "conventional",
+            store_activations: bool = False, seed: int = 0, passes_log: list | None = None):
+    """A trainable ``nn.Module`` running the model's lowered program (parameters keep their state-dict
+    names; the weights are copied, so the model itself is left alone).
+
+    ``mode``: ``conventional`` (the program as lowered, in training mode so dropout is kept),
+    ``analyzed`` (the same, with the typing and CALM analyses in ``module.analyses``), ``reversible``
+    (residual chains rewritten into coupling chains that store only their final streams; see
+    ``passes/reversible.py``). ``store_activations=True`` runs the reversible architecture with plain
+    autograd: the reference its gradients are tested against. Dropout masks are counter-based, keyed on
+    ``seed`` and a step counter (``module.reseed(seed)`` restarts them); ``module.eval()`` turns them off.
+    A ``Program`` (with weights bound) may be given instead of a model.
+    """
+    from bwskc.runtime.compiled import compile_program
+    if mode not in MODES:
+        raise BwskError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+    if isinstance(model_or_program, Program):
+        program = model_or_program
+    else:
+        program = lower(model_or_program, example_args, example_kwargs, train=True)
+    names = {"conventional": [], "analyzed": ["typing", "calm"], "reversible": ["reversible"]}[mode]
+    if names:
+        program = run_passes(program, names)
+    program = program.with_weights({k: v.detach().clone() for k, v in program.weights.items()})
+    module = compile_program(program, reversible=mode == "reversible" and not store_activations,
+                             seed=seed)
+    module.program, module.mode = program, mode
+    module.analyses = dict(program.analyses)
+    return module
 
 
 def verify(program: Program) -> None:

@@ -54,6 +54,8 @@ class Verdict:
         else:
             out["condition"] = self.condition
             out["decided_by"] = self.decided_by
+        if "coupling" in self.extra:  # a coupling chain: its coupling is S, with its inverse
+            out["coupling"] = self.extra["coupling"].evidence() | {"type": self.extra["coupling"].type}
         out["dof_lost"] = self.dof_lost
         if self.dof_note:
             out["dof_note"] = self.dof_note
@@ -99,8 +101,15 @@ def outputs_equal(a, b, rtol: float = 1e-5, atol: float = 1e-6) -> bool:
     return a == b
 
 
-def inputs_differ(a: Inputs, b: Inputs) -> bool:
-    return any(not torch.equal(x, y) for x, y in zip(a, b))
+def inputs_differ(a, b) -> bool:
+    """Two inputs differ somewhere (tuples, as a tuple-valued hole holds, compared item by item)."""
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        if not (isinstance(a, (tuple, list)) and isinstance(b, (tuple, list))) or len(a) != len(b):
+            return True
+        return any(inputs_differ(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a, b)
+    return type(a) is not type(b) or a != b
 
 
 def check_witness(fn: Callable[..., Any], verdict: Verdict, seed: int = 0) -> bool:

@@ -9,6 +9,12 @@ function of its activation inputs. Terms are built from
 * ``Comb``: a combinator applied to zero or more terms, curried: ``B f g x = f (g x)`` (n-ary:
   ``B(f1,...,fn) x = f1 (... (fn x))``), ``W f x = f x x``, ``S f g x = f x (g x)``, ``K c x = c``,
   ``C f g x = f x g`` and ``I x = x``.
+* ``Comb("R", (add, f1, ..., fn))``: a reversible coupling chain (the reversible pass writes it in place
+  of a residual chain ``x -> bn(..(b1 x))`` with ``bi x = x + fi x``). It runs two streams from
+  ``a = b = x``: ``a = a + f1 b``, ``b = b + f2 a``, ``a = a + f3 b``, ... (odd branches update ``a`` from
+  ``b``, even ones ``b`` from ``a``: each step is invertible whatever ``fi`` is) and returns
+  ``a + b - x``, which equals the residual chain to first order in the branches. ``R1`` .. ``R4`` take
+  1 to 4 shared inputs first (``Rk(add, f..) m1 .. mk x``, every ``fi m1 .. mk`` a branch).
 * ``Ref``: a reference to another definition (or, rarely, to a bound tensor used as a whole value).
 * ``ConstRef``: a reference to a constant value ``%N`` computed from parameters and literals only.
 
@@ -199,6 +205,13 @@ class Prim(Term):
 
 
 COMBINATORS = {"I": 1, "K": 2, "W": 2, "B": 3, "C": 3, "S": 3}  # arity when saturated
+REV_KINDS = ("R", "R1", "R2", "R3", "R4")  # coupling chains with 0..4 shared inputs (never partial)
+COMBINATORS.update({k: 0 for k in REV_KINDS})
+
+
+def rev_shared(kind: str) -> int:
+    """How many shared inputs a coupling chain ``R``, ``R1`` .. ``R4`` takes before its stream."""
+    return int(kind[1:] or 0)
 
 
 @dataclass(frozen=True)
@@ -212,6 +225,10 @@ class Comb(Term):
     def __post_init__(self):
         if self.kind not in COMBINATORS:
             raise ValueError(f"unknown combinator {self.kind}")
+        if self.kind in REV_KINDS:
+            if len(self.args) < 2:
+                raise ValueError(f"{self.kind} needs its combining op and at least one branch")
+            return
         if self.kind != "B" and len(self.args) >= COMBINATORS[self.kind]:
             raise ValueError(f"{self.kind} applied to {len(self.args)} arguments is saturated")
 

@@ -47,7 +47,7 @@ _WIDTH = 100
 _MAX_INDENT = 40  # deeper nesting is printed at this indent, so text stays linear in the term's size
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.@]*$")
 KEYWORDS = {"bwsk", "program", "param", "buffer", "constant", "const", "def", "phase", "entry", "B", "C",
-            "I", "K", "S", "W", "True", "False", "None", "inf", "nan", "_"}
+            "I", "K", "S", "W", "R", "R1", "R2", "R3", "R4", "True", "False", "None", "inf", "nan", "_"}
 _TORCH_ATTRS = {str(v): v for v in [
     *DTYPE_BY_NAME.values(), torch.strided, torch.sparse_coo, torch.sparse_csr, torch._mkldnn,
     torch.contiguous_format, torch.channels_last, torch.channels_last_3d, torch.preserve_format]}

@@ -16,6 +16,8 @@ import torch
 from bwskc._deep import run_deep
 from bwskc.errors import BwskError, VerifyError
 from bwskc.ir import (
+    REV_KINDS,
+    rev_shared,
     HOLE,
     Comb,
     Const,
@@ -134,6 +136,17 @@ class Inference:
                 raise _Where(f"unbound constant %{t.index}", t)
             return self.program.consts[t.index].type
         if isinstance(t, Comb):
+            if t.kind in REV_KINDS:  # Rk : (s -> s -> s) -> (m.. -> s -> s)^n -> m.. -> s -> s
+                add = t.args[0]
+                if not (isinstance(add, Prim) and add.op == "aten.add.Tensor" and add.args == (HOLE, HOLE)
+                        and not add.kwargs):
+                    raise _Where(f"{t.kind} combines its streams with aten.add.Tensor(_, _)", add)
+                s = TVar()
+                branch = fn_type([TVar() for _ in range(rev_shared(t.kind))], Fn(s, s))
+                self.unify(self.infer(t.args[0]), Fn(s, Fn(s, s)), t.args[0])
+                for f in t.args[1:]:
+                    self.unify(self.infer(f), branch, f)
+                return branch
             if t.kind == "B" and len(t.args) >= 2:
                 a = TVar()
                 cur = a

@@ -27,6 +27,7 @@ REGISTRY: dict[str, str] = {
     "typing": "bwskc.passes.typing",
     "calm": "bwskc.passes.calm",
     "fusion": "bwskc.passes.fusion",
+    "reversible": "bwskc.passes.reversible",
 }
 
 

@@ -27,7 +27,7 @@ from bwskc.passes.manager import Pass
 
 from bwskc._deep import run_deep
 from bwskc.evidence import GRAY, K, S, Verdict, erasing, gray
-from bwskc.ir import Comb, Const, Prim, Program, Ref, TensorType, Term, prims
+from bwskc.ir import REV_KINDS, Comb, Const, Prim, Program, Ref, TensorType, Term, prims
 from bwskc.leaf import Leaf, Values
 from bwskc.leaf_rules import rms_verdict, type_leaf
 from bwskc.sites import Site, sites
@@ -97,6 +97,8 @@ def composite(term: Term, result: TypingResult) -> Verdict:
         return erasing("K", "K c x = c ignores x", None, "any two inputs", None, "everything")
     if term.kind == "B" and len(term.args) >= 2:
         return _compose(term, result)
+    if term.kind in REV_KINDS:
+        return _coupling_chain(term, result)
     if term.kind == "S" and len(term.args) == 2:
         rms = _rms_idiom(term, result)
         if rms is not None:
@@ -120,6 +122,27 @@ def composite(term: Term, result: TypingResult) -> Verdict:
         if isinstance(f, Prim) and f.op in _PAIRING:
             return Verdict(S, "pairing", "W f x = f x x with f pairing injectively", 0)
     return _structural(term, result)
+
+
+def _coupling_chain(term: Comb, result: TypingResult) -> Verdict:
+    """``Rk(add, f1..fn)``: the two-stream coupling ``x -> (a, b)`` is S whatever the branches are (its
+    inverse undoes the steps in reverse order); the merge ``a + b - x`` makes the whole chain a residual
+    map, GRAY like ``S(add, F)``. The coupling's verdict, with its inverse, is ``extra["coupling"]``."""
+    from bwskc.runtime.coupling import coupling_functions
+    forward = inverse = None
+    if result._program is not None:
+        forward, inverse = coupling_functions(result._program, term)
+    coupling = Verdict(S, "coupling", "a coupling step s <- s + f(t) is inverted by s <- s - f(t) "
+                       "(t is unchanged by the step), whatever f is; x -> (x, x) is injective",
+                       0, inverse=inverse, extra={"forward": forward, "inverse_text": (
+                           "for i = n..1: a <- a - f_i(b) (i odd) or b <- b - f_i(a) (i even); x = a")})
+    verdict = gray("coupling chain", "the coupling x -> (a, b) is injective (inverse in "
+                   "extra['coupling']); the merge a + b - x = x + sum of branch updates is a residual map",
+                   "x -> a + b - x is injective (e.g. the branch updates are a contraction)",
+                   "a Lipschitz bound on the branch updates; the coupling itself needs none",
+                   None)
+    verdict.extra["coupling"] = coupling
+    return verdict
 
 
 _POINTWISE = {

@@ -6,6 +6,7 @@ once per application, so the fx graph holds exactly one node per primitive appli
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Callable
 from functools import cache
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from bwskc.errors import BwskError
-from bwskc.ir import HOLE, Comb, Const, ConstRef, Prim, Program, Ref, TensorRef
+from bwskc.ir import HOLE, REV_KINDS, Comb, Const, ConstRef, Prim, Program, Ref, TensorRef, rev_shared
 
 _COMB: dict[str, Callable] = {
     "I": lambda x: x,
@@ -47,6 +48,12 @@ def resolve_op(name: str) -> Callable:
         return getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
     except (AttributeError, RuntimeError):
         raise BwskError(f"unknown op {name!r}") from None
+
+
+def sub_prim(add: Prim) -> Prim:
+    """``aten.sub.Tensor(_, _)`` of the same type as a coupling chain's combining ``add``: the inverse
+    of each coupling step and the ``- x`` of the merge."""
+    return Prim("aten.sub.Tensor", (HOLE, HOLE), (), add.type)
 
 
 def fill(args: tuple, operands: list, bound: Callable[[Any], Any]) -> list:
@@ -105,6 +112,8 @@ class Denoter:
         if isinstance(t, Prim):
             return self.prim(t)
         if isinstance(t, Comb):
+            if t.kind in REV_KINDS:
+                return self.rev(t)
             if t.kind == "B" and len(t.args) >= 2:
                 fs = [self.term(a) for a in t.args]
 
@@ -128,6 +137,44 @@ class Denoter:
         if isinstance(t, Const):
             return self.const(t.index)
         raise TypeError(f"not a term: {t!r}")
+
+    def rev(self, t: Comb):
+        """A coupling chain ``Rk(add, f1, .., fn)`` as a curried function of its k shared inputs and
+        its stream. A backend with a ``rev`` method runs it (the reversible runtime); otherwise the
+        chain is unrolled into the backend's own primitive calls (plain autograd stores everything)."""
+        k = rev_shared(t.kind)
+        branches = [self.term(f) for f in t.args[1:]]
+        add, sub = t.args[0], sub_prim(t.args[0])
+        hook = getattr(self.backend, "rev", None)
+
+        def run(shared, x):
+            fs = []
+            for f in branches:
+                for m in shared:
+                    f = f(m)
+                fs.append(f)
+            if hook is not None:
+                return hook(t, fs, shared, x, self)
+            a = b = x
+            for i, f in enumerate(fs):
+                with self.branch_scope(t, i):
+                    if i % 2 == 0:
+                        a = self.call_prim(add, [a, f(b)])
+                    else:
+                        b = self.call_prim(add, [b, f(a)])
+            return self.call_prim(add, [a, self.call_prim(sub, [b, x])])
+
+        def collect(got):
+            if len(got) == k + 1:
+                return run(got[:k], got[k])
+            return lambda v: collect(got + [v])
+        return collect([])
+
+    def branch_scope(self, t: Comb, i: int):
+        """A context in which branch ``i`` of chain ``t`` is evaluated (backends key dropout masks on
+        it, so a replayed branch draws the same masks)."""
+        scope = getattr(self.backend, "branch_scope", None)
+        return scope(t, i) if scope is not None else contextlib.nullcontext()
 
     def run_entry(self, inputs: list):
         f = self.term(self.program.entry.body)

@@ -1,0 +1,196 @@
+"""Trainable modules from programs: ``bwskc.compile``'s codegen.
+
+The program becomes one ``torch.fx.GraphModule`` (parameters under their state-dict names), as
+``program.to_fx()`` does, with two differences that training needs:
+
+* dropout runs through ``bwskc.runtime.rng`` (counter-based masks keyed on a per-call seed and the
+  dropout's place), switched off by ``module.eval()``;
+* in reversible mode each coupling chain ``Rk(add, f..)`` is one call of ``CouplingFunction`` whose
+  branches are compiled to their own small graphs (taking the parameters they use as inputs), so the
+  chain stores only its two final streams. With ``store_activations=True`` (the reference) the chain is
+  unrolled into plain ATen calls with the same masks: plain autograd over the same architecture.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import torch
+from torch import fx
+
+from bwskc._deep import run_deep
+from bwskc.ir import Comb, Program, rev_shared
+from bwskc.runtime import rng
+from bwskc.runtime.codegen import _FxBackend, _module_tree, _placeholder_name
+from bwskc.runtime.coupling import ChainSpec, CouplingFunction
+from bwskc.runtime.denote import Denoter, resolve_op, sub_prim
+
+RNG_BUFFER = "bwskc_rng_state"
+SDPA = "aten.scaled_dot_product_attention.default"
+
+
+class _TrainBackend(_FxBackend):
+    """fx emission with counter-based dropout; ``reversible`` turns chains into CouplingFunction calls."""
+
+    def __init__(self, graph: fx.Graph, seed, reversible: bool, chains: list):
+        super().__init__(graph)
+        self.seed = seed  # an fx node (the step's seed) or a placeholder in a branch graph
+        self.reversible = reversible
+        self.chains = chains  # shared list: chain-call counter and specs (for drift reports)
+        self.where = (-1, -1)
+        self.sites: Counter = Counter()
+        if reversible:
+            self.rev = self._rev
+
+    def prim(self, prim, args, kwargs):
+        if prim.op in rng.DROPOUT_OPS:
+            train = args[2] if len(args) > 2 else kwargs.get("train", True)
+            if train:
+                site = self.sites[self.where]
+                self.sites[self.where] += 1
+                fn = rng.native_dropout if prim.op == "aten.native_dropout.default" else rng.dropout
+                return self.graph.call_function(fn, (args[0], args[1], self.seed, self.where + (site,)))
+        if prim.op == SDPA:
+            p = args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0)
+            if p:
+                site = self.sites[self.where]
+                self.sites[self.where] += 1
+                full = dict(zip(("attn_mask", "dropout_p", "is_causal"), args[3:]), **kwargs)
+                return self.graph.call_function(rng.attention, tuple(args[:3]), dict(
+                    full, seed=self.seed, where=self.where + (site,)))
+        return super().prim(prim, args, kwargs)
+
+    @contextlib.contextmanager
+    def branch_scope(self, t: Comb, i: int):
+        if i == 0:
+            self.chains.append(None)
+        saved = self.where
+        self.where = (len(self.chains) - 1, i)
+        try:
+            yield
+        finally:
+            self.where = saved
+
+    def _rev(self, t: Comb, fs, shared, x, denoter: Denoter):
+        self.chains.append(None)
+        chain_id = len(self.chains) - 1
+        k = rev_shared(t.kind)
+        inputs: list = []  # root-graph nodes of the tensors and constants the branches read
+        keys: dict = {}
+        branches, index = [], []
+        for i, f in enumerate(t.args[1:]):
+            gm, needed = _branch_module(denoter.program, f, k, (chain_id, i))
+            mine = []
+            for key in needed:
+                if key not in keys:
+                    keys[key] = len(inputs)
+                    inputs.append(self.tensor(key[1]) if key[0] == "tensor" else denoter.const(key[1]))
+                mine.append(keys[key])
+            branches.append(gm)
+            index.append(tuple(mine))
+        spec = ChainSpec(branches, index, k)
+        self.chains[chain_id] = spec
+        pair = self.graph.call_function(_ChainCall(spec), (self.seed, x, *shared, *inputs))
+        a = self.graph.call_function(_getitem, (pair, 0))
+        b = self.graph.call_function(_getitem, (pair, 1))
+        add, sub = resolve_op("aten.add.Tensor"), resolve_op(sub_prim(t.args[0]).op)
+        return self.graph.call_function(add, (a, self.graph.call_function(sub, (b, x))))
+
+
+def _getitem(pair, i):
+    return pair[i]
+
+
+class _ChainCall:
+    """The fx call target of one chain (a named callable holding its spec)."""
+
+    def __init__(self, spec: ChainSpec):
+        self.spec = spec
+        self.__name__ = self.__qualname__ = "coupling_chain"
+
+    def __call__(self, seed, x, *rest):
+        return CouplingFunction.apply(self.spec, seed, x, *rest)
+
+
+class _BranchBackend(_TrainBackend):
+    """A branch graph: bound tensors and constants become placeholders (inputs of the Function)."""
+
+    def __init__(self, graph, seed, where):
+        super().__init__(graph, seed, False, [])
+        self.where = where
+        self.inputs: dict = {}  # ("tensor", name) | ("const", index) -> placeholder
+
+    @contextlib.contextmanager
+    def branch_scope(self, t, i):  # a chain nested in a branch: keyed under this branch
+        yield
+
+    def tensor(self, name):
+        return self._input(("tensor", name))
+
+    def _input(self, key):
+        if key not in self.inputs:
+            self.inputs[key] = self.graph.placeholder(f"in_{len(self.inputs)}")
+        return self.inputs[key]
+
+
+class _BranchDenoter(Denoter):
+    def const(self, index: int):
+        return self.backend._input(("const", index))
+
+
+def _branch_module(program: Program, f, k: int, where: tuple):
+    """``f`` as a GraphModule ``(*shared, stream, seed, *inputs)`` and the keys of its inputs."""
+    def build():
+        graph = fx.Graph()
+        args = [graph.placeholder(f"shared_{j}") for j in range(k)] + [graph.placeholder("stream")]
+        seed = graph.placeholder("seed")
+        backend = _BranchBackend(graph, seed, where)
+        fn = _BranchDenoter(program, backend).term(f)
+        for a in args:
+            fn = fn(a)
+        graph.output(fn)
+        anchor = seed  # lazily created input placeholders move right after the seed, in order
+        for ph in backend.inputs.values():
+            anchor.append(ph)
+            anchor = ph
+        return graph, list(backend.inputs)
+    graph, keys = run_deep(build)
+    return fx.GraphModule(torch.nn.Module(), graph), keys
+
+
+class CompiledModule(fx.GraphModule):
+    """A trainable program. ``train()``/``eval()`` switch dropout; ``chains`` are the coupling chains
+    (reversible mode), ``program`` the IR it runs, ``mode`` how it was compiled."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        state = getattr(self, RNG_BUFFER, None)
+        if state is not None:
+            state[2] = int(mode)
+        return self
+
+    def reseed(self, seed: int, step: int = 0):
+        """Restart the dropout stream: the masks of the next forward call are those of ``(seed, step)``."""
+        state = getattr(self, RNG_BUFFER)
+        state[0], state[1] = seed, step
+
+
+def compile_program(program: Program, *, reversible: bool, seed: int = 0) -> CompiledModule:
+    chains: list = []
+
+    def build():
+        graph = fx.Graph()
+        placeholders = [graph.placeholder(_placeholder_name(n, i))
+                        for i, n in enumerate(program.entry.input_names)]
+        state = graph.get_attr(RNG_BUFFER)
+        seed_node = graph.call_function(rng.step_seed, (state,))
+        backend = _TrainBackend(graph, seed_node, reversible, chains)
+        out = Denoter(program, backend).run_entry(placeholders)
+        graph.output(out)
+        return graph
+    graph = run_deep(build)
+    root = _module_tree(program)
+    root.register_buffer(RNG_BUFFER, torch.tensor([seed, 0, 1], dtype=torch.int64), persistent=False)
+    gm = CompiledModule(root, graph, class_name=program.name.replace("-", "_").replace(".", "_") or "Model")
+    gm.chains = [c for c in chains if c is not None]
+    return gm

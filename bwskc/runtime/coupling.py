@@ -1,0 +1,154 @@
+"""Coupling chains at run time: the exact inverse, and an autograd Function that stores only the streams.
+
+A chain ``Rk(add, f1..fn)`` (see ``bwskc.ir``) runs two streams from ``a = b = x``: step i adds
+``f_i(b)`` to ``a`` (i odd, counting from 1) or ``f_i(a)`` to ``b`` (i even), and the chain returns
+``a + b - x``. A step changes one stream by a function of the other, which it leaves alone, so it is
+undone by subtracting the same value: walking the steps backwards from ``(a, b)`` gives back ``x``
+(twice: ``a == b == x`` at the start, a check of the reconstruction).
+
+``CouplingFunction`` is the chain as one ``torch.autograd.Function``: forward runs the steps without
+recording a graph and saves only the final streams ``a`` and ``b`` (plus the parameters and shared
+inputs, which exist anyway). Backward walks the steps in reverse: for step i it recomputes ``y = f_i(t)``
+on the unchanged stream ``t`` with a graph (this layer only), reconstructs the updated stream's previous
+value as ``s - y``, and back-propagates through ``y`` alone, then frees it. Each branch is replayed with
+the dropout masks of its forward run: they are drawn from a counter-based generator keyed on the step's
+seed, the chain, the branch and the site (``bwskc.runtime.rng``), never from global RNG state.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from bwskc.ir import Comb, Program, rev_shared
+
+
+def coupling_functions(program: Program, chain: Comb) -> tuple[Callable, Callable]:
+    """Eager ``forward(*m, x) -> (a, b)`` and ``inverse(*m, a, b) -> (x,)`` of a chain's coupling (the
+    typing pass's evidence; no merge), evaluated with the program's bound weights."""
+    from bwskc.runtime.denote import Denoter
+    from bwskc.runtime.interp import _EagerBackend
+    k = rev_shared(chain.kind)
+
+    def branches(shared):
+        den = Denoter(program, _EagerBackend(program.weights))
+        fs = []
+        for f in chain.args[1:]:
+            g = den.term(f)
+            for m in shared:
+                g = g(m)
+            fs.append(g)
+        return fs
+
+    def forward(*args):
+        shared, x = args[:k], args[k]
+        with torch.no_grad():
+            a, b = x, x
+            for i, f in enumerate(branches(shared)):
+                if i % 2 == 0:
+                    a = a + f(b)
+                else:
+                    b = b + f(a)
+        return a, b
+
+    def inverse(*args):
+        shared, a, b = args[:k], args[k], args[k + 1]
+        with torch.no_grad():
+            fs = branches(shared)
+            for i in reversed(range(len(fs))):
+                if i % 2 == 0:
+                    a = a - fs[i](b)
+                else:
+                    b = b - fs[i](a)
+        return (a,)
+    return forward, inverse
+
+
+@dataclass
+class ChainSpec:
+    """What the Function needs to run a chain: one callable per branch taking
+    ``(*shared, stream, seed, *its tensors)``, and for each branch the indices of its tensors among the
+    chain's tensors (parameters, buffers and constants, passed to the Function so autograd sees them)."""
+
+    branches: Sequence[Callable]
+    tensor_index: Sequence[Sequence[int]]
+    shared: int
+    drift: list = field(default_factory=list)  # filled by backward when record_drift is set
+    record_drift: bool = False
+
+
+def _autocast_state():
+    dev = "cuda" if torch.cuda.is_available() and torch.is_autocast_enabled("cuda") else "cpu"
+    return dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+
+
+class CouplingFunction(torch.autograd.Function):
+    """``(spec, seed, x, *shared, *tensors) -> (a, b)``: the coupling of one chain (merge outside)."""
+
+    @staticmethod
+    def forward(ctx, spec: ChainSpec, seed: int, x, *rest):
+        shared, tensors = rest[:spec.shared], rest[spec.shared:]
+        a, b = x, x
+        with torch.no_grad():
+            for i, f in enumerate(spec.branches):
+                mine = [tensors[j] for j in spec.tensor_index[i]]
+                if i % 2 == 0:
+                    a = a + f(*shared, b, seed, *mine)
+                else:
+                    b = b + f(*shared, a, seed, *mine)
+        if len(spec.branches) == 1:
+            b = b.clone()  # an output must not be the input itself
+        ctx.spec, ctx.seed, ctx.autocast = spec, seed, _autocast_state()
+        ctx.save_for_backward(a, b, *shared, *tensors)
+        return a, b
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_b):
+        spec: ChainSpec = ctx.spec
+        a, b, *rest = ctx.saved_tensors
+        shared, tensors = rest[:spec.shared], rest[spec.shared:]
+        grad_a = torch.zeros_like(a) if grad_a is None else grad_a
+        grad_b = torch.zeros_like(b) if grad_b is None else grad_b
+        shared_grads: list = [None] * len(shared)
+        tensor_grads: list = [None] * len(tensors)
+        dev, enabled, dtype = ctx.autocast
+        shared_in = [m.detach().requires_grad_(m.requires_grad) for m in shared]
+        for i in reversed(range(len(spec.branches))):
+            f = spec.branches[i]
+            index = spec.tensor_index[i]
+            mine = [tensors[j] for j in index]
+            src = b if i % 2 == 0 else a
+            src_in = src.detach().requires_grad_(True)
+            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+                y = f(*shared_in, src_in, ctx.seed, *mine)
+            with torch.no_grad():  # undo the step: the updated stream loses y again
+                if i % 2 == 0:
+                    a = a - y
+                else:
+                    b = b - y
+            wrt = [src_in] + [m for m in shared_in if m.requires_grad] + [t for t in mine if t.requires_grad]
+            grads = torch.autograd.grad(y, wrt, grad_a if i % 2 == 0 else grad_b, allow_unused=True)
+            del y
+            it = iter(grads)
+            g_src = next(it)
+            if g_src is not None:
+                if i % 2 == 0:
+                    grad_b = grad_b + g_src
+                else:
+                    grad_a = grad_a + g_src
+            for j, m in enumerate(shared_in):
+                if m.requires_grad:
+                    g = next(it)
+                    if g is not None:
+                        shared_grads[j] = g if shared_grads[j] is None else shared_grads[j] + g
+            for j, t in zip(index, mine):
+                if t.requires_grad:
+                    g = next(it)
+                    if g is not None:
+                        tensor_grads[j] = g if tensor_grads[j] is None else tensor_grads[j] + g
+            if spec.record_drift:
+                spec.drift.append(None)
+        if spec.record_drift:  # both streams are x again: their difference is the drift
+            spec.drift[:] = [float((a - b).abs().max())]
+        return (None, None, grad_a + grad_b, *shared_grads, *tensor_grads)

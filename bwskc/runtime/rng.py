@@ -1,0 +1,114 @@
+"""Counter-based dropout: masks are a pure function of (seed, chain, branch, site, element index).
+
+Reversible backward recomputes each branch once, so its dropout masks must be drawn again exactly as in
+the forward pass. Saving and restoring a global generator's state (what revlib, memcnn and
+``torch.utils.checkpoint`` do) replays correctly only if nothing else draws in between, and it breaks
+``torch.compile(fullgraph=True)``. Here a mask element is a hash of its coordinates instead: ``key``
+mixes the step's seed with the place of the dropout in the program, and element ``j`` is kept when
+``hash32(j, key) / 2**32 >= p``. The hash is the "lowbias32" integer finaliser (Wellons), done in
+int64 arithmetic with 16-bit partial products so nothing overflows: the same masks on any device and
+any backend (the Triton kernels can compute the same bits).
+"""
+from __future__ import annotations
+
+import torch
+
+M32 = 0xFFFFFFFF
+_C1, _C2 = 0x7FEB352D, 0x846CA68B
+DROPOUT_OPS = ("aten.native_dropout.default", "aten.dropout.default")
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 tensors holding 32-bit values, without int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & M32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, _C1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _C2)
+    return x ^ (x >> 16)
+
+
+def _mix_int(h: int, v: int) -> int:
+    """The same finaliser on Python ints, to combine a key's parts."""
+    x = (h ^ (v & M32)) & M32
+    x ^= x >> 16
+    x = (x * _C1) & M32
+    x ^= x >> 15
+    x = (x * _C2) & M32
+    return x ^ (x >> 16)
+
+
+def make_key(seed: int, *parts: int) -> int:
+    h = _mix_int(0x9E3779B9, seed)
+    h = _mix_int(h, seed >> 32)
+    for p in parts:
+        h = _mix_int(h, p + 1)
+    return h
+
+
+def uniform(shape, key: int, device) -> torch.Tensor:
+    """Uniform numbers in [0, 1) (24 bits) for element indices 0..numel-1 under ``key``."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    idx = torch.arange(n, dtype=torch.int64, device=device)
+    h = hash32(hash32(idx ^ key) ^ _mix_int(key, 0x5BD1E995))
+    return ((h >> 8).to(torch.float32) * (1.0 / (1 << 24))).reshape(shape)
+
+
+def keep_mask(shape, p: float, key: int, device) -> torch.Tensor:
+    return uniform(shape, key, device) >= p
+
+
+def native_dropout(x: torch.Tensor, p: float, seed, where: tuple):
+    """``aten.native_dropout`` with a counter-based mask: ``(x * mask / (1 - p), mask)``; the identity
+    when ``seed`` is None (evaluation) or ``p == 0``."""
+    if seed is None or p == 0:
+        return x, torch.ones_like(x, dtype=torch.bool)
+    if p >= 1:
+        return torch.zeros_like(x), torch.zeros_like(x, dtype=torch.bool)
+    mask = keep_mask(x.shape, p, make_key(seed, *where), x.device)
+    return x * mask * (1.0 / (1.0 - p)), mask
+
+
+def dropout(x: torch.Tensor, p: float, seed, where: tuple) -> torch.Tensor:
+    return native_dropout(x, p, seed, where)[0]
+
+
+def step_seed(state: torch.Tensor):
+    """The seed of this forward call from a module's ``[base, step, training]`` state, advancing the
+    step; None in evaluation mode (dropout off)."""
+    base, step, training = (int(v) for v in state.tolist())
+    if not training:
+        return None
+    state[1] += 1
+    return make_key(base, step) | (step << 32)
+
+
+def attention(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, *, scale=None,
+              enable_gqa: bool = False, seed=None, where: tuple = ()):
+    """``aten.scaled_dot_product_attention`` whose attention dropout is counter-based (the fused
+    kernel draws from the global generator, which a replay cannot reproduce); without dropout (or in
+    evaluation, ``seed`` None) it is the fused op itself."""
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    if seed is None or dropout_p == 0:
+        return sdpa(q, k, v, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
+    e = q.shape[-1]
+    scale = 1.0 / (e ** 0.5) if scale is None else scale
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if is_causal:
+        n, s = q.shape[-2], k.shape[-2]
+        causal = torch.ones(n, s, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+            else scores + attn_mask
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(dropout(probs, dropout_p, seed, where), v)

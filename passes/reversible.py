@@ -1,0 +1,292 @@
+"""The ``reversible`` pass: residual chains become two-stream coupling chains ``Rk(add, f1, .., fn)``.
+
+The fusion pass outlines every maximal chain of residual blocks as a phase ``OWNER.residualN`` with
+signature ``(m1 .. mk, x) -> x`` (k shared inputs, such as an attention mask, then the stream). This pass
+reads each such phase symbolically (the reducer the fusion pass uses to recognise blocks): the phase
+applied to fresh variables reduces, along its stream, to ``a_n + t_n`` where ``a_n`` is the stream
+after n-1 blocks and ``t_n`` reaches ``x`` only through ``a_n``, and so on down to ``x``, possibly
+through links (reshapes and copies). Each ``t_i`` is read back into a term and abstracted over its
+stream (and the shared inputs) with the lowering's own bracket abstraction: the branch
+``f_i = \\m.. s. t_i[a_i := s]``, so that block i is ``s -> s + f_i m.. s``. A block that ran on a
+reshaped stream is conjugated by the reshape (``reshape_back . f_i . reshape``): every branch then has
+the phase's input type and the chain one stream type.
+
+The phase body becomes ``Rk(add, f1, .., fn)``: streams ``a = b = x``; branch i updates ``a`` from ``b``
+(i odd) or ``b`` from ``a`` (i even); the result is ``a + b - x``. For a transformer whose blocks
+alternate attention and MLP, each coupling layer is ``y1 = x1 + Attn(x2)``, ``y2 = x2 + MLP(y1)``
+(Reformer's). Why this merge: ``a - x`` accumulates the odd branches' updates and ``b - x`` the even
+ones', so ``a + b - x = x + sum of all updates``, which is the residual chain's own output to first order
+in the branches; a pretrained model's function is kept as closely as a coupling allows (measured in
+``benchmarks/memory.py --init-diff``), and the backward pass needs no stored activation for the merge
+(it is linear). The averaged merge ``(a + b) / 2`` would halve every update.
+
+The rewrite changes the architecture (a coupling chain is not its residual chain), so it does not
+preserve meaning; what it preserves is checked instead: read sequentially, the branches give back the
+original phase (``sequential_term``), and the coupling inverts exactly.
+
+What is not lowered stays as it was, and ``program.analyses["reversible"]`` says what was lowered and
+why the rest was not (post-norm and post-activation blocks ``LN(x + F(x))``, ``relu(x + F(x))`` are not
+residual chains: the function after the add reads the sum; a lone block is not a chain).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from bwskc import abstraction as ab
+from bwskc._deep import run_deep
+from bwskc.errors import BwskError
+from bwskc.ir import (
+    HOLE,
+    REV_KINDS,
+    Comb,
+    Def,
+    Prim,
+    Program,
+    Ref,
+    Term,
+    TensorType,
+    subterms,
+)
+from bwskc.passes.fusion import (
+    _Call,
+    _depends,
+    _is_link,
+    _is_residual_add,
+    _OutOfSteps,
+    _Pap,
+    _Reducer,
+    _Stuck,
+    _Thunk,
+    _value_type,
+    _Var,
+)
+from bwskc.passes.manager import Pass
+
+_RESIDUAL_PHASE = re.compile(r".+\.residual[0-9]+")
+
+
+class NotLowered(Exception):
+    """Why a residual chain cannot become a coupling chain (reported, never raised to the user)."""
+
+
+@dataclass
+class ReversibleReport:
+    """What the pass did: the chains it lowered and the residual structure it left, with reasons."""
+
+    chains: list[dict] = field(default_factory=list)  # {"name", "blocks", "couplings", "shared"}
+    not_lowered: list[dict] = field(default_factory=list)  # {"where", "reason"}
+
+    def summary(self) -> dict:
+        return {"chains": len(self.chains), "blocks": sum(c["blocks"] for c in self.chains),
+                "couplings": sum(c["couplings"] for c in self.chains), "not_lowered": len(self.not_lowered)}
+
+
+# ------------------------------------------------------------------------------------ reading back
+
+def _reshape(to: TensorType) -> Prim:
+    return Prim("aten.reshape.default", (HOLE, tuple(to.shape)), (), to)
+
+
+class _Readback:
+    """A symbolic value (reducer nodes over variables) as an applicative term over ``ab`` variables."""
+
+    def __init__(self, env: dict[int, object]):
+        self.env = env  # id(node) -> ab term standing for it
+        self.seen: set[int] = set()
+
+    def __call__(self, n):
+        return run_deep(self.read, n)
+
+    def read(self, n):
+        if id(n) in self.env:
+            return self.env[id(n)]
+        if isinstance(n, Term):
+            return ab.Lit(n)
+        if isinstance(n, _Var):
+            raise NotLowered("a branch reads the stream other than through its block's input")
+        if isinstance(n, (_Thunk, _Call)) and (n.args if isinstance(n, _Thunk) else True):
+            if id(n) in self.seen:  # reading it twice would compute it twice
+                raise NotLowered("a branch shares a computation between two uses")
+            self.seen.add(id(n))
+        if isinstance(n, _Thunk):
+            return ab.apply(self.read(n.fun), *[self.read(a) for a in n.args])
+        if isinstance(n, _Call):
+            return ab.apply(ab.Lit(n.prim), *[self.read(a) for a in n.args])
+        if isinstance(n, _Pap):
+            return ab.apply(ab.Lit(n.term), *[self.read(a) for a in n.args])
+        if isinstance(n, _Stuck) and n.args:
+            return ab.apply(self.read(n.args[0]), *[self.read(a) for a in n.args[1:]])
+        raise NotLowered(f"a branch holds a value that is not a term ({type(n).__name__})")
+
+
+@dataclass
+class _Block:
+    stream: object  # the reducer node of the stream this block adds to
+    branch: object  # the reducer node of the update
+    type: TensorType  # the stream's type at this block
+
+
+def branch_term(block: _Block, shared: list[_Var], stream_type: TensorType) -> Term:
+    """``\\m.. s. t[a := s]``, conjugated by reshapes when the block ran on a reshaped stream."""
+    ms = [ab.Var(i) for i in range(1, len(shared) + 1)]
+    s = ab.Var(0)
+    conj = block.type != stream_type
+    stream_value = ab.App(ab.Lit(_reshape(block.type)), s) if conj else s
+    env = {id(block.stream): stream_value}
+    env.update((id(m), v) for m, v in zip(shared, ms))
+    body = _Readback(env)(block.branch)
+    if conj:
+        body = ab.App(ab.Lit(_reshape(stream_type)), body)
+    for v in [s] + list(reversed(ms)):
+        body = ab.abstract(v.id, body)
+    try:
+        return ab.to_term(body)
+    except ValueError as exc:
+        raise NotLowered(f"a branch is not expressible point-free ({exc})") from None
+
+
+def sequential_term(chain: Comb) -> Term:
+    """The residual chain a coupling chain was read from: ``B(S(add, fn), .., S(add, f1))`` (k = 0).
+    Equal in meaning to the phase the pass replaced (up to reshapes): the test of the read-back."""
+    if chain.kind != "R":
+        raise BwskError("sequential_term takes a chain without shared inputs")
+    add = chain.args[0]
+    blocks = [Comb("S", (add, f)) for f in chain.args[1:]]
+    return blocks[0] if len(blocks) == 1 else Comb("B", tuple(reversed(blocks)))
+
+
+# ------------------------------------------------------------------------------------------ the pass
+
+def _reachable(program: Program) -> set[str]:
+    seen: set[str] = set()
+    stack = [program.entry.body]
+    while stack:
+        for t in subterms(stack.pop()):
+            if isinstance(t, Ref) and t.name in program.defs and t.name not in seen:
+                seen.add(t.name)
+                stack.append(program.defs[t.name].body)
+    return seen
+
+
+def _residual_sites(program: Program, names) -> list[dict]:
+    """Residual adds ``S(add, F)`` in the definitions ``names`` that no chain holds, with a reason."""
+    out = []
+    for name in names:
+        d = program.defs[name]
+        if d.kind == "phase" and _RESIDUAL_PHASE.fullmatch(name):
+            continue
+        for t in subterms(d.body):
+            if isinstance(t, Comb) and t.kind == "S" and len(t.args) == 2 and isinstance(t.args[0], Prim) \
+                    and _is_residual_add(t.args[0]):
+                out.append({"where": name, "reason": _why_not(d)})
+                break
+    return out
+
+
+def _why_not(d: Def) -> str:
+    body = d.body
+    if isinstance(body, Comb) and body.kind == "B" and len(body.args) >= 2:
+        head = body.args[0]
+        last = body.args[-1]
+        if isinstance(last, Comb) and last.kind == "S" and not (isinstance(head, Comb) and head.kind == "S"):
+            what = head.op if isinstance(head, Prim) else (head.name if isinstance(head, Ref) else head.kind)
+            return (f"{what} is applied after the residual add (post-norm or post-activation): the "
+                    "stream is not x + F(x), so there is no chain to couple")
+    return ("a lone residual block, or one whose branch reads an earlier stream value: not a chain of "
+            "two or more blocks")
+
+
+def to_reversible(program: Program) -> Program:
+    report = ReversibleReport()
+    defs = dict(program.defs)
+    for name, d in program.defs.items():
+        if d.kind != "phase" or not _RESIDUAL_PHASE.fullmatch(name):
+            continue
+        if isinstance(d.body, Comb) and d.body.kind in REV_KINDS:
+            continue  # already coupled (the pass is idempotent)
+        try:
+            body = run_deep(_coupling_body, program, d)
+        except NotLowered as exc:
+            report.not_lowered.append({"where": name, "reason": str(exc)})
+            continue
+        chain = next(t for t in subterms(body) if isinstance(t, Comb) and t.kind in REV_KINDS)
+        n = len(chain.args) - 1
+        report.chains.append({"name": name, "blocks": n, "couplings": (n + 1) // 2,
+                              "shared": len(d.inputs) - 1})
+        defs[name] = Def(name, d.inputs, d.output, body, d.pos, d.kind)
+    before = _reachable(program)
+    out = program.replace(defs=defs)
+    after = _reachable(out)
+    # definitions only the replaced chains used (the blocks' own wrappers) are dropped
+    out = out.replace(defs={n: d for n, d in defs.items() if n in after or n not in before})
+    report.not_lowered.extend(_residual_sites(out, [n for n in out.defs if n in after]))
+    out.analyses["reversible"] = report
+    return out
+
+
+def _coupling_body(program: Program, d: Def) -> Term:
+    inputs = list(d.inputs)
+    k = len(inputs) - 1
+    reducer = _Reducer(program)
+    args = [_Var(t) for t in inputs]
+    x = args[-1]
+    blocks = _walk(reducer, d.body, args, x)
+    if len(blocks) < 2:
+        raise NotLowered("fewer than two residual blocks")
+    stream = inputs[-1]
+    if not isinstance(stream, TensorType) or not isinstance(d.output, TensorType):
+        raise NotLowered("the stream is not a single tensor")
+    if k >= len(REV_KINDS):
+        raise NotLowered(f"{k} shared inputs (at most {len(REV_KINDS) - 1})")
+    branches = [branch_term(b, args[:k], stream) for b in blocks]
+    add = Prim("aten.add.Tensor", (HOLE, HOLE), (), stream)
+    chain = Comb(REV_KINDS[k], (add, *branches))
+    if d.output == stream:
+        return chain
+    if d.output.numel != stream.numel or d.output.dtype != stream.dtype:
+        raise NotLowered("the chain's output is not a reshape of its input")
+    ms = [ab.Var(i) for i in range(1, k + 1)]
+    xv = ab.Var(0)
+    body = ab.App(ab.Lit(_reshape(d.output)), ab.apply(ab.Lit(chain), *ms, xv))
+    for v in [xv] + list(reversed(ms)):
+        body = ab.abstract(v.id, body)
+    return ab.to_term(body)
+
+
+def _walk(reducer: _Reducer, body: Term, args: list, x) -> list[_Block]:
+    cur, blocks = _Thunk(body, args), []
+    try:
+        while True:
+            v = reducer.whnf(cur)
+            if v is x:
+                return blocks[::-1]
+            if not isinstance(v, _Call):
+                raise NotLowered("the stream does not reduce to residual adds and reshapes")
+            p = v.prim
+            if _is_residual_add(p):
+                a, t = v.args
+                if _depends(t, x, a):
+                    a, t = t, a
+                    if _depends(t, x, a):
+                        raise NotLowered("both operands of a residual add read the stream")
+                blocks.append(_Block(a, t, p.type))
+                cur = a
+            elif v.args and _is_link(p, _value_type(reducer.whnf(v.args[0]))):
+                cur = v.args[0]
+            else:
+                raise NotLowered(f"{p.op} on the stream is neither a residual add nor a reshape")
+    except _OutOfSteps:
+        raise NotLowered("the chain is too large to read symbolically") from None
+
+
+class ReversiblePass(Pass):
+    name = "reversible"
+    kind = "rewrite"
+    requires = ("fusion",)
+
+    def rewrite(self, program: Program, options: dict) -> Program:
+        return to_reversible(program)
+
+
+PASS = ReversiblePass()
