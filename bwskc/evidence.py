@@ -112,11 +112,32 @@ def inputs_differ(a, b) -> bool:
     return type(a) is not type(b) or a != b
 
 
-def check_witness(fn: Callable[..., Any], verdict: Verdict, seed: int = 0) -> bool:
-    """The K claim: the witness's two inputs differ and ``fn`` maps them to the same output."""
-    g = torch.Generator().manual_seed(seed)
+def seeded_witness(verdict: Verdict, g: torch.Generator) -> tuple[Inputs, Inputs, int | None]:
+    """The witness's two inputs and the seed of the global generator under which they collide (None
+    when the op is deterministic). A random op (dropout in training) is a function once its seed is
+    fixed: its verdict has ``extra["seeded_witness"]``, which returns the seed it drew with the pair."""
+    make = verdict.extra.get("seeded_witness")
+    if make is not None:
+        return make(g)
     a, b = verdict.witness(g)
-    return inputs_differ(a, b) and outputs_equal(fn(*a), fn(*b))
+    return a, b, None
+
+
+def run_seeded(fn: Callable[..., Any], inputs: Inputs, seed: int | None):
+    """``fn(*inputs)``, under ``torch.manual_seed(seed)`` (global generator state restored) if a seed."""
+    if seed is None:
+        return fn(*inputs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn(*inputs)
+
+
+def check_witness(fn: Callable[..., Any], verdict: Verdict, seed: int = 0) -> bool:
+    """The K claim: the witness's two inputs differ and ``fn`` maps them to the same output (for a random
+    op, replaying the seed the witness drew before each call)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b, replay = seeded_witness(verdict, g)
+    return inputs_differ(a, b) and outputs_equal(run_seeded(fn, a, replay), run_seeded(fn, b, replay))
 
 
 def check_inverse(fn: Callable[..., Any], verdict: Verdict, inputs: Inputs, rtol=1e-4, atol=1e-5) -> bool:

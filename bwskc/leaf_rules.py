@@ -1195,19 +1195,33 @@ def dropout(leaf: Leaf) -> Verdict:
     if p >= 1:
         return constant_of(leaf)
 
-    def witness(g):
+    def seeded(g, tries=1000):
+        """(a, b, seed): under torch.manual_seed(seed) the mask drops at least one element, and b is a
+        plus 1 on the dropped elements. Dropped elements are those whose output does not move when
+        the input does (dropout, feature and alpha dropout alike). The last global seed set is the
+        one returned (a caller replays it)."""
         a = leaf.random(g)[0]
-        seed = int(torch.randint(0, 2 ** 31, (1,), generator=g))
-        torch.manual_seed(seed)
-        y = leaf.call(a)
-        out = y[0] if isinstance(y, tuple) else y
-        dropped = (out == 0) & (a != 0)
-        b = torch.where(dropped, a + 1, a)
-        return (a,), (b,)
+        with torch.random.fork_rng(devices=[]):
+            for _ in range(tries):
+                seed = int(torch.randint(0, 2 ** 31, (1,), generator=g))
+                outs = []
+                for x in (a, a + 1):
+                    torch.manual_seed(seed)
+                    y = leaf.call(x)
+                    outs.append(y[0] if isinstance(y, tuple) else y)
+                dropped = outs[0] == outs[1]
+                if bool(dropped.any()):
+                    torch.manual_seed(seed)
+                    return (a,), (torch.where(dropped, a + 1, a),), seed
+        raise ValueError(f"no element dropped in {tries} draws of the mask")
+
+    def witness(g):
+        return seeded(g)[:2]
     v = erasing("dropout", f"dropout with p = {p} in training zeroes each element with probability p: "
                 "a dropped element is erased (for the mask drawn, replayed by seed)", witness,
-                "x and x + 1 on the dropped elements (same seed)", None,
+                "x and x + 1 on the dropped elements (same seed, drawn until the mask drops one)", None,
                 f"data-dependent: p n = {p * leaf.x.numel:g} expected")
+    v.extra["seeded_witness"] = seeded
     v.extra["replay_seed"] = True
     return v
 
