@@ -370,6 +370,11 @@ def even_or_step(leaf: Leaf) -> Verdict:
         return erasing("even", f"{p} is even: f(-x) = f(x)", lambda g: _pair(
             leaf, g, lambda x: x.abs() + 0.5, lambda x: -x), "x and -x", 0,
             "even: the Jacobian is invertible almost everywhere")
+    if p == "aten.frac":  # x - trunc(x): slope 1 between integers, not a step
+        return erasing("periodic", "frac(x) = x - trunc(x) has period 1 on x >= 0: frac(x + 1) = frac(x)",
+                       lambda g: _pair(leaf, g, lambda x: (x.abs() * 8).round() / 8 + 1 / 16,
+                                       lambda x: x + 1), "x and x + 1 (x >= 0, a multiple of 1/16)", 0,
+                       "periodic: the Jacobian is the identity almost everywhere")
     if p == "aten.sin":
         return erasing("periodic", "sin(x) = sin(pi - x)", lambda g: _pair(
             leaf, g, lambda x: x * 0.5, lambda x: math.pi - x), "x and pi - x", 0)
@@ -692,11 +697,13 @@ def convert(leaf: Leaf) -> Verdict:
     if src.is_floating_point:
         tiny = 0.25 if not dst.is_floating_point else float(torch.finfo(dst).eps) / 4
 
-        def witness(g):
-            a = leaf.random(g)[0].to(torch.float64).round().to(src) + 1
+        def witness(g):  # to an integer: x >= 1 integral and x + 1/4 (truncation toward zero)
+            a = leaf.random(g)[0].to(torch.float64).round()
+            a = (a if dst.is_floating_point else a.abs()).to(src) + 1
             return (a,), (a + a.abs() * tiny if dst.is_floating_point else a + tiny,)
         return erasing("rounding", f"{src} -> {dst} rounds: nearby inputs meet", witness,
-                       "x and x(1 + eps/4)" if dst.is_floating_point else "x and x + 1/4", 0,
+                       "x and x(1 + eps/4)" if dst.is_floating_point else
+                       "k and k + 1/4 for an integer k >= 1 (truncation toward zero)", 0,
                        "rounding: the Jacobian is the identity almost everywhere")
     if dst.is_floating_point:  # integer -> float: exact below 2**(mantissa bits + 1)
         m = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24, torch.float64: 53}.get(dst, 24)

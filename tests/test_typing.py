@@ -1472,10 +1472,6 @@ def test_bug_reduction_witness_moves_the_wrong_way(name, f, op):
         check_k(leaf_of(program, site).call, v, seed)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "aten.frac is typed K by the 'step' rule ('constant on intervals', witness k + 1/8 and k + 1/4, dof "
-    "data-dependent), but frac(x) = x - trunc(x) has slope 1 between integers: the witness's outputs "
-    "0.125 and 0.25 differ. It is periodic: x and x + 1 collide, and it loses no degree of freedom"))
 def test_bug_frac_is_not_a_step_function():
     program, result = lower_typed(Fn(torch.frac), (_X,))
     _, v, leaf = only_leaf(program, result)
@@ -1483,10 +1479,6 @@ def test_bug_frac_is_not_a_step_function():
     assert v.dof_lost == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the rounding witness for a float -> integer conversion is a = round(x) + 1 and a + 1/4; the "
-    "conversion truncates toward zero, so for a negative a (a = -3: -2.75 -> -2) the outputs differ. "
-    "Use |a| + 1 (or move toward zero)"))
 def test_bug_float_to_int_witness_with_negative_values():
     program, result = lower_typed(Fn(lambda x: x.long()), (_X,))
     _, v, leaf = only_leaf(program, result)
