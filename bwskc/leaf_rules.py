@@ -1115,31 +1115,32 @@ def reduction(leaf: Leaf) -> Verdict:
 
     def witness(g):
         a = leaf.random(g)[0]
-        b = a.clone().double()
-        sel = [slice(None)] * a.dim()
-        # two elements of one reduction group, everywhere: move them in opposite directions (sum, mean)
-        # or push a non-extreme one further from the extreme (max, argmax)
-        first, second = list(sel), list(sel)
-        for d in dims[:-1]:
-            first[d] = second[d] = 0
-        first[dims[-1]], second[dims[-1]] = 0, 1
-        if extreme:
+        if extreme:  # push every non-extreme element further from the extreme
+            b = a.clone().double()
             ref = b.amax(dim=dims, keepdim=True) if lowest else b.amin(dim=dims, keepdim=True)
-            mask = b != ref
-            b = torch.where(mask, b - 1 if lowest else b + 1, b)
-        elif leaf.packet in ("aten.var", "aten.std"):
-            b = b + 1
-        elif leaf.packet == "aten.prod":
-            b[tuple(first)] *= 2
-            b[tuple(second)] /= 2
+            b = torch.where(b != ref, b - 1 if lowest else b + 1, b)
+            return (a,), (b.to(a.dtype),)
+        # a symmetric reduction (sum, mean, prod, var, std, norms, logsumexp, all, any, var_mean) is
+        # unchanged when two unequal elements of one group trade places: in every group, the elements at
+        # index 0 and 1 of a reduced axis of size >= 2 (index 0 on the other reduced axes)
+        axis = next(d for d in dims if leaf.x.shape[d] >= 2)
+        first, second = [slice(None)] * a.dim(), [slice(None)] * a.dim()
+        for d in dims:
+            first[d] = second[d] = 0
+        first[axis], second[axis] = 0, 1
+        first, second = tuple(first), tuple(second)
+        a = a.clone()
+        if a.dtype == torch.bool:
+            a[first], a[second] = True, False
         else:
-            b[tuple(first)] += 0.5
-            b[tuple(second)] -= 0.5
-        return (a,), (b.to(a.dtype),)
+            a[second] = a[first] + 1
+        b = a.clone()
+        b[first], b[second] = a[second], a[first]
+        return (a,), (b,)
     lost = leaf.x.numel - leaf.x.numel // group
     return erasing("reduction", f"{leaf.packet} summarises groups of {group} elements by one value",
-                   witness, "two elements of a group moved apart (sum, mean), or a non-extreme one "
-                   "moved further from the extreme (max)", _dof(leaf, lost) if not extreme else None,
+                   witness, "two unequal elements of a group swapped (symmetric reductions), or the "
+                   "non-extreme ones moved further from the extreme (max)", _dof(leaf, lost) if not extreme else None,
                    "input size minus output size" if not extreme else "data-dependent (a step function)")
 
 

@@ -240,6 +240,8 @@ def _coupling_body(program: Program, d: Def) -> Term:
     if k >= len(REV_KINDS):
         raise NotLowered(f"{k} shared inputs (at most {len(REV_KINDS) - 1})")
     branches = [branch_term(b, args[:k], stream) for b in blocks]
+    for f in branches:
+        _check_replayable(program, f)
     add = Prim("aten.add.Tensor", (HOLE, HOLE), (), stream)
     chain = Comb(REV_KINDS[k], (add, *branches))
     if d.output == stream:
@@ -252,6 +254,21 @@ def _coupling_body(program: Program, d: Def) -> Term:
     for v in [xv] + list(reversed(ms)):
         body = ab.abstract(v.id, body)
     return ab.to_term(body)
+
+
+def _check_replayable(program: Program, term: Term) -> None:
+    """Backward recomputes each branch: its randomness must be replayable (``bwskc.runtime.rng``)."""
+    from bwskc.runtime.rng import is_unreplayed_random
+    seen: set[str] = set()
+    stack = [term]
+    while stack:
+        for t in subterms(stack.pop()):
+            if isinstance(t, Prim) and is_unreplayed_random(t.op):
+                raise NotLowered(f"a branch draws random numbers with {t.op}, which the runtime cannot "
+                                 "replay in backward")
+            if isinstance(t, Ref) and t.name in program.defs and t.name not in seen:
+                seen.add(t.name)
+                stack.append(program.defs[t.name].body)
 
 
 def _walk(reducer: _Reducer, body: Term, args: list, x) -> list[_Block]:

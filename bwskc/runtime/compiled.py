@@ -50,6 +50,13 @@ class _TrainBackend(_FxBackend):
                 self.sites[self.where] += 1
                 fn = rng.native_dropout if prim.op == "aten.native_dropout.default" else rng.dropout
                 return self.graph.call_function(fn, (args[0], args[1], self.seed, self.where + (site,)))
+        if prim.op == "aten.uniform.default":
+            site = self.sites[self.where]
+            self.sites[self.where] += 1
+            low = args[1] if len(args) > 1 else kwargs.get("from", 0.0)
+            high = args[2] if len(args) > 2 else kwargs.get("to", 1.0)
+            return self.graph.call_function(rng.uniform_like, (args[0], low, high, self.seed,
+                                                               self.where + (site,)))
         if prim.op == SDPA:
             p = args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0)
             if p:
