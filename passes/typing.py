@@ -259,12 +259,19 @@ def _compose(term: Comb, result: TypingResult) -> Verdict:
         inverse = None
         if all(i is not None for i in inverses):
             def inverse(y, inverses=inverses):
-                for inv in inverses:  # outermost first: undo f1, then f2, ...
-                    y = inv(y)[0]
-                return (y,)
+                # B(f1, ..., fn) x y1 .. ym = f1(f2(... fn(x)), y1, .., ym): f1's inverse gives back
+                # (f2(... fn(x)), y1, .., ym); the inner components are unary: undo them on the first
+                first, *rest = inverses[0](y)
+                for inv in inverses[1:]:  # then f2, ..., fn
+                    back = tuple(inv(first))
+                    if len(back) != 1:
+                        raise ValueError("an inner component of B takes more than one input")
+                    first = back[0]
+                return (first, *rest)
         return Verdict(S, "B: composition", "a composition of injective maps is injective", 0,
                        inverse=inverse, surjective=all(p.surjective for p in parts),
-                       extra={"inverse_text": "the components' inverses, outermost first"})
+                       extra={"inverse_text": "the components' inverses, outermost first (the outermost "
+                              "one's extra inputs kept)"})
     j = max(i for i, p in enumerate(parts) if p.type != S)
     inner = parts[j + 1:]
     if parts[j].type == K and all(p.surjective for p in inner):

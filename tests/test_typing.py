@@ -1108,14 +1108,11 @@ def s_composite_failure(fn, v, types, seed, jacobian=True) -> str | None:
     them back and its Jacobian has full column rank. Tried at scales 1, 0.1 and 0.01 in turn: a chain of
     growing steps into tanh saturates in float64 at large inputs (tanh'(300) = 0), an injective map
     that is numerically flat there; a wrong inverse or an erasing map fails at every scale."""
-    # the inverse of B with an outer component of several holes drops inputs: a known bug, pinned by
-    # test_bug_composite_inverse_with_a_binary_outer_component (only the Jacobian is checked then)
-    known_bug = v.rule == "B: composition" and len(types) > 1
     why = None
     for scale in (1.0, 0.1, 0.01):
         x = random_inputs(types, torch.Generator().manual_seed(seed), scale)
         why = None
-        if v.inverse is not None and not known_bug:
+        if v.inverse is not None:
             with torch.no_grad():
                 back = tuple(v.inverse(fn(*x)))
             why = mismatch(back, x, 1e-5)
@@ -1409,11 +1406,6 @@ class _UsesTanhCat(nn.Module):
         return self.u(x, y) * 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the B rule's inverse undoes the components one after the other, keeping only the first input each "
-    "outer inverse returns: for B(f, g) with f of two holes, (a, b) -> f(g(a), b), it drops b. The "
-    "definition (a, b) -> cat([tanh a, b]) (body B(cat([_, _]), tanh)) is rightly S but its inverse "
-    "returns 1 tensor for 2 inputs. Fix: return (g_inv(f_inv(y)[0])[0], *f_inv(y)[1:]), or no inverse"))
 def test_bug_composite_inverse_with_a_binary_outer_component():
     x = torch.randn(3, 4, dtype=torch.float64)
     failures = []
