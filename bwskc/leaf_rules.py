@@ -448,7 +448,10 @@ def additive(leaf: Leaf) -> Verdict:
 
 
 def _same_shape(leaf: Leaf) -> bool:
-    return isinstance(leaf.out, TensorType) and leaf.x is not None and leaf.out.shape == leaf.x.shape
+    """Output of the input's shape and dtype: a bijective elementwise map is then onto its type (a
+    promoted dtype is not: x + 0.5 on integers gives only the values k + 0.5)."""
+    return isinstance(leaf.out, TensorType) and leaf.x is not None and leaf.out.shape == leaf.x.shape \
+        and leaf.out.dtype == leaf.x.dtype
 
 
 def _unbroadcast(y: torch.Tensor, t: TensorType) -> torch.Tensor:
@@ -975,7 +978,8 @@ def cumsum(leaf: Leaf) -> Verdict:
         return (torch.diff(y.double(), dim=dim, prepend=torch.zeros_like(y.double().narrow(dim, 0, 1)))
                 .to(leaf.x.torch_dtype),)
     return injective("triangular", "a running sum is a unit lower-triangular linear map: differences "
-                     "invert it", inverse, "differences along the summed axis", surjective=True)
+                     "invert it", inverse, "differences along the summed axis",
+                     surjective=leaf.out.dtype == leaf.x.dtype)
 
 
 # ------------------------------------------------------------------------- normalisations, reductions
@@ -1198,7 +1202,7 @@ def dropout(leaf: Leaf) -> Verdict:
     if not train or p == 0:
         v = injective("identity", f"dropout with p = {p} in {'training' if train else 'eval'} mode is "
                       "the identity", lambda y: ((y[0] if isinstance(y, tuple) else y),), "identity",
-                      surjective=True)
+                      surjective=isinstance(leaf.out, TensorType))  # native_dropout: (x, all-True mask)
         return v
     if p >= 1:
         return constant_of(leaf)

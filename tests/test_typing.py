@@ -1376,11 +1376,6 @@ def test_bug_no_witness_for_large_convolutions_and_pools():
     assert not failures, failures
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the dropout rule's identity verdict (p = 0, or train = False) claims surjective=True also for "
-    "aten.native_dropout, whose output (x, all-True mask) is not onto its tuple type; the B rule then "
-    "pulls getitem(_, 0)'s collision (it ignores the mask) back through it and types "
-    "B(getitem(_, 0), native_dropout(_, 0.0, True)), which is the identity, K"))
 @pytest.mark.parametrize("p,train", [(0.0, True), (0.5, False)])
 def test_bug_native_dropout_identity_is_not_onto(p, train):
     out = "(f32[3,5], bool[3,5])"
@@ -1423,11 +1418,6 @@ def test_bug_composite_inverse_with_a_binary_outer_component():
     assert not failures, failures
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "translation and scaling claim surjective when the output has the input's shape, whatever the dtypes: "
-    "x + 0.5 on an i64 input gives f32 values k + 0.5 only, not all of f32. The B rule then pulls "
-    "floor's collision (k + 1/8 and k + 1/4) back through it and types floor(x + 0.5) on integers K, "
-    "although it is x itself. Fix: surjective only when the input and output dtypes agree"))
 def test_bug_dtype_promotion_is_not_onto():
     program, result = lower_typed(Fn(lambda x: torch.floor(x + 0.5)), (torch.randint(-5, 5, (3, 4)),))
     xs = torch.randint(-1000, 1000, (3, 4))
