@@ -85,24 +85,54 @@ def _coded(types, start: int):
     return out, start
 
 
-def _flat_out(y) -> torch.Tensor:
+def _out_parts(y) -> list[torch.Tensor]:
+    """Every tensor of an output (tuples flattened in order, any dtype), each flattened."""
     if isinstance(y, (tuple, list)):
-        parts = [_flat_out(i) for i in y]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        return [p for i in y for p in _out_parts(i)]
     if isinstance(y, torch.Tensor):
-        return y.reshape(-1).to(torch.float64) if y.is_floating_point() else torch.zeros(0)
-    return torch.zeros(0, dtype=torch.float64)
+        return [y.reshape(-1)]
+    return []
 
 
-def _rebuild(types, flat: torch.Tensor, start: int):
+def _tensor_types(t) -> list[TensorType]:
+    if isinstance(t, TupleType):
+        return [i for item in t.items for i in _tensor_types(item)]
+    return [t] if isinstance(t, TensorType) else []
+
+
+def _rebuild(types, parts: list[torch.Tensor], part_of: torch.Tensor, local: torch.Tensor, start: int = 0):
+    """The inputs of ``types`` (tuples nested as they are) whose element k is the output element
+    ``parts[part_of[k]][local[k]]``, each in its own dtype (exact: no common dtype in between)."""
     out = []
     for t in types:
         if isinstance(t, TupleType):
-            items, start = _rebuild(t.items, flat, start)
+            items, start = _rebuild(t.items, parts, part_of, local, start)
             out.append(tuple(items))
-        else:
-            out.append(flat[start:start + t.numel].reshape(t.shape).to(t.torch_dtype))
-            start += t.numel
+            continue
+        values = torch.empty(t.numel, dtype=t.torch_dtype)
+        pj, lj = part_of[start:start + t.numel], local[start:start + t.numel]
+        for j in pj.unique().tolist():
+            m = pj == j
+            values[m] = parts[j][lj[m]].to(t.torch_dtype)
+        out.append(values.reshape(t.shape))
+        start += t.numel
+    return out, start
+
+
+def _bump(types, values, k: int, start: int = 0):
+    """``values`` (of ``types``) with input element k changed: flipped if bool, plus 1 otherwise."""
+    out = []
+    for t, v in zip(types, values):
+        if isinstance(t, TupleType):
+            items, start = _bump(t.items, v, k, start)
+            out.append(tuple(items))
+            continue
+        if start <= k < start + t.numel:
+            v = v.clone().reshape(-1)
+            v[k - start] = ~v[k - start] if v.dtype == torch.bool else v[k - start] + 1
+            v = v.reshape(t.shape)
+        out.append(v)
+        start += t.numel
     return out, start
 
 
@@ -112,14 +142,18 @@ def _rebuild(types, flat: torch.Tensor, start: int):
       "aten.as_strided", "aten.movedim", "aten.tensor_split", "aten.take", "getitem", "tuple",
       "aten.pixel_shuffle", "aten.pixel_unshuffle", "aten.channel_shuffle", "aten.tril", "aten.triu")
 def selection(leaf: Leaf) -> Verdict:
-    """Output elements are copies of input elements (or constants): decide by running on codes."""
+    """Output elements are copies of input elements (or constants): decide by running on codes.
+
+    Every input (floating, integer or bool) is coded in float64; the inverse gathers each input element
+    from the output tensor holding its first copy, in that input's own dtype."""
     total = sum(_numel(t) for t in leaf.inputs)
     if total > _SELECTION_LIMIT or not leaf.bound_known():
         why = "too large to code here" if total > _SELECTION_LIMIT else "its bound indices are unknown"
         return gray("selection", f"{leaf.op} copies input elements: injective iff it reads every one",
                     "every input element appears in the output", f"coding its inputs ({why})", None)
     coded, n = _coded(leaf.inputs, 0)
-    flat = _flat_out(leaf.call(*coded))
+    parts = _out_parts(leaf.call(*coded))
+    flat = torch.cat([p.to(torch.float64) for p in parts]) if parts else torch.zeros(0, dtype=torch.float64)
     codes = flat - _BASE
     valid = (codes >= 0) & (codes < n) & (codes == codes.round())
     pos = torch.nonzero(valid).flatten()
@@ -128,21 +162,32 @@ def selection(leaf: Leaf) -> Verdict:
     first.scatter_reduce_(0, code_at, pos, reduce="amin", include_self=False)
     unread = torch.nonzero(first < 0).flatten()
     if len(unread) == 0:
-        def inverse(y, first=first, types=leaf.inputs):
-            return tuple(_rebuild(types, _flat_out(y)[first], 0)[0])
+        sizes = torch.tensor([len(p) for p in parts], dtype=torch.long)
+        ends = torch.cumsum(sizes, 0)
+        part_of = torch.searchsorted(ends, first, right=True)
+        local = first - (ends - sizes)[part_of]
+
+        def inverse(y, part_of=part_of, local=local, types=leaf.inputs):
+            return tuple(_rebuild(types, _out_parts(y), part_of, local)[0])
+        # onto its type when the copies are a bijection and each keeps its element's dtype
+        ins = [t.torch_dtype for t in _tensor_types(TupleType(tuple(leaf.inputs)))]
+        outs = [t.torch_dtype for t in _tensor_types(leaf.out)]
+        onto = len(pos) == n and len(flat) == n and len(outs) == len(parts)
+        if onto:
+            in_dt = torch.tensor([i for i, t in enumerate(_tensor_types(TupleType(tuple(leaf.inputs))))
+                                  for _ in range(t.numel)], dtype=torch.long)
+            out_dt = torch.repeat_interleave(torch.arange(len(parts)), sizes)
+            onto = all(ins[int(i)] == outs[int(o)] for i, o in
+                       torch.unique(torch.stack([in_dt[code_at], out_dt[pos]]), dim=1).T)
         return injective("selection", f"{leaf.op} copies every input element to the output "
                          "(checked by running it on coded inputs): a gather recovers the inputs",
                          inverse, "gather of the first output position of each input element",
-                         surjective=len(pos) == n and len(flat) == n)
+                         surjective=onto)
     k = int(unread[0])
 
     def witness(g, k=k, leaf=leaf):
         a = leaf.random(g)
-        flat_a = torch.cat([_flat_out(v) for v in a]) if a else torch.zeros(0)
-        flat_b = flat_a.clone()
-        flat_b[k] += 1
-        b = tuple(_rebuild(leaf.inputs, flat_b, 0)[0])
-        return a, b
+        return a, tuple(_bump(leaf.inputs, a, k)[0])
     return erasing("selection", f"{leaf.op} never reads {len(unread)} of its {n} input elements",
                    witness, f"change input element {k} (not read)", _dof(leaf, len(unread)),
                    "unread input elements")

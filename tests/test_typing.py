@@ -295,8 +295,6 @@ def _huge_bound(leaf: Leaf) -> bool:
 
 def _known_bug(program, site, verdict) -> str | None:
     """The xfail test that pins this site's bug, or None. Remove an entry when its xfail is removed."""
-    if verdict.rule == "selection" and _has_discrete(site.inputs):
-        return "test_bug_selection_evidence_with_discrete_inputs"
     if verdict.rule == "joint" and _has_discrete(site.inputs):
         return "test_bug_joint_witness_with_discrete_operands"
     if verdict.rule in ("translation", "scaling") and _huge_bound(leaf_of(program, site)):
@@ -1291,11 +1289,6 @@ class _UsesPair(nn.Module):
         return i + 1, s * 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "leaf_rules._flat_out drops integer and bool tensors, so the selection rule's inverse (a gather) and "
-    "witness (_rebuild) index out of range whenever an input holds one: S inverse of tuple(i64, f32) "
-    "(switch's router) and of aten.index.Tensor on a bool mask (t5, switch) raise IndexError; K witness "
-    "of getitem on (f32, i64) (max.dim, switch), (i64, f32) and (f32, bool) (native_dropout) raises"))
 def test_bug_selection_evidence_with_discrete_inputs():
     x = torch.randn(3, 4)
     cases = [
