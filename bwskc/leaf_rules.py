@@ -464,9 +464,7 @@ def additive(leaf: Leaf) -> Verdict:
     alpha = leaf.arg("alpha", 1)
     holes = leaf.hole_args
     if holes == ["self", "other"]:
-        return _joint_collision(leaf, "x + y is unchanged by (x + c, y - c)" if leaf.packet == "aten.add"
-                                else "x - y is unchanged by (x + c, y + c)",
-                                lambda x, y: (x + 1, y - 1 if leaf.packet == "aten.add" else y + 1))
+        return _joint_additive(leaf, alpha)
     if len(holes) != 1 or leaf.x is None:
         return no_rule(leaf.op)
     hole = holes[0]
@@ -510,9 +508,75 @@ def _unbroadcast(y: torch.Tensor, t: TensorType) -> torch.Tensor:
     return y.to(t.torch_dtype).reshape(t.shape)
 
 
-def _joint_collision(leaf: Leaf, claim: str, move: Callable) -> Verdict:
+def _is_bool(t) -> bool:
+    return isinstance(t, TensorType) and t.torch_dtype == torch.bool
+
+
+def _discrete(t) -> bool:
+    return isinstance(t, TensorType) and not t.torch_dtype.is_floating_point and not t.torch_dtype.is_complex
+
+
+def _bumped(x: torch.Tensor) -> torch.Tensor:
+    return ~x if x.dtype == torch.bool else x + 1
+
+
+def _joint_additive(leaf: Leaf, alpha) -> Verdict:
+    """x + a y, x - a y and y - a x (rsub) of two activations: move x and y so that the sum stays (in
+    their own dtypes; a bool operand is a 0/1 summand, and bool + bool is or)."""
+    p = leaf.packet
+    tx, ty = leaf.inputs
+    if alpha == 0:  # add, sub: y is ignored; rsub: x is
+        return _joint_collision(leaf, f"{p} with alpha = 0 ignores an operand", lambda x, y: (
+            (x, _bumped(y)) if p != "aten.rsub" else (_bumped(x), y)))
+    if p == "aten.add" and _is_bool(tx) and _is_bool(ty):
+        return _joint_collision(leaf, "x or y is unchanged by y where x is True", lambda x, y: (
+            torch.ones_like(x), ~y), lambda x, y: (torch.ones_like(x), y))
+    if p == "aten.add" and _is_bool(ty):  # x + a y = (x + a) + a * 0 where y is True
+        return _joint_collision(leaf, "x + a y with y bool: (x, True) and (x + a, False)", lambda x, y: (
+            x + alpha, torch.zeros_like(y)), lambda x, y: (x, torch.ones_like(y)))
+    if p == "aten.add" and _is_bool(tx) and alpha == 1:  # True + y = False + (y + 1)
+        return _joint_collision(leaf, "x + y with x bool: (True, y) and (False, y + 1)", lambda x, y: (
+            torch.zeros_like(x), y + 1), lambda x, y: (torch.ones_like(x), y))
+    move = {"aten.add": lambda x, y: (x + alpha, y - 1), "aten.sub": lambda x, y: (x + alpha, y + 1),
+            "aten.rsub": lambda x, y: (x + 1, y + alpha)}[p]
+    claim = {"aten.add": "x + a y is unchanged by (x + a, y - 1)",
+             "aten.sub": "x - a y is unchanged by (x + a, y + 1)",
+             "aten.rsub": "y - a x is unchanged by (x + 1, y + a)"}[p]
+    return _joint_collision(leaf, claim, move)
+
+
+def _joint_multiplicative(leaf: Leaf) -> Verdict:
+    """x * y and x / y of two activations. Real operands: (2x, y/2), (2x, 2y). A discrete operand
+    keeps its dtype: x * 0 = (x + 1) * 0, 0 / y = 0 / 2y, x / False = inf for x > 0."""
+    p = leaf.packet
+    tx, ty = leaf.inputs
+    if p == "aten.mul":
+        if not (_discrete(tx) or _discrete(ty)):
+            return _joint_collision(leaf, "x * y is unchanged by (2x, y/2)", lambda x, y: (x * 2, y / 2))
+        return _joint_collision(leaf, "x * 0 = x' * 0: (x, 0) and (x + 1, 0)", lambda x, y: (
+            _bumped(x), torch.zeros_like(y)), lambda x, y: (x, torch.zeros_like(y)))
+    if not (_discrete(tx) or _discrete(ty)):
+        return _joint_collision(leaf, "x / y is unchanged by (2x, 2y)", lambda x, y: (x * 2, y * 2))
+    if _is_bool(tx) and _is_bool(ty):  # 1, 0, inf, nan: the four inputs give four outputs
+        def inverse(out):
+            return ((out == 1) | torch.isinf(out), torch.isfinite(out))
+        return injective("joint", "x / y of two bools takes the four values 1, 0, inf and nan on the four "
+                         "inputs", inverse, "x = (y == 1 or y == inf), y = y is finite")
+    if _is_bool(ty):  # x / False = inf for every x > 0
+        return _joint_collision(leaf, "x / False = inf for every x > 0: (x, False) and (x + 1, False)",
+                                lambda x, y: (x.abs() + 2, torch.zeros_like(y)),
+                                lambda x, y: (x.abs() + 1, torch.zeros_like(y)))
+    return _joint_collision(leaf, "0 / y = 0 / 2y: (0, y) and (0, 2y)", lambda x, y: (
+        torch.zeros_like(x), y * 2), lambda x, y: (torch.zeros_like(x), y))
+
+
+def _joint_collision(leaf: Leaf, claim: str, move: Callable, start: Callable | None = None) -> Verdict:
+    """K of two activation operands: the witness is ``start(x, y)`` (default: random x, y) and ``move``
+    of it."""
     def witness(g):
         a = leaf.random(g)
+        if start is not None:
+            a = tuple(start(*a))
         return a, tuple(move(*a))
     lost = _dof(leaf, sum(_numel(t) for t in leaf.inputs) - _numel(leaf.out))
     return erasing("joint", f"as a function of both activation operands: {claim}", witness, claim, lost,
@@ -523,9 +587,7 @@ def _joint_collision(leaf: Leaf, claim: str, move: Callable) -> Verdict:
 def multiplicative(leaf: Leaf) -> Verdict:
     holes = leaf.hole_args
     if holes == ["self", "other"]:
-        return _joint_collision(leaf, "x * y is unchanged by (2x, y/2)" if leaf.packet == "aten.mul"
-                                else "x / y is unchanged by (2x, 2y)",
-                                lambda x, y: (x * 2, y / 2 if leaf.packet == "aten.mul" else y * 2))
+        return _joint_multiplicative(leaf)
     if len(holes) != 1 or leaf.x is None or not _float(leaf.x):
         return no_rule(leaf.op)
     hole = holes[0]

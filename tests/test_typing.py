@@ -295,8 +295,6 @@ def _huge_bound(leaf: Leaf) -> bool:
 
 def _known_bug(program, site, verdict) -> str | None:
     """The xfail test that pins this site's bug, or None. Remove an entry when its xfail is removed."""
-    if verdict.rule == "joint" and _has_discrete(site.inputs):
-        return "test_bug_joint_witness_with_discrete_operands"
     if verdict.rule in ("translation", "scaling") and _huge_bound(leaf_of(program, site)):
         return "test_bug_float32_absorption_of_a_mask_constant"
     if verdict.type == K and site.prim.op in ("aten.conv2d.default", "aten.convolution.default",
@@ -1316,11 +1314,6 @@ def test_bug_selection_evidence_with_discrete_inputs():
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the joint rule's witness for x * y is (2x, y/2) whatever the dtypes: with integer or bool operands "
-    "(switch's router multiplies i64 expert indices by a bool mask) y/2 is a float tensor, so the "
-    "witness's second input has the wrong dtype and its output differs; a zero operand would do: "
-    "(x, 0) and (x + 1, 0)"))
 def test_bug_joint_witness_with_discrete_operands():
     program, result = lower_typed(Fn(lambda x, y: x * (y > 0)),
                                   (torch.randint(0, 5, (3, 4)), torch.randn(3, 4)))
