@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from bwskc.errors import BwskError, IRSyntaxError, VerifyError
+from bwskc import ir
 from bwskc.ir import Program
 
 __version__ = "0.1.0"
@@ -74,15 +75,28 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
         program = model_or_program
     else:
         program = lower(model_or_program, example_args, example_kwargs, train=True)
-    names = {"conventional": [], "analyzed": ["typing", "calm"], "reversible": ["reversible"]}[mode]
-    if names:
-        program = run_passes(program, names)
+    if mode == "analyzed":
+        program = run_passes(program, ["typing", "calm"])
+    elif mode == "reversible" and not any(
+            isinstance(t, ir.Comb) and t.kind in ir.REV_KINDS for t in _all_subterms(program)):
+        # The chains are all the rewrite needs: fusion without the typing analysis (every term
+        # GRAY, so no S-phase is outlined) finds them at a fraction of the cost of the full pipeline.
+        from bwskc.passes.fusion import fuse
+        from bwskc.passes.reversible import to_reversible
+        from bwskc.verify import verify_program
+        program = to_reversible(fuse(program, lambda term: "GRAY"))
+        verify_program(program, filename="<after reversible>")
     program = program.with_weights({k: v.detach().clone() for k, v in program.weights.items()})
     module = compile_program(program, reversible=mode == "reversible" and not store_activations,
                              seed=seed)
     module.program, module.mode = program, mode
     module.analyses = dict(program.analyses)
     return module
+
+
+def _all_subterms(program: Program):
+    for body in [d.body for d in program.defs.values()] + [program.entry.body]:
+        yield from ir.subterms(body)
 
 
 def verify(program: Program) -> None:

@@ -71,6 +71,7 @@ from bwskc._deep import run_deep
 from bwskc.errors import BwskError
 from bwskc.ir import (
     HOLE,
+    REV_KINDS,
     Comb,
     Def,
     Entry,
@@ -244,6 +245,8 @@ class _Reducer:
                 fun = self.defs[fun.name].body
                 continue
             if not isinstance(fun, Comb):  # a bound tensor or constant used as a value
+                return _Stuck(args)
+            if fun.kind in REV_KINDS:  # a coupling chain is opaque here: not a residual chain of adds
                 return _Stuck(args)
             self.reduced.add(id(fun))
             kind, cargs = fun.kind, fun.args

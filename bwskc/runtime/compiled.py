@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from bwskc._deep import run_deep
-from bwskc.ir import Comb, Program, rev_shared
+from bwskc.ir import Comb, Const, Prim, Program, Ref, rev_shared, subterms
 from bwskc.runtime import rng
 from bwskc.runtime.codegen import _FxBackend, _module_tree, _placeholder_name
 from bwskc.runtime.coupling import ChainSpec, CouplingFunction
@@ -85,8 +85,9 @@ class _TrainBackend(_FxBackend):
         inputs: list = []  # root-graph nodes of the tensors and constants the branches read
         keys: dict = {}
         branches, index = [], []
+        passed = _passed_consts(denoter.program, t.args[1:])
         for i, f in enumerate(t.args[1:]):
-            gm, needed = _branch_module(denoter.program, f, k, (chain_id, i))
+            gm, needed = _branch_module(denoter.program, f, k, (chain_id, i), passed)
             mine = []
             for key in needed:
                 if key not in keys:
@@ -141,18 +142,63 @@ class _BranchBackend(_TrainBackend):
 
 
 class _BranchDenoter(Denoter):
+    """Constants computed from parameters (Mamba's ``-exp(A_log)``) are recomputed in the branch, so
+    that backward saves the parameters, not a per-layer copy; the others (masks, rotary tables) come in
+    as inputs, computed once per forward call and shared by every layer."""
+
+    def __init__(self, program, backend, passed: frozenset):
+        super().__init__(program, backend)
+        self.passed = passed
+
     def const(self, index: int):
-        return self.backend._input(("const", index))
+        if index in self.passed:
+            return self.backend._input(("const", index))
+        return super().const(index)
 
 
-def _branch_module(program: Program, f, k: int, where: tuple):
+def _consts_used(program: Program, term) -> set[int]:
+    """Constants a term reads, through the definitions it calls."""
+    out: set[int] = set()
+    seen: set[str] = set()
+    stack = [term]
+    while stack:
+        for t in subterms(stack.pop()):
+            if isinstance(t, Prim):
+                out.update(t.const_refs())
+            elif isinstance(t, Const):
+                out.add(t.index)
+            elif isinstance(t, Ref) and t.name in program.defs and t.name not in seen:
+                seen.add(t.name)
+                stack.append(program.defs[t.name].body)
+    return out
+
+
+def _passed_consts(program: Program, branches) -> frozenset:
+    """Constants a chain takes as inputs: those two or more branches read and that no parameter
+    feeds (an attention mask, rotary tables: computed once per call, saved once for all layers). A
+    constant one branch reads (Mamba's initial state) or one computed from parameters (``-exp(A_log)``)
+    is recomputed inside its branch, so that nothing per layer is saved beyond the parameters."""
+    uses = Counter(i for f in branches for i in _consts_used(program, f))
+    return frozenset(i for i, n in uses.items() if n >= 2 and not _reads_tensors(program, i))
+
+
+def _reads_tensors(program: Program, index: int) -> bool:
+    memo = program.__dict__.setdefault("_const_reads_tensors", {})
+    if index not in memo:
+        prim = program.consts[index]
+        memo[index] = any(True for _ in prim.tensor_refs()) or any(
+            _reads_tensors(program, j) for j in prim.const_refs())
+    return memo[index]
+
+
+def _branch_module(program: Program, f, k: int, where: tuple, passed: frozenset):
     """``f`` as a GraphModule ``(*shared, stream, seed, *inputs)`` and the keys of its inputs."""
     def build():
         graph = fx.Graph()
         args = [graph.placeholder(f"shared_{j}") for j in range(k)] + [graph.placeholder("stream")]
         seed = graph.placeholder("seed")
         backend = _BranchBackend(graph, seed, where)
-        fn = _BranchDenoter(program, backend).term(f)
+        fn = _BranchDenoter(program, backend, passed).term(f)
         for a in args:
             fn = fn(a)
         graph.output(fn)
@@ -199,5 +245,6 @@ def compile_program(program: Program, *, reversible: bool, seed: int = 0) -> Com
     root = _module_tree(program)
     root.register_buffer(RNG_BUFFER, torch.tensor([seed, 0, 1], dtype=torch.int64), persistent=False)
     gm = CompiledModule(root, graph, class_name=program.name.replace("-", "_").replace(".", "_") or "Model")
+    gm.register_buffer(RNG_BUFFER, getattr(gm, RNG_BUFFER), persistent=False)  # fx copied it as persistent
     gm.chains = [c for c in chains if c is not None]
     return gm
