@@ -1112,16 +1112,53 @@ def layer_norm(leaf: Leaf) -> Verdict:
     d = math.prod(shape)
     eps = leaf.arg("eps", 1e-5)
     rows = _rows(leaf, d)
-    if leaf.packet == "aten.native_layer_norm":
-        return gray("normalisation with statistics", "native_layer_norm also returns each row's mean "
-                    "and 1/std, from which the input is recovered", "the weight has no zero element",
-                    "the weight's value", 0)
     per = 1 if eps > 0 else 2
-    return erasing("shift invariance", "LN(x + c) = LN(x) for any c added to a whole row"
-                   + ("" if eps > 0 else "; with eps = 0 also LN(a x) = LN(x)"),
-                   _shift_witness(leaf), "x and x + 1.5 (every element)", per * rows,
-                   "per row: 1 (the mean) with eps > 0; scale is kept, since mean(z^2) = var/(var + eps) "
-                   "determines var; 2 with eps = 0")
+    plain = erasing("shift invariance", "LN(x + c) = LN(x) for any c added to a whole row"
+                    + ("" if eps > 0 else "; with eps = 0 also LN(a x) = LN(x)"),
+                    _shift_witness(leaf), "x and x + 1.5 (every element)", per * rows,
+                    "per row: 1 (the mean) with eps > 0; scale is kept, since mean(z^2) = var/(var + eps) "
+                    "determines var; 2 with eps = 0")
+    if leaf.packet == "aten.native_layer_norm":
+        return _with_statistics(leaf, plain, lambda t: t, lambda t: t, "each row's mean and 1/std",
+                                per_channel=False)  # weight and bias of the normalised shape
+    return plain
+
+
+def _with_statistics(leaf: Leaf, plain: Verdict, grouped, ungrouped, what: str, stats=lambda t: t,
+                     per_channel: bool = True) -> Verdict:
+    """A normalisation that also returns the mean and 1/std it used: ``out = (x - mean) rstd w + b``
+    per group, so ``x = ((out - b) / w) / rstd + mean``, injective when w has no zero (rstd > 0; with
+    eps = 0 a constant group has rstd = 1/0, returned as inf or, on CPU, 0: there x is the mean). ``grouped`` reshapes a tensor of x's
+    shape so that the mean and 1/std (reshaped by ``stats``) broadcast against it, ``ungrouped`` reshapes
+    it back. The verdict of the
+    normalised output alone (``B(getitem(_, 0), op)``, shift invariant) is ``extra["output_only"]``."""
+    w, b = leaf.arg("weight"), leaf.arg("bias")
+    if w is None and leaf.names.get("weight") is not None:
+        v = gray("normalisation with statistics", f"{leaf.packet} also returns {what}, from which the "
+                 "input is recovered when the weight has no zero", "the weight has no zero element",
+                 "the weight's value", 0)
+    elif w is not None and not bool((w != 0).all()):
+        v = gray("normalisation with statistics", f"{leaf.packet} also returns {what}, but a zero weight "
+                 "hides its features' deviations", "at most one feature per group has a zero weight "
+                 "(then the mean recovers it)", "a finer rule for zero weights", None)
+    else:
+        shape = (1, -1) + (1,) * (len(leaf.x.shape) - 2) if per_channel else None  # w, b: channels
+
+        def inverse(y):
+            out, mean, rstd = y[0], y[1], y[2]
+            z = out.double()
+            if b is not None:
+                z = z - (b.double().reshape(shape) if shape else b.double())
+            if w is not None:
+                z = z / (w.double().reshape(shape) if shape else w.double())
+            z, m, r = grouped(z), stats(mean.double()), stats(rstd.double())
+            x = torch.where(torch.isinf(r) | (r == 0), m, z / r + m)  # 1/0: inf, or 0 on CPU
+            return (ungrouped(x).reshape(leaf.x.shape).to(out.dtype),)
+        v = injective("normalisation with statistics", f"{leaf.packet} also returns {what}: out = (x - "
+                      "mean) rstd w + b with rstd > 0 and w without zeros, so x = (out - b) / (w rstd) + "
+                      "mean", inverse, "x = (out - b) / (w rstd) + mean")
+    v.extra["output_only"] = plain
+    return v
 
 
 @rule("aten.group_norm", "aten.native_group_norm")
@@ -1129,9 +1166,14 @@ def group_norm(leaf: Leaf) -> Verdict:
     if leaf.hole_args != ["input"] or leaf.x is None:
         return no_rule(leaf.op)
     groups = leaf.arg("num_groups", leaf.arg("group", 1))
-    return erasing("shift invariance", "GN(x + c) = GN(x) for c constant over a group",
-                   _shift_witness(leaf), "x and x + 1.5", groups * leaf.x.shape[0],
-                   "1 per (example, group)")
+    plain = erasing("shift invariance", "GN(x + c) = GN(x) for c constant over a group",
+                    _shift_witness(leaf), "x and x + 1.5", groups * leaf.x.shape[0],
+                    "1 per (example, group)")
+    if leaf.packet == "aten.native_group_norm":
+        n = leaf.x.shape[0]
+        return _with_statistics(leaf, plain, lambda t: t.reshape(n, groups, -1), lambda t: t,
+                                "each (example, group)'s mean and 1/std", lambda t: t.reshape(n, groups, 1))
+    return plain
 
 
 @rule("aten.rms_norm")
@@ -1358,9 +1400,13 @@ def batch_norm(leaf: Leaf) -> Verdict:
         train = False
     if train:
         c = leaf.x.shape[1]
-        return erasing("shift invariance", "in training, batch norm uses the batch's statistics: adding "
-                       "a constant to one channel across the whole batch changes nothing",
-                       _shift_witness(leaf), "x and x + 1.5", c, "1 per channel, over the batch")
+        plain = erasing("shift invariance", "in training, batch norm uses the batch's statistics: adding "
+                        "a constant to one channel across the whole batch changes nothing",
+                        _shift_witness(leaf), "x and x + 1.5", c, "1 per channel, over the batch")
+        if isinstance(leaf.out, TupleType) and len(leaf.out.items) >= 3:  # (out, mean, 1/std, ...)
+            return _with_statistics(leaf, plain, lambda t: t.movedim(1, -1), lambda t: t.movedim(-1, 1),
+                                    "each channel's batch mean and 1/std")
+        return plain
     w, var, eps = leaf.arg("weight"), leaf.arg("running_var"), leaf.arg("eps", 1e-5)
     if w is None and leaf.names.get("weight") is not None:
         return gray("affine", "in eval, batch norm is a per-channel affine map: injective iff its weight "

@@ -253,7 +253,7 @@ def _dof_sum(term: Term, result: TypingResult):
 
 
 def _compose(term: Comb, result: TypingResult) -> Verdict:
-    parts = [composite(a, result) for a in term.args]  # outermost first
+    parts = _output_only([composite(a, result) for a in term.args], term.args)  # outermost first
     if all(p.type == S for p in parts):
         inverses = [p.inverse for p in parts]
         inverse = None
@@ -288,6 +288,23 @@ def _compose(term: Comb, result: TypingResult) -> Verdict:
         return folded
     return gray("B: undecided part", f"component {j + 1} is GRAY: {parts[j].claim}", parts[j].condition,
                 parts[j].decided_by, _dof_sum(term, result))
+
+
+def _output_only(parts: list[Verdict], args) -> list[Verdict]:
+    """``getitem(_, 0)`` right after an op that also returns statistics (native_layer_norm, batch norm in
+    training, native_group_norm: S, since the statistics recover the input) is the plain op, judged as
+    such (shift invariant: K): the pair is replaced by that verdict (``extra["output_only"]``)."""
+    out, i = [], 0
+    while i < len(parts):
+        a = args[i]
+        if i + 1 < len(parts) and isinstance(a, Prim) and a.op == "getitem" and a.args[1:] == (0,) \
+                and a.args[0] is _hole() and "output_only" in parts[i + 1].extra:
+            out.append(parts[i + 1].extra["output_only"])
+            i += 2
+            continue
+        out.append(parts[i])
+        i += 1
+    return out
 
 
 def _rms_idiom(term: Comb, result: TypingResult) -> Verdict | None:

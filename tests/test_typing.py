@@ -1448,12 +1448,6 @@ def test_bug_float_to_int_witness_with_negative_values():
         check_k(leaf.call, v, seed)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "normalisations that also return their statistics are typed K by shift invariance, although the "
-    "mean and 1/std they return recover the input (the rule says so for native_layer_norm, GRAY): "
-    "_native_batch_norm_legit_functional (BatchNorm in training, lowered with train=True), "
-    "_native_batch_norm_legit and native_group_norm; their witness (x and x + 1.5) moves the mean "
-    "output. Typing B(getitem(_, 0), op) like the plain op would keep the composite K"))
 @pytest.mark.parametrize("op,args,out", [
     ("aten._native_batch_norm_legit_functional.default", "None, None, bn.rm, bn.rv, True, 0.1, 1e-05",
      "(f32[2,4,3], f32[4], f32[4], f32[4], f32[4])"),
