@@ -68,7 +68,24 @@ def report(program: Program) -> str:
             n = sum(1 for s in sites(program) if s.scope == d.name)
             out.append(f"| `{d.name}` | {kind} | {n} |")
         out.append("")
+    rev = program.analyses.get("reversible")
+    if rev is not None:
+        out += _reversible_section(rev)
     return "\n".join(out) + "\n"
+
+
+def _reversible_section(rev) -> list[str]:
+    out = ["## Reversible rewrite", "", "| Chain | Residual blocks | Coupling layers | Shared inputs |",
+           "|---|---|---|---|"]
+    out += [f"| `{c['name']}` | {c['blocks']} | {c['couplings']} | {c['shared']} |" for c in rev.chains]
+    if not rev.chains:
+        out.append("| (none) | 0 | 0 | - |")
+    out.append("")
+    if rev.not_lowered:
+        out += ["Not lowered (activations stored as before):", ""]
+        out += [f"* `{r['where']}`: {r['reason']}" for r in rev.not_lowered]
+        out.append("")
+    return out
 
 
 def _row(name, group, typing, calm, axes, batch, n_phases):

@@ -178,10 +178,25 @@ def _residual_sites(program: Program, names) -> list[dict]:
             continue
         for t in subterms(d.body):
             if isinstance(t, Comb) and t.kind == "S" and len(t.args) == 2 and isinstance(t.args[0], Prim) \
-                    and _is_residual_add(t.args[0]):
+                    and _is_residual_add(t.args[0]) and _reads_parameters(program, t.args[1]):
                 out.append({"where": name, "reason": _why_not(d)})
                 break
     return out
+
+
+def _reads_parameters(program: Program, term: Term) -> bool:
+    """Whether a residual function has weights (GELU's ``x + 0.044715 x^3`` is an add of that shape, not
+    a residual block)."""
+    seen: set[str] = set()
+    stack = [term]
+    while stack:
+        for t in subterms(stack.pop()):
+            if isinstance(t, Prim) and any(True for _ in t.tensor_refs()):
+                return True
+            if isinstance(t, Ref) and t.name in program.defs and t.name not in seen:
+                seen.add(t.name)
+                stack.append(program.defs[t.name].body)
+    return False
 
 
 def _why_not(d: Def) -> str:

@@ -1,0 +1,197 @@
+"""Activation memory and step time of reversible training against conventional and checkpointing.
+
+For each model family and depth (in residual blocks), in a fresh process per configuration:
+
+* ``saved``: bytes saved for backward in one training step (``bwskc.runtime.memory.saved_bytes``:
+  storages packed by ``saved_tensors_hooks``, parameters excluded), for conventional (the compiled
+  program), reversible (coupling chains) and per-block checkpointing (Hugging Face's
+  ``gradient_checkpointing_enable()``, which wraps every layer in ``torch.utils.checkpoint``);
+* ``peak``: the step's resident-memory peak above the resident memory before it (Linux ``VmHWM``
+  after resetting it through ``/proc/self/clear_refs``);
+* ``time``: median wall time of forward + backward over ``--repeats`` steps, as a ratio to
+  conventional measured in the same process.
+
+``--init-diff`` instead reports, for the zoo, the relative output difference at initialisation
+between the reversible model and the original (the cost of the coupling's first-order merge when
+fine-tuning a pretrained model), and the inverse's reconstruction error.
+
+    python benchmarks/memory.py --models gpt2,pythia --blocks 4,8,16,32
+    python benchmarks/memory.py --init-diff
+
+revlib and memcnn are not dependencies; they are compared only when installed (they are not here).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+FAMILIES = {  # name -> (layers per block count, seq, hidden) on top of the zoo's tiny configs
+    "gpt2": dict(depth=("n_layer",), per_layer=2, extra=dict(n_embd=256, n_head=4, n_positions=256)),
+    "pythia": dict(depth=("num_hidden_layers",), per_layer=1,
+                   extra=dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024,
+                              max_position_embeddings=256)),
+    "switch": dict(depth=("num_layers",), per_layer=2,
+                   extra=dict(d_model=256, d_kv=64, num_heads=4, d_ff=1024, num_decoder_layers=1)),
+    "mamba": dict(depth=("num_hidden_layers",), per_layer=1, extra=dict(hidden_size=256)),
+    "resnet": dict(depth=None, per_layer=1, extra={}),
+}
+
+
+def _rss_peak_reset():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def one(name: str, blocks: int, seq: int, batch: int, repeats: int, only: str | None = None) -> dict:
+    import warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    import torch.utils._pytree as pytree
+    import transformers
+
+    import bwskc
+    from bwskc.frontend import default_inputs
+    from bwskc.runtime.memory import saved_bytes
+    from conftest import ZOO_SPECS
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    fam = FAMILIES[name]
+    model_cls, config_cls, kwargs = ZOO_SPECS[name]
+    kwargs = dict(kwargs, **fam["extra"])
+    if fam["depth"]:
+        for key in fam["depth"]:
+            kwargs[key] = max(1, blocks // fam["per_layer"])
+    config = getattr(transformers, config_cls)(**kwargs)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config)
+    args, kw = default_inputs(model, batch=batch, seq=seq)
+    t0 = time.perf_counter()
+    program = bwskc.lower(model, args, kw, train=True)
+    lower_s = time.perf_counter() - t0
+    values = dict(zip(program.entry.input_names, list(args) + list(kw.values())))
+    inputs = [values[n] for n in program.entry.input_names]
+
+    def loss(out):
+        return sum(o.float().pow(2).mean() for o in pytree.tree_leaves(out)
+                   if isinstance(o, torch.Tensor) and o.is_floating_point())
+
+    runs = {"conventional": bwskc.compile(program, mode="conventional"),
+            "reversible": bwskc.compile(program, mode="reversible")}
+    ckpt = model.train()
+    if getattr(ckpt, "supports_gradient_checkpointing", False):
+        ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        runs["checkpoint"] = ckpt
+    out = {"model": name, "blocks": blocks, "seq": seq, "batch": batch, "lower_s": round(lower_s, 2),
+           "chains": runs["reversible"].analyses["reversible"].summary()}
+
+    def step(mod):
+        mod.zero_grad(set_to_none=True)
+        if mod is ckpt:
+            loss(mod(*args, **kw, use_cache=False) if "use_cache" in mod.forward.__code__.co_varnames
+                 else mod(*args, **kw)).backward()
+        else:
+            loss(mod(*inputs)).backward()
+
+    if only is not None:  # a fresh process measures one mode's first step: nothing cached before it
+        mod = runs[only]
+        base = _status("VmRSS")
+        _rss_peak_reset()
+        step(mod)
+        return {"step_peak_bytes": max(_status("VmHWM") - base, 0)}
+    for label, mod in runs.items():
+        if mod is ckpt:
+            nbytes = saved_bytes(mod, *args, loss=loss, **kw)[0]
+        else:
+            nbytes = saved_bytes(mod, *inputs, loss=loss)[0]
+        step(mod)  # warm up
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            step(mod)
+            times.append(time.perf_counter() - t)
+        out[label] = {"saved_bytes": nbytes, "step_s": statistics.median(times)}
+    conv = out["conventional"]["step_s"]
+    for label in runs:
+        out[label]["time_ratio"] = round(out[label]["step_s"] / conv, 3)
+    return out
+
+
+def init_diff() -> list[dict]:
+    import warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    import torch.utils._pytree as pytree
+
+    import bwskc
+    from bwskc.frontend import default_inputs
+    from conftest import ZOO_SPECS, build_zoo_model
+    rows = []
+    for name in ZOO_SPECS:
+        model = build_zoo_model(name)
+        args, kw = default_inputs(model)
+        program = bwskc.lower(model, args, kw)
+        rev = bwskc.compile(program, mode="reversible").eval()
+        conv = bwskc.compile(program, mode="conventional").eval()
+        values = dict(zip(program.entry.input_names, list(args) + list(kw.values())))
+        inputs = [values[n] for n in program.entry.input_names]
+        with torch.no_grad():
+            a = [t for t in pytree.tree_leaves(rev(*inputs)) if t.is_floating_point()]
+            b = [t for t in pytree.tree_leaves(conv(*inputs)) if t.is_floating_point()]
+        diff = max(float((x - y).norm() / y.norm()) for x, y in zip(a, b))
+        rows.append({"model": name, "chains": rev.analyses["reversible"].summary()["chains"],
+                     "output_rel_diff": diff})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="gpt2,pythia,switch,mamba,resnet")
+    ap.add_argument("--blocks", default="4,8,16,32")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--init-diff", action="store_true")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.init_diff:
+        for row in init_diff():
+            print(json.dumps(row))
+        return
+    if a.one:
+        name, blocks, *only = a.one.split(":")
+        print(json.dumps(one(name, int(blocks), a.seq, a.batch, a.repeats, only[0] if only else None)))
+        return
+    for name in a.models.split(","):
+        for blocks in ([4] if name == "resnet" else [int(b) for b in a.blocks.split(",")]):
+            row = _run(f"{name}:{blocks}", a)
+            for mode in ("conventional", "reversible", "checkpoint"):
+                if mode in row:
+                    row[mode].update(_run(f"{name}:{blocks}:{mode}", a))
+            print(json.dumps(row), flush=True)
+
+
+def _run(spec: str, a) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--one", spec, "--seq", str(a.seq), "--batch",
+                           str(a.batch), "--repeats", str(a.repeats)], capture_output=True, text=True)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return {"spec": spec, "error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()
