@@ -1441,10 +1441,37 @@ def avg_pool(leaf: Leaf) -> Verdict:
     if leaf.out.numel >= leaf.x.numel:
         return gray("rank", "an average pool that does not shrink is injective iff its operator has full "
                     "column rank", "full column rank", "the operator's SVD")
+    per_in = leaf.x.numel // max(leaf.x.shape[0], 1)
+    witness = (lambda g: _avg_witness(leaf, g)) if per_in <= 4096 else _pool_local_witness(leaf)
     return erasing("rank-nullity", f"an average pool R^{leaf.x.numel} -> R^{leaf.out.numel} is linear "
-                   "and shrinks", lambda g: _avg_witness(leaf, g), "a null vector of the pooling "
-                   "operator", leaf.x.numel - leaf.out.numel,
+                   "and shrinks", witness, "a null vector of the pooling operator (restricted to a block "
+                   "of one map when it is large)", leaf.x.numel - leaf.out.numel,
                    "input minus output size (each window's average is one linear form)")
+
+
+def _pool_local_witness(leaf: Leaf):
+    """For a large pool: a box of elements of the first map whose count exceeds the number of outputs
+    they reach (the rows of the pool on the box's basis vectors that are not zero), then a null vector
+    on it. None if no box of up to 256 elements at a corner does."""
+    if len(leaf.x.shape) < 3:
+        return None
+    sizes = leaf.x.shape[2:]
+    for length in range(1, 17):
+        lengths = [min(length, n) for n in sizes]
+        cols = math.prod(lengths)
+        if cols > 256:
+            return None
+        basis = torch.zeros((cols, *leaf.x.shape[1:]), dtype=torch.float64)
+        index = (0, *(slice(0, m) for m in lengths))
+        basis[(slice(None), *index)] = torch.eye(cols, dtype=torch.float64).reshape((cols, *lengths))
+        out = leaf.call(basis).reshape(cols, -1)
+        rows = out[:, (out != 0).any(0)].T
+        if rows.shape[0] < cols:
+            v = _null_vector_of(rows).reshape(lengths)
+            return _local_witness(leaf, lambda: (index, v))
+        if all(m == n for m, n in zip(lengths, sizes)):
+            return None
+    return None
 
 
 def _avg_witness(leaf: Leaf, g):

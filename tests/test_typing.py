@@ -297,11 +297,6 @@ def _known_bug(program, site, verdict) -> str | None:
     """The xfail test that pins this site's bug, or None. Remove an entry when its xfail is removed."""
     if verdict.rule in ("translation", "scaling") and _huge_bound(leaf_of(program, site)):
         return "test_bug_float32_absorption_of_a_mask_constant"
-    if verdict.type == K and site.prim.op in ("aten.conv2d.default", "aten.convolution.default",
-                                              "aten.adaptive_avg_pool2d.default", "aten.avg_pool2d.default"):
-        x = site.inputs[0]
-        if x.numel // x.shape[0] > 4096:
-            return "test_bug_no_witness_for_large_convolutions_and_pools"
     return None
 
 
@@ -1338,12 +1333,6 @@ def test_bug_float32_absorption_of_a_mask_constant():
     assert v.type != S or mismatch(tuple(v.inverse(leaf.call(x))), (x,), 1e-4) is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with known weights, a shrinking convolution or average pool with more than 4096 inputs per example "
-    "is typed K without a witness (convolution: witness=None; adaptive_avg_pool2d: the witness raises "
-    "'operator too large for a witness'): resnet's five conv2d K sites and its pooler. A null vector "
-    "of the operator restricted to a small window (a few thousand inputs, fewer outputs touched) or, "
-    "for a pool, +1/-1 on two elements of one window, would be a witness"))
 def test_bug_no_witness_for_large_convolutions_and_pools():
     torch.manual_seed(0)
     failures = []
