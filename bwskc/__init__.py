@@ -56,7 +56,7 @@ def run_passes(program: Program, passes, *, axes: str | None = None, print_after
 
 
 def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str = "conventional",
-            store_activations: bool = False, seed: int = 0, passes_log: list | None = None):
+            store_activations: bool = False, seed: int = 0, checkpoint_rest: bool = True):
     """A trainable ``nn.Module`` running the model's lowered program (parameters keep their state-dict
     names; the weights are copied, so the model itself is left alone).
 
@@ -66,7 +66,9 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     ``passes/reversible.py``). ``store_activations=True`` runs the reversible architecture with plain
     autograd: the reference its gradients are tested against. Dropout masks are counter-based, keyed on
     ``seed`` and a step counter (``module.reseed(seed)`` restarts them); ``module.eval()`` turns them off.
-    A ``Program`` (with weights bound) may be given instead of a model.
+    In reversible mode the layers the rewrite left (post-norm BERT and post-activation ResNet blocks,
+    stride-2 stages) are checkpointed unless ``checkpoint_rest=False``: their inputs are stored, their
+    interiors recomputed. A ``Program`` (with weights bound) may be given instead of a model.
     """
     from bwskc.runtime.compiled import compile_program
     if mode not in MODES:
@@ -87,8 +89,9 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
         program = to_reversible(fuse(program, lambda term: "GRAY"))
         verify_program(program, filename="<after reversible>")
     program = program.with_weights({k: v.detach().clone() for k, v in program.weights.items()})
-    module = compile_program(program, reversible=mode == "reversible" and not store_activations,
-                             seed=seed)
+    reversible = mode == "reversible" and not store_activations
+    module = compile_program(program, reversible=reversible, seed=seed,
+                             checkpoint=reversible and checkpoint_rest)
     module.program, module.mode = program, mode
     module.analyses = dict(program.analyses)
     return module

@@ -64,6 +64,7 @@ from bwskc.passes.fusion import (
 from bwskc.passes.manager import Pass
 
 _RESIDUAL_PHASE = re.compile(r".+\.residual[0-9]+")
+_LAYER = re.compile(r".+\.[0-9]+")  # a module-list element: one layer of a stack
 
 
 class NotLowered(Exception):
@@ -236,6 +237,12 @@ def to_reversible(program: Program) -> Program:
     # definitions only the replaced chains used (the blocks' own wrappers) are dropped
     out = out.replace(defs={n: d for n, d in defs.items() if n in after or n not in before})
     report.not_lowered.extend(_residual_sites(out, [n for n in out.defs if n in after]))
+    reported = {r["where"] for r in report.not_lowered}
+    for n in out.defs:  # module-list layers outside every chain (BERT's post-norm layers)
+        if n in after and n not in reported and out.defs[n].kind == "def" and _LAYER.fullmatch(n):
+            report.not_lowered.append({"where": n, "reason": (
+                "not a residual block x + F(x) on one stream (a post-norm layer LN(x + F(x)), or "
+                "no skip connection): kept, and checkpointed in reversible mode")})
     out.analyses["reversible"] = report
     return out
 

@@ -13,6 +13,7 @@ The program becomes one ``torch.fx.GraphModule`` (parameters under their state-d
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import Counter
 
 import torch
@@ -26,14 +27,16 @@ from bwskc.runtime.coupling import ChainSpec, CouplingFunction
 from bwskc.runtime.denote import Denoter, resolve_op, sub_prim
 
 RNG_BUFFER = "bwskc_rng_state"
+_LAYER = re.compile(r".+\.[0-9]+")  # a module-list element: one layer of a stack
 SDPA = "aten.scaled_dot_product_attention.default"
 
 
 class _TrainBackend(_FxBackend):
     """fx emission with counter-based dropout; ``reversible`` turns chains into CouplingFunction calls."""
 
-    def __init__(self, graph: fx.Graph, seed, reversible: bool, chains: list):
+    def __init__(self, graph: fx.Graph, seed, reversible: bool, chains: list, checkpoint: bool = False):
         super().__init__(graph)
+        self.checkpoint = checkpoint  # layers outside coupling chains: checkpointed, inputs stored
         self.seed = seed  # an fx node (the step's seed) or a placeholder in a branch graph
         self.reversible = reversible
         self.chains = chains  # shared list: chain-call counter and specs (for drift reports)
@@ -66,6 +69,25 @@ class _TrainBackend(_FxBackend):
                 return self.graph.call_function(rng.attention, tuple(args[:3]), dict(
                     full, seed=self.seed, where=self.where + (site,)))
         return super().prim(prim, args, kwargs)
+
+    def wrap_def(self, d, value, denoter: Denoter):
+        """A layer the rewrite left (``bert.encoder.layer.3``: a module-list element) runs under
+        ``torch.utils.checkpoint``: its inputs are stored, its interior recomputed in backward. Its
+        dropout sites keep the keys they have in conventional mode, so the masks are the same."""
+        if not self.checkpoint or d.kind != "def" or not _LAYER.fullmatch(d.name) or not d.inputs:
+            return value
+        n = len(d.inputs)
+
+        def collect(got):
+            if len(got) < n:
+                return lambda v: collect(got + [v])
+            start = self.sites[self.where]
+            gm, needed, used = _branch_module(denoter.program, Ref(d.name), n - 1, self.where, frozenset(),
+                                              site_start=start)
+            self.sites[self.where] = start + used
+            tensors = [self.tensor(key[1]) for key in needed]
+            return self.graph.call_function(_CheckpointCall(gm, n), (self.seed, *got, *tensors))
+        return collect([])
 
     @contextlib.contextmanager
     def branch_scope(self, t: Comb, i: int):
@@ -118,6 +140,20 @@ class _ChainCall:
 
     def __call__(self, seed, x, *rest):
         return CouplingFunction.apply(self.spec, seed, x, *rest)
+
+
+class _CheckpointCall:
+    """The fx call target of one checkpointed layer. Masks are counter-based, so the recomputation
+    needs no saved RNG state."""
+
+    def __init__(self, gm: fx.GraphModule, n_inputs: int):
+        self.gm, self.n_inputs = gm, n_inputs
+        self.__name__ = self.__qualname__ = "checkpointed_layer"
+
+    def __call__(self, seed, *args):
+        inputs, tensors = args[:self.n_inputs], args[self.n_inputs:]
+        return torch.utils.checkpoint.checkpoint(self.gm, *inputs, seed, *tensors, use_reentrant=False,
+                                                 preserve_rng_state=False)
 
 
 class _BranchBackend(_TrainBackend):
@@ -191,13 +227,16 @@ def _reads_tensors(program: Program, index: int) -> bool:
     return memo[index]
 
 
-def _branch_module(program: Program, f, k: int, where: tuple, passed: frozenset):
-    """``f`` as a GraphModule ``(*shared, stream, seed, *inputs)`` and the keys of its inputs."""
+def _branch_module(program: Program, f, k: int, where: tuple, passed: frozenset, site_start=None):
+    """``f`` as a GraphModule ``(*shared, stream, seed, *inputs)`` and the keys of its inputs; with
+    ``site_start``, also how many dropout sites it used (numbered from ``site_start``)."""
     def build():
         graph = fx.Graph()
         args = [graph.placeholder(f"shared_{j}") for j in range(k)] + [graph.placeholder("stream")]
         seed = graph.placeholder("seed")
         backend = _BranchBackend(graph, seed, where)
+        if site_start is not None:
+            backend.sites[where] = site_start
         fn = _BranchDenoter(program, backend, passed).term(f)
         for a in args:
             fn = fn(a)
@@ -206,9 +245,10 @@ def _branch_module(program: Program, f, k: int, where: tuple, passed: frozenset)
         for ph in backend.inputs.values():
             anchor.append(ph)
             anchor = ph
-        return graph, list(backend.inputs)
-    graph, keys = run_deep(build)
-    return fx.GraphModule(torch.nn.Module(), graph), keys
+        return graph, list(backend.inputs), backend.sites[where] - (site_start or 0)
+    graph, keys, used = run_deep(build)
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    return (gm, keys) if site_start is None else (gm, keys, used)
 
 
 class CompiledModule(fx.GraphModule):
@@ -228,7 +268,8 @@ class CompiledModule(fx.GraphModule):
         state[0], state[1] = seed, step
 
 
-def compile_program(program: Program, *, reversible: bool, seed: int = 0) -> CompiledModule:
+def compile_program(program: Program, *, reversible: bool, seed: int = 0,
+                    checkpoint: bool = False) -> CompiledModule:
     chains: list = []
 
     def build():
@@ -237,7 +278,7 @@ def compile_program(program: Program, *, reversible: bool, seed: int = 0) -> Com
                         for i, n in enumerate(program.entry.input_names)]
         state = graph.get_attr(RNG_BUFFER)
         seed_node = graph.call_function(rng.step_seed, (state,))
-        backend = _TrainBackend(graph, seed_node, reversible, chains)
+        backend = _TrainBackend(graph, seed_node, reversible, chains, checkpoint)
         out = Denoter(program, backend).run_entry(placeholders)
         graph.output(out)
         return graph

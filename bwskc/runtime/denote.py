@@ -129,7 +129,11 @@ class Denoter:
         if isinstance(t, Ref):
             if t.name in self.program.defs:
                 if t.name not in self.def_values:
-                    self.def_values[t.name] = self.term(self.program.defs[t.name].body)
+                    value = self.term(self.program.defs[t.name].body)
+                    wrap = getattr(self.backend, "wrap_def", None)  # e.g. checkpoint a layer's call
+                    if wrap is not None:
+                        value = wrap(self.program.defs[t.name], value, self)
+                    self.def_values[t.name] = value
                 return self.def_values[t.name]
             if t.name in self.program.tensors:
                 return self.backend.tensor(t.name)
