@@ -485,6 +485,15 @@ def additive(leaf: Leaf) -> Verdict:
         else:
             x = (y - other) / alpha if leaf.packet == "aten.add" else (other - y) / alpha
         return (_unbroadcast(x, leaf.x),)
+    if leaf.arg("other" if hole == "self" else "self") is None:
+        return gray("translation", f"{leaf.packet} with one activation operand is a translation, "
+                    "injective in exact arithmetic; in floating point a bound operand far larger than "
+                    "the activation absorbs it (x + c == c: an attention mask's finfo.min)",
+                    "the bound operand does not absorb the activation (|c| < 2**24 |x|)",
+                    "its value (known with the weights)", 0)
+    absorbed = _absorption(leaf)
+    if absorbed is not None:
+        return absorbed
     return injective("translation", f"{leaf.packet} with one activation operand is a translation "
                      "(times a nonzero alpha): subtracting the other operand inverts it", inverse,
                      "subtract the bound operand", surjective=_same_shape(leaf))
@@ -604,6 +613,10 @@ def multiplicative(leaf: Leaf) -> Verdict:
         return gray("scaling", f"{leaf.packet} by a bound factor is injective iff the factor has no zero",
                     "the bound factor has no zero element", "its value (known with the weights)")
     c = _scalar_or_tensor(other)
+    if bool((c != 0).all()):
+        absorbed = _absorption(leaf)
+        if absorbed is not None:  # an infinite or overflowing factor
+            return absorbed
     if bool((c != 0).all()) and bool(torch.isfinite(torch.as_tensor(c)).all()):
         inv = (lambda y: (_unbroadcast(y / c, leaf.x),)) if leaf.packet == "aten.mul" else (
             lambda y: (_unbroadcast(y * c, leaf.x),))
@@ -612,6 +625,53 @@ def multiplicative(leaf: Leaf) -> Verdict:
                          inv, "divide by the factor" if leaf.packet == "aten.mul" else "multiply back",
                          surjective=_same_shape(leaf))
     return _zero_factor(leaf, c)
+
+
+_FLAT_PROBES = ((-1.0, 1.0), (2.0, 4.0), (-4.0, -2.0))
+
+
+def _erased_inputs(leaf: Leaf, out_mask: torch.Tensor) -> torch.Tensor:
+    """The input elements all of whose (broadcast) output copies are in ``out_mask``."""
+    z = out_mask
+    lead = z.dim() - len(leaf.x.shape)
+    z = z.all(dim=tuple(range(lead))) if lead else z
+    for i, s in enumerate(leaf.x.shape):
+        if s == 1 and z.shape[i] != 1:
+            z = z.all(dim=i, keepdim=True)
+    return torch.ones(leaf.x.shape, dtype=torch.bool) & z
+
+
+def _absorption(leaf: Leaf) -> Verdict | None:
+    """Floating-point absorption by a bound operand, for an elementwise map monotone in its activation
+    (a translation or a scaling): where the output at lo equals the output at hi, every input in
+    [lo, hi] gives that output (rounding is monotone). x + finfo(f32).min == finfo.min for every
+    |x| < 1e31 (t5's and switch's attention masks); x * finfo.min is -inf for every x > 1; x + inf and
+    x * inf are constant. Probed on [-1, 1], [2, 4] and [-4, -2]; None if no input element is flat."""
+    if not isinstance(leaf.out, TensorType) or not leaf.out.torch_dtype.is_floating_point or \
+            leaf.x.torch_dtype == torch.bool:
+        return None
+    for lo, hi in _FLAT_PROBES:
+        y_lo = leaf.call(torch.full(leaf.x.shape, lo, dtype=leaf.x.torch_dtype))
+        y_hi = leaf.call(torch.full(leaf.x.shape, hi, dtype=leaf.x.torch_dtype))
+        flat = (y_lo == y_hi) | (torch.isnan(y_lo) & torch.isnan(y_hi))
+        erased = _erased_inputs(leaf, flat)
+        if bool(erased.any()):
+            break
+    else:
+        return None
+    idx = int(torch.nonzero(erased.flatten())[0])
+    count = int(erased.sum())
+
+    def witness(g, lo=lo, hi=hi):
+        a = leaf.random(g)[0].clone().reshape(-1)
+        b = a.clone()
+        a[idx], b[idx] = lo, hi
+        return (a.reshape(leaf.x.shape),), (b.reshape(leaf.x.shape),)
+    return erasing("absorption", f"in {leaf.out.dtype}, {leaf.packet} by the bound operand maps every "
+                   f"input in [{lo:g}, {hi:g}] to one value at {count} of the {leaf.x.numel} input elements "
+                   "(rounding absorbs the activation: x + c == c for |c| >= 2**24 |x|, or it overflows)",
+                   witness, f"input element {idx} at {lo:g} and at {hi:g}", count,
+                   "the absorbed elements: the computed map is constant around them")
 
 
 def _zero_factor(leaf: Leaf, c) -> Verdict:
