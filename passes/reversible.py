@@ -106,7 +106,7 @@ class _Readback:
             return ab.Lit(n)
         if isinstance(n, _Var):
             raise NotLowered("a branch reads the stream other than through its block's input")
-        if isinstance(n, (_Thunk, _Call)) and (n.args if isinstance(n, _Thunk) else True):
+        if isinstance(n, _Call) or (isinstance(n, _Thunk) and n.args):  # a computation, not a term
             if id(n) in self.seen:  # reading it twice would compute it twice
                 raise NotLowered("a branch shares a computation between two uses")
             self.seen.add(id(n))

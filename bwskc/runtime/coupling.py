@@ -147,8 +147,6 @@ class CouplingFunction(torch.autograd.Function):
                     g = next(it)
                     if g is not None:
                         tensor_grads[j] = g if tensor_grads[j] is None else tensor_grads[j] + g
-            if spec.record_drift:
-                spec.drift.append(None)
         if spec.record_drift:  # both streams are x again: their difference is the drift
             spec.drift[:] = [float((a - b).abs().max())]
         return (None, None, grad_a + grad_b, *shared_grads, *tensor_grads)
