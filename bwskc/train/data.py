@@ -242,7 +242,7 @@ def _group(lines: list[str], starts: list[int]) -> list[str]:
 
 def _articles(lines: list[str]) -> list[str] | None:
     starts = [i for i, line in enumerate(lines) if _is_article_heading(line)]
-    return _group(lines, starts) if len(starts) >= 2 else None
+    return _group(lines, starts) if starts else None
 
 
 def _documents(lines: list[str]) -> tuple[list[str], str]:
@@ -259,7 +259,7 @@ def _documents(lines: list[str]) -> tuple[list[str], str]:
 
 
 def _load_file(path: Path, where: str) -> TextSplits:
-    lines = _read_lines({"all": path})["all"]
+    lines = _read_lines({"text": path})["text"]
     docs, unit = _documents(lines)
     if len(docs) < 3 and unit == "paragraph":  # too few paragraphs to split: fall back to lines
         docs, unit = _group(lines, [i for i, line in enumerate(lines) if line.strip()]), "line"
