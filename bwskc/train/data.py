@@ -2,7 +2,7 @@
 
 ``load_text(spec)`` reads a corpus into train / valid / test lists of documents:
 
-- ``None`` or ``"stdlib"``: the offline default, the Python standard library's own ``.py`` sources (every
+- ``None`` or ``"stdlib"`` (a local directory of that name is ``./stdlib``): the offline default, the Python standard library's own ``.py`` sources (every
   machine with Python has them). Tests, ``idlelib``, ``lib2to3``, ``turtledemo``, ``ensurepip``, the codec
   tables of ``encodings``, ``pydoc_data`` and the machine-specific ``_sysconfigdata*`` are left out. Each file
   is one document; a stable hash of its path relative to the stdlib decides its split (about 90/5/5) and its
@@ -333,9 +333,10 @@ def _load_directory(directory: Path, where: str) -> TextSplits:
 
 def _hub_reachable() -> bool:
     """A TCP connection to the hub's endpoint within HUB_PROBE_TIMEOUT_S (name lookup included)."""
+    import datasets.config
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+    if constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
         return False
     url = urlparse(constants.ENDPOINT)
     if not url.hostname:
