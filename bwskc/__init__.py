@@ -9,6 +9,7 @@ Public API (see README.md and docs/ARCHITECTURE.md):
   ``.analyses``)
 * ``bwskc.compile(model, example_args, mode="conventional" | "analyzed" | "reversible")`` -> a trainable
   ``torch.nn.Module`` whose parameters keep the model's state-dict names
+* ``bwskc.load_trained(path)`` -> a variant ``bwskc train`` wrote, as the module it was trained as
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from bwskc import ir
 from bwskc.ir import Program
 
 __version__ = "0.1.0"
-__all__ = ["BwskError", "IRSyntaxError", "Program", "VerifyError", "compile", "lower", "parse", "run_passes",
+__all__ = ["BwskError", "IRSyntaxError", "Program", "VerifyError", "compile", "load_trained", "lower", "parse", "run_passes",
            "verify"]
 MODES = ("conventional", "analyzed", "reversible")
 
@@ -95,6 +96,13 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     module.program, module.mode = program, mode
     module.analyses = dict(program.analyses)
     return module
+
+
+def load_trained(path, *, device: str = "cpu"):
+    """A variant ``bwskc train`` wrote (``DIR/scratch-bwsk-reversible``...), rebuilt as the module it was
+    trained as, in evaluation mode. See ``bwskc.train.output.load_trained``."""
+    from bwskc.train.output import load_trained as _load
+    return _load(path, device=device)
 
 
 def _all_subterms(program: Program):

@@ -1,4 +1,4 @@
-"""The ``bwskc`` command line: ``bwskc lower MODEL`` and ``bwskc parse FILE``.
+"""The ``bwskc`` command line: ``bwskc lower MODEL``, ``bwskc parse FILE`` and ``bwskc train``.
 
 Exit status: 0 on success, 2 on bad input or usage (one line on stderr, no traceback, nothing written),
 1 on an internal error. ``BWSKC_DEBUG=1`` shows the traceback of internal errors.
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parse = sub.add_parser("parse", help="validate IR text and print its canonical form")
     parse.add_argument("file")
     parse.add_argument("-o", "--output", help="write here instead of stdout (replaced atomically)")
+    from bwskc.train.run import add_arguments
+    add_arguments(sub.add_parser("train", help="train a model's program: conventional, analyzed, reversible"))
     return p
 
 
@@ -155,17 +157,26 @@ def _quiet():
 
 
 def main(argv=None) -> int:
+    def body():
+        args = build_parser().parse_args(argv)
+        {"lower": cmd_lower, "parse": cmd_parse, "train": cmd_train}[args.command](args)
+    return guarded(body)
+
+
+def guarded(body) -> int:
+    """Run ``body`` as a command: 0 on success, one line on stderr and 2 on bad input (1 where the
+    error says so, such as a diverged training run), 1 on an internal error; no traceback."""
     _quiet()
     try:
-        args = build_parser().parse_args(argv)
-        {"lower": cmd_lower, "parse": cmd_parse}[args.command](args)
+        body()
         return 0
     except IRSyntaxError as exc:
         print(f"bwskc: {exc}\n{exc.caret_display()}", file=sys.stderr)
         return 2
     except BwskError as exc:
-        print(f"bwskc: {exc}", file=sys.stderr)
-        return 2
+        if str(exc):  # empty: a child process said it already
+            print(f"bwskc: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("bwskc: interrupted", file=sys.stderr)
         return 130
@@ -178,6 +189,11 @@ def main(argv=None) -> int:
         print(f"bwskc: internal error: {type(exc).__name__}: {first} (BWSKC_DEBUG=1 shows the "
               "traceback)", file=sys.stderr)
         return 1
+
+
+def cmd_train(args) -> None:
+    from bwskc.train.run import run_training
+    run_training(args)
 
 
 if __name__ == "__main__":

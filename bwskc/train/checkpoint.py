@@ -1,0 +1,160 @@
+"""What a run writes and reads back: the published model, the resume checkpoint, the prepared data.
+
+No pickle anywhere: tensors go through safetensors, everything else through JSON, so reading a
+checkpoint never runs code. Writes are atomic (a temporary directory renamed into place), so a run
+killed while saving leaves the previous checkpoint whole.
+
+``DIR/<variant>/``: ``model.safetensors`` and ``config.json`` (``save_pretrained`` of the model class
+with the best weights: a conventional variant loads with ``AutoModelForCausalLM.from_pretrained``),
+``bwskc.json`` (how it was compiled, for ``bwskc.load_trained``), ``checkpoint/`` (the last state, for
+``--resume``), ``metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from bwskc.errors import BwskError
+
+CHECKPOINT = "checkpoint"
+BWSKC_JSON = "bwskc.json"
+BLOCKS = "blocks.safetensors"
+DATA_JSON = "data.json"
+
+
+# ------------------------------------------------------------------------------- prepared data
+def save_blocks(directory: Path, blocks: dict[str, torch.Tensor], info: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in blocks.items()}, str(directory / BLOCKS))
+    (directory / DATA_JSON).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def load_blocks(directory) -> tuple[dict[str, torch.Tensor], dict]:
+    directory = Path(directory)
+    try:
+        return load_file(str(directory / BLOCKS)), json.loads((directory / DATA_JSON).read_text())
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise BwskError(f"{directory / BLOCKS}: prepared data unreadable ({type(exc).__name__})") from None
+
+
+# ------------------------------------------------------------------------------- published model
+def _module_state(module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers under their state-dict names, as independent CPU tensors."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
+
+
+def save_model(out: Path, module, hf_model, cfg) -> None:
+    """The module's weights in the model class's own layout (``save_pretrained``), plus ``bwskc.json``."""
+    state = _module_state(module)
+    own = hf_model.state_dict()
+    missing = [k for k in state if k not in own]
+    if missing and any(not k.endswith("inv_freq") for k in missing):
+        raise BwskError(f"{cfg.name}: parameters the model class does not have: {missing[:3]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            if k in own:
+                own[k].copy_(v)
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf_model.save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / BWSKC_JSON).write_text(json.dumps({
+        "mode": cfg.mode, "experiment": cfg.experiment, "batch_size": cfg.batch_size // max(1, cfg.nproc),
+        "seq_len": cfg.seq_len, "seed": cfg.seed, "model": cfg.model}, indent=1) + "\n")
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()
+    if cfg.mode == "reversible" and not (out / "program.bwsk").exists():
+        (out / "program.bwsk").write_text(module.program.text())
+
+
+def load_best(out: Path, module) -> None:
+    """Load the published (best) weights back into the module, through ``from_pretrained``."""
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    load_into(module, hf.state_dict(), str(out / "model.safetensors"))
+
+
+def load_into(module, state: dict, where: str) -> None:
+    own = module.state_dict()
+    absent = [k for k, v in own.items() if k not in state and not k.endswith("inv_freq")]
+    if absent:
+        raise BwskError(f"{where}: missing weights {absent[:3]}")
+    with torch.no_grad():
+        for k, v in own.items():
+            if k in state:
+                if state[k].shape != v.shape:
+                    raise BwskError(f"{where}: {k} has shape {list(state[k].shape)}, expected {list(v.shape)}")
+                v.copy_(state[k])
+
+
+# ------------------------------------------------------------------------------- resume checkpoint
+def checkpoint_step(out: Path) -> int | None:
+    try:
+        return json.loads((out / CHECKPOINT / "state.json").read_text())["state"]["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save(out: Path, module, opt, sched, scaler, state) -> None:
+    tmp = out / (CHECKPOINT + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_module_state(module), str(tmp / "module.safetensors"))
+    opt_state = opt.state_dict()
+    tensors = {f"{i}.{name}": value.detach().cpu().contiguous()
+               for i, entry in opt_state["state"].items() for name, value in entry.items()}
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({
+        "state": asdict(state), "param_groups": opt_state["param_groups"],
+        "scheduler": sched.state_dict(), "scaler": scaler.state_dict()}) + "\n")
+    final = out / CHECKPOINT
+    old = out / (CHECKPOINT + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore(out: Path, module, opt, sched, scaler, state) -> None:
+    """Load the checkpoint into the run's objects; a damaged one is one clear line, nothing changed."""
+    where = out / CHECKPOINT
+    try:
+        weights = load_file(str(where / "module.safetensors"))
+        tensors = load_file(str(where / "optimizer.safetensors"))
+        saved = json.loads((where / "state.json").read_text())
+        per_param: dict[int, dict] = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            per_param.setdefault(int(index), {})[name] = value
+        opt_state = {"state": per_param, "param_groups": saved["param_groups"]}
+        names = {f.name for f in fields(state)}
+        values = {k: v for k, v in saved["state"].items() if k in names}
+    except (OSError, SafetensorError, ValueError, KeyError, TypeError) as exc:
+        raise BwskError(f"{where}: corrupt checkpoint ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    load_into(module, weights, str(where / "module.safetensors"))
+    try:
+        opt.load_state_dict(opt_state)
+        sched.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise BwskError(f"{where}: checkpoint does not fit this run ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    for k, v in values.items():
+        setattr(state, k, v)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records of steps after the checkpoint: the resumed run writes them again."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip()
+            and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))

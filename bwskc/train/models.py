@@ -1,0 +1,123 @@
+"""What ``bwskc train --model M`` names, built as a causal language model.
+
+``M`` is a Hugging Face model directory (config.json, maybe weights and a tokenizer), a ``config.json``
+alone (random weights), a hub id where the hub is reachable, or a directory ``bwskc train`` wrote
+(its ``bwskc.json`` says how it was trained). ``scratch`` re-initialises the weights (the model class's
+own initialisation, seeded); ``finetune`` starts from the weights the model has.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bwskc.errors import BwskError
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str                       # as the user gave it
+    config: object                  # transformers.PretrainedConfig
+    weights_dir: Path | None        # a directory whose weights from_pretrained loads, or None
+    tokenizer_dir: Path | None      # a directory holding the model's tokenizer, or None
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Find the model's config, weights and tokenizer without building it (one line on failure)."""
+    import transformers
+    path = Path(spec)
+    if path.is_file() and path.name != "config.json" and path.suffix == ".json":
+        return _from_config_file(spec, path)
+    if path.is_file() and path.name == "config.json":
+        return _from_dir(spec, path.parent)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BwskError(f"{spec}: directory has no config.json (not a Hugging Face model directory)")
+        return _from_dir(spec, path)
+    if path.exists() or not HUB_ID.fullmatch(spec) or spec.endswith(".json"):
+        raise BwskError(f"{spec}: no such model file or directory (nor a hub id)")
+    try:  # a hub id: reachable only with network access
+        config = transformers.AutoConfig.from_pretrained(spec)
+    except Exception as exc:
+        raise BwskError(f"{spec}: unknown model (not a local path, and not reachable on the hub: "
+                        f"{type(exc).__name__})") from None
+    _check_causal(spec, config)
+    return ModelSource(spec, config, None, None)  # hub weights: from_pretrained(spec) in build_model
+
+
+def _from_config_file(spec: str, path: Path) -> ModelSource:
+    import transformers
+    try:
+        raw = json.loads(path.read_text())
+        config = transformers.AutoConfig.for_model(**raw)
+    except Exception as exc:
+        raise BwskError(f"{spec}: not a Hugging Face config ({type(exc).__name__}: {exc})") from None
+    _check_causal(spec, config)
+    return ModelSource(spec, config, None, None)
+
+
+def _from_dir(spec: str, directory: Path) -> ModelSource:
+    import transformers
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except Exception:
+        return _from_config_file(spec, directory / "config.json")
+    _check_causal(spec, config)
+    has_weights = any((directory / f).exists() for f in WEIGHT_FILES)
+    has_tokenizer = any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    return ModelSource(spec, config, directory if has_weights else None,
+                       directory if has_tokenizer else None)
+
+
+def _check_causal(spec: str, config) -> None:
+    import transformers
+    if type(config) not in transformers.AutoModelForCausalLM._model_mapping:
+        raise BwskError(f"{spec}: bwskc train trains causal language models; a "
+                        f"{type(config).__name__} has no causal-LM class")
+
+
+def build_model(src: ModelSource, *, pretrained: bool, seed: int) -> torch.nn.Module:
+    """The model in training mode with ``use_cache`` off: its own weights when ``pretrained``
+    (``finetune``), the class's initialisation seeded with ``seed`` otherwise (``scratch``)."""
+    import transformers
+    torch.manual_seed(seed)
+    kwargs = dict(attn_implementation="sdpa")
+    try:
+        if pretrained and src.weights_dir is not None:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(src.weights_dir), local_files_only=True, **kwargs)
+        elif pretrained and src.weights_dir is None and not Path(src.name).exists():
+            model = transformers.AutoModelForCausalLM.from_pretrained(src.name, **kwargs)
+        elif pretrained:
+            raise BwskError(f"{src.name}: has no weights to fine-tune (a config alone); give a model "
+                            f"directory with weights, or --experiment all to fine-tune from the scratch run")
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(src.config, **kwargs)
+    except BwskError:
+        raise
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise BwskError(f"{src.name}: cannot build the model ({type(exc).__name__}: {first})") from None
+    model.config.use_cache = False
+    return model.train()
+
+
+def vocab_size(config) -> int:
+    size = getattr(config, "vocab_size", None)
+    if not size:
+        raise BwskError(f"{type(config).__name__} has no vocab_size")
+    return int(size)
+
+
+def max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if value:
+            return int(value)
+    return None

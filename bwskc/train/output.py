@@ -1,0 +1,193 @@
+"""The published summary of a ``bwskc train`` run: ``results.json``, ``README.md`` with the seeds'
+tables, a loss-curve PNG per variant and one comparing the modes; and ``load_trained``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bwskc.train.loop import MODE_DIRS
+
+SCHEMA = "bwskc.train/1"
+MODE_NAMES = {"conventional": "Conventional", "analyzed": "BWSK analyzed", "reversible": "BWSK reversible"}
+
+
+def write_summary(out: Path, results: dict, args) -> dict:
+    data = next(iter(results.values()))["data"] if results else {}
+    summary = {"schema": SCHEMA, "model": args.model, "data": data, "variants": results,
+               "memory_savings": memory_savings(results)}
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    for name in results:
+        plot_run(out / name)
+    plot_comparison(out, results)
+    (out / "README.md").write_text(readme(summary))
+    return summary
+
+
+def memory_savings(results: dict) -> dict:
+    """Reversible against conventional, per experiment: activation bytes and peak memory."""
+    out = {}
+    for experiment in ("scratch", "finetune"):
+        conv = results.get(f"{experiment}-{MODE_DIRS['conventional']}")
+        rev = results.get(f"{experiment}-{MODE_DIRS['reversible']}")
+        if conv and rev:
+            out[experiment] = {
+                "activation_ratio": rev["activation_bytes"] / max(1, conv["activation_bytes"]),
+                "activation_saved_pct": 100 * (1 - rev["activation_bytes"] / max(1, conv["activation_bytes"])),
+                "peak_ratio": rev["peak_memory_bytes"] / max(1, conv["peak_memory_bytes"]),
+                "val_perplexity_gap_pct": 100 * (rev["val_perplexity"] / conv["val_perplexity"] - 1),
+                "test_perplexity_gap_pct": 100 * (rev["test_perplexity"] / conv["test_perplexity"] - 1),
+            }
+    return out
+
+
+def _mib(n) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def readme(summary: dict) -> str:
+    data = summary["data"]
+    lines = [f"# bwskc train results: {summary['model']}", "",
+             f"Data: {data.get('source', '?')}. Tokenizer: {data.get('tokenizer', '?')}; blocks of "
+             f"{data.get('seq_len')} tokens: {data.get('blocks')}."]
+    if data.get("note"):
+        lines += ["", f"**Split convention:** {data['note']}"]
+    variants = summary["variants"]
+    any_run = next(iter(variants.values()), {})
+    lines += ["", f"Device: {any_run.get('device', '?')}. Peak memory: {any_run.get('peak_memory_kind', '?')} "
+              "of the variant's own process; activation memory: bytes saved for backward by one training "
+              "forward (deduplicated by storage, parameters excluded).", ""]
+    for experiment in ("finetune", "scratch"):
+        rows = [(m, variants.get(f"{experiment}-{d}")) for m, d in MODE_DIRS.items()]
+        rows = [(m, r) for m, r in rows if r]
+        if not rows:
+            continue
+        lines += [f"## {experiment.capitalize()}", "",
+                  "| Mode | Final Loss | Val Perplexity | Test Perplexity | Peak Memory | Activation Memory "
+                  "| Time | Epochs | Steps |", "|---|---|---|---|---|---|---|---|---|"]
+        for mode, r in rows:
+            final = f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "-"
+            lines.append(f"| {MODE_NAMES[mode]} | {final} | {r['val_perplexity']:.2f} | "
+                         f"{r['test_perplexity']:.2f} | {_mib(r['peak_memory_bytes'])} | "
+                         f"{_mib(r['activation_bytes'])} | {r['time_s']:.1f} s | {r['epochs']:.2f} | "
+                         f"{r['steps']} ({r['stopped']}) |")
+        lines.append("")
+    savings = summary["memory_savings"]
+    if savings:
+        lines += ["## Memory savings (reversible against conventional)", "",
+                  "| Experiment | Activation memory | Activation saved | Peak memory ratio | Val ppl gap "
+                  "| Test ppl gap |", "|---|---|---|---|---|---|"]
+        for experiment, s in savings.items():
+            lines.append(f"| {experiment} | {s['activation_ratio']:.3f}x | {s['activation_saved_pct']:.1f}% | "
+                         f"{s['peak_ratio']:.3f}x | {s['val_perplexity_gap_pct']:+.2f}% | "
+                         f"{s['test_perplexity_gap_pct']:+.2f}% |")
+        lines.append("")
+    typed = [r for r in variants.values() if r.get("typing")]
+    if typed:
+        t = typed[0]["typing"]
+        total = t["S"] + t["K"] + t["GRAY"]
+        lines += ["## S/K classification", "",
+                  "Every operation of the lowered program, typed by the `typing` pass with evidence "
+                  "(`bwskc lower MODEL --passes typing --emit report` lists them).", "",
+                  "| Operations | S | K | GRAY | S ratio | K ratio | DOF erased per example |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| {total} | {t['S']} | {t['K']} | {t['GRAY']} | {100 * t['S_ratio']:.1f}% | "
+                  f"{100 * t['K_ratio']:.1f}% | {t['dof_lost']} (+{t['dof_data_dependent']} data-dependent) |",
+                  ""]
+    rev = [r for r in variants.values() if r.get("reversible")]
+    if rev:
+        s = rev[0]["reversible"]
+        lines += [f"Reversible rewrite: {s['blocks']} residual blocks in {s['chains']} chain(s) became "
+                  f"{s['couplings']} coupling layers; {s['not_lowered']} residual connection(s) left as they "
+                  "were. A reversible variant's weights belong to the rewired model: load it with "
+                  "`bwskc.load_trained(path)`; `from_pretrained` alone would run the original wiring, a "
+                  "different function.", ""]
+    lines += ["Loss curves: `loss_curves.png` (modes compared), `<variant>/loss_curve.png`; per-step "
+              "metrics in `<variant>/metrics.jsonl`.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- plots
+def _metrics(directory: Path) -> list[dict]:
+    path = directory / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_run(directory: Path) -> None:
+    rows = _metrics(directory)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train loss")
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross entropy (nats/token)")
+    ax.set_title(directory.name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(directory / "loss_curve.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_comparison(out: Path, results: dict) -> None:
+    plt = _pyplot()
+    experiments = [e for e in ("scratch", "finetune") if any(k.startswith(e) for k in results)]
+    fig, axes = plt.subplots(1, max(1, len(experiments)), figsize=(6 * max(1, len(experiments)), 4),
+                             squeeze=False)
+    for ax, experiment in zip(axes[0], experiments):
+        for mode, d in MODE_DIRS.items():
+            name = f"{experiment}-{d}"
+            if name not in results:
+                continue
+            rows = _metrics(out / name)
+            steps = [r for r in rows if "loss" in r]
+            evals = [r for r in rows if "val_loss" in r]
+            line, = ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.6, alpha=0.5)
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color=line.get_color(),
+                    label=f"{MODE_NAMES[mode]} (validation)")
+        ax.set_title(experiment)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross entropy (nats/token)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- loading back
+def load_trained(path, *, device: str = "cpu"):
+    """A trained variant as the module it was trained as (evaluation mode), weights from ``path``.
+
+    A conventional or analyzed variant is also a plain Hugging Face model
+    (``AutoModelForCausalLM.from_pretrained(path)``). A reversible one is not: its weights were trained
+    inside coupling chains (``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``, merged as ``y1 + y2 - x``), a
+    different function of the same parameters; ``from_pretrained`` would wire them as the original
+    residual blocks. This rebuilds the rewired program from the model and ``bwskc.json``.
+    """
+    import torch
+    import transformers
+
+    import bwskc
+    from bwskc.errors import BwskError
+    from bwskc.train.checkpoint import BWSKC_JSON
+    path = Path(path)
+    try:
+        meta = json.loads((path / BWSKC_JSON).read_text())
+    except (OSError, ValueError) as exc:
+        raise BwskError(f"{path / BWSKC_JSON}: not a bwskc train output ({type(exc).__name__})") from None
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
+                                                           attn_implementation="sdpa").to(device)
+    hf.config.use_cache = False
+    example = torch.zeros(meta["batch_size"], meta["seq_len"], dtype=torch.long, device=device)
+    module = bwskc.compile(hf, (example,), mode=meta["mode"], seed=meta.get("seed", 0))
+    return module.eval()
