@@ -58,7 +58,10 @@ def _status(key):
     return 0
 
 
-def one(name: str, blocks: int, seq: int, batch: int, repeats: int, only: str | None = None) -> dict:
+def setup(name: str, blocks: int, seq: int, batch: int, device: str = "cpu", extra: dict | None = None):
+    """The three trainable modules of one configuration (``conventional``, ``reversible`` and, where the
+    model supports it, ``checkpoint``), a ``step(module)`` running forward and backward (synchronised on
+    a GPU, so wall time is the step's), and what was measured on the way (``out``)."""
     import warnings
     warnings.filterwarnings("ignore")
     import torch
@@ -67,19 +70,18 @@ def one(name: str, blocks: int, seq: int, batch: int, repeats: int, only: str | 
 
     import bwskc
     from bwskc.frontend import default_inputs
-    from bwskc.runtime.memory import saved_bytes
     from conftest import ZOO_SPECS
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     fam = FAMILIES[name]
     model_cls, config_cls, kwargs = ZOO_SPECS[name]
-    kwargs = dict(kwargs, **fam["extra"])
+    kwargs = {**kwargs, **fam["extra"], **(extra or {})}
     if fam["depth"]:
         for key in fam["depth"]:
             kwargs[key] = max(1, blocks // fam["per_layer"])
     config = getattr(transformers, config_cls)(**kwargs)
     torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(config)
-    args, kw = default_inputs(model, batch=batch, seq=seq)
+    model = getattr(transformers, model_cls)(config).to(device)
+    args, kw = default_inputs(model, batch=batch, seq=seq, device=device)
     t0 = time.perf_counter()
     program = bwskc.lower(model, args, kw, train=True)
     lower_s = time.perf_counter() - t0
@@ -106,6 +108,16 @@ def one(name: str, blocks: int, seq: int, batch: int, repeats: int, only: str | 
                  else mod(*args, **kw)).backward()
         else:
             loss(mod(*inputs)).backward()
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    return runs, step, out, dict(args=args, kw=kw, inputs=inputs, loss=loss, ckpt=ckpt)
+
+
+def one(name: str, blocks: int, seq: int, batch: int, repeats: int, only: str | None = None) -> dict:
+    from bwskc.runtime.memory import saved_bytes
+    runs, step, out, ctx = setup(name, blocks, seq, batch)
+    args, kw, inputs, loss, ckpt = ctx["args"], ctx["kw"], ctx["inputs"], ctx["loss"], ctx["ckpt"]
 
     if only is not None:  # a fresh process measures one mode's first step: nothing cached before it
         mod = runs[only]

@@ -12,7 +12,9 @@ inputs, which exist anyway). Backward walks the steps in reverse: for step i it 
 on the unchanged stream ``t`` with a graph (this layer only), reconstructs the updated stream's previous
 value as ``s - y``, and back-propagates through ``y`` alone, then frees it. Each branch is replayed with
 the dropout masks of its forward run: they are drawn from a counter-based generator keyed on the step's
-seed, the chain, the branch and the site (``bwskc.runtime.rng``), never from global RNG state.
+seed, the chain, the branch and the site (``bwskc.runtime.rng``), never from global RNG state. The
+steps' own ``+ y`` and ``- y`` go through ``bwskc.kernels.stream_update`` (Triton on CUDA, torch on CPU,
+``BWSKC_KERNELS`` to force one).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bwskc.ir import Comb, Program, rev_shared
+from bwskc.kernels.dispatch import stream_update  # the steps' add/subtract: Triton kernels on CUDA
 
 
 def coupling_functions(program: Program, chain: Comb) -> tuple[Callable, Callable]:
@@ -94,9 +97,9 @@ class CouplingFunction(torch.autograd.Function):
             for i, f in enumerate(spec.branches):
                 mine = [tensors[j] for j in spec.tensor_index[i]]
                 if i % 2 == 0:
-                    a = a + f(*shared, b, seed, *mine)
+                    a = stream_update(a, f(*shared, b, seed, *mine))
                 else:
-                    b = b + f(*shared, a, seed, *mine)
+                    b = stream_update(b, f(*shared, a, seed, *mine))
         if len(spec.branches) == 1:
             b = b.clone()  # an output must not be the input itself
         ctx.spec, ctx.seed, ctx.autocast = spec, seed, _autocast_state()
@@ -124,9 +127,9 @@ class CouplingFunction(torch.autograd.Function):
                 y = f(*shared_in, src_in, ctx.seed, *mine)
             with torch.no_grad():  # undo the step: the updated stream loses y again
                 if i % 2 == 0:
-                    a = a - y
+                    a = stream_update(a, y, subtract=True)
                 else:
-                    b = b - y
+                    b = stream_update(b, y, subtract=True)
             wrt = [src_in] + [m for m in shared_in if m.requires_grad] + [t for t in mine if t.requires_grad]
             grads = torch.autograd.grad(y, wrt, grad_a if i % 2 == 0 else grad_b, allow_unused=True)
             del y
