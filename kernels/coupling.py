@@ -34,7 +34,7 @@ from triton import knobs
 from bwskc.kernels import reference as ref
 
 INTERPRET = bool(knobs.runtime.interpret)  # fixed when this module's kernels are decorated
-_KEY = ["R", "N", "HAS_BIAS", "AFFINE", "SCALE_ROW", "DROPOUT"]
+_KEY = ["R", "N", "HAS_BIAS", "AFFINE", "SCALE_ROW", "DROPOUT"]  # autotune also keys on the dtypes
 
 
 def interpreting() -> bool:
@@ -67,7 +67,8 @@ def _br(a):
 @triton.jit
 def _shift(f_ptr, b_ptr, idx, mask, rows, cols, N, seed, offset, p, keep_scale,
            HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
-    """``t = D(f + bias)`` in float32 and the dropout factor ``m * k`` of each element of the tile."""
+    """``t = D(f + bias)`` in float32 and the dropout factor ``m * k`` of each element of the tile (whose
+    columns are column block ``program_id(1)``)."""
     v = tl.load(f_ptr + idx, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         v += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -86,12 +87,15 @@ def _shift(f_ptr, b_ptr, idx, mask, rows, cols, N, seed, offset, p, keep_scale,
 
 @triton.jit
 def _scale_tile(s_ptr, idx, mask, cols, N, SCALE_ROW: tl.constexpr):
+    """The log-scale over the tile: one row broadcast (per feature) or the tile itself (elementwise)."""
     if SCALE_ROW:
-        return tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    return tl.load(s_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    else:
+        s = tl.load(s_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    return s
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs(), key=_KEY + ["INVERSE"])
 @triton.heuristics({"BN": _bn, "BR": _br})
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _coupling_kernel(x_ptr, f_ptr, b_ptr, s_ptr, out_ptr, R, N, seed, offset, p, keep_scale,

@@ -38,6 +38,7 @@ def _kernels_here() -> tuple[bool, str]:
 
 
 KERNELS_HERE, DEVICE = _kernels_here()
+INTERPRETED = KERNELS_HERE and DEVICE == "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # ------------------------------------------------------------------------------ strategies
@@ -181,11 +182,38 @@ def test_seam_choice_and_torch_path(monkeypatch):
         dispatch.stream_update(a, y)
 
 
-@pytest.mark.skipif(KERNELS_HERE and DEVICE == "cpu", reason="the interpreter is on in this process")
-def test_forcing_the_kernels_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("BWSKC_KERNELS", "triton")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        dispatch.stream_update(torch.randn(4), torch.randn(4))
+if not INTERPRETED:  # in the interpreter's process triton compiles nothing and CPU tensors are allowed
+    def test_forcing_the_kernels_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+        monkeypatch.setenv("BWSKC_KERNELS", "triton")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            dispatch.stream_update(torch.randn(4), torch.randn(4))
+
+    @pytest.mark.parametrize("which,dtype,consts", [
+        ("forward", "bf16", dict(HAS_BIAS=True, AFFINE=True, SCALE_ROW=False, DROPOUT=True, INVERSE=False,
+                                 TILE=4096, BN=1024, BR=4)),
+        ("forward", "fp32", dict(HAS_BIAS=False, AFFINE=True, SCALE_ROW=True, DROPOUT=True, INVERSE=True,
+                                 TILE=1024, BN=4, BR=256)),
+        ("backward", "fp16", dict(HAS_BIAS=True, AFFINE=True, SCALE_ROW=True, DROPOUT=True,
+                                  TILE=2048, BN=512, BR=4)),
+        ("backward", "fp32", dict(HAS_BIAS=True, AFFINE=False, SCALE_ROW=False, DROPOUT=False,
+                                  TILE=8192, BN=8192, BR=1)),
+    ])
+    def test_kernels_compile_to_sm90_machine_code_without_a_gpu(which, dtype, consts):
+        """The interpreter runs Python, not Triton's compiler: this checks the kernels also get through
+        it (TTIR, TTGIR, LLVM, PTX and ptxas, for an H100/H200) with the flags and shapes a GPU would use."""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        from bwskc.kernels import coupling as kernels
+        fn = (kernels._coupling_kernel if which == "forward" else kernels._coupling_bwd_kernel).fn.fn
+        floats = {"p": "fp32", "keep_scale": "fp32", "pb_ptr": "*fp32", "ps_ptr": "*fp32"}
+        ints = {"R": "i32", "N": "i32", "rows_per_prog": "i32", "seed": "i64", "offset": "i64"}
+        sig = {n: "constexpr" if n in consts else floats.get(n) or ints.get(n) or f"*{dtype}"
+               for n in fn.arg_names}
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+        assert len(compiled.asm["cubin"]) > 1000 and ".target sm_90" in compiled.asm["ptx"]
 
 
 def test_coupling_layer_gradients_through_the_reference(monkeypatch):
