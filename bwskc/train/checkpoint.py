@@ -125,10 +125,14 @@ def save(out: Path, module, opt, sched, scaler, state) -> None:
 def restore(out: Path, module, opt, sched, scaler, state) -> None:
     """Load the checkpoint into the run's objects; a damaged one is one clear line, nothing changed."""
     where = out / CHECKPOINT
+    reading = where
     try:
-        weights = load_file(str(where / "module.safetensors"))
-        tensors = load_file(str(where / "optimizer.safetensors"))
-        saved = json.loads((where / "state.json").read_text())
+        reading = where / "module.safetensors"
+        weights = load_file(str(reading))
+        reading = where / "optimizer.safetensors"
+        tensors = load_file(str(reading))
+        reading = where / "state.json"
+        saved = json.loads(reading.read_text())
         per_param: dict[int, dict] = {}
         for key, value in tensors.items():
             index, name = key.split(".", 1)
@@ -137,7 +141,7 @@ def restore(out: Path, module, opt, sched, scaler, state) -> None:
         names = {f.name for f in fields(state)}
         values = {k: v for k, v in saved["state"].items() if k in names}
     except (OSError, SafetensorError, ValueError, KeyError, TypeError) as exc:
-        raise BwskError(f"{where}: corrupt checkpoint ({type(exc).__name__}: "
+        raise BwskError(f"{reading}: corrupt checkpoint ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     load_into(module, weights, str(where / "module.safetensors"))
     try:

@@ -199,8 +199,14 @@ class Trainer:
         with _autocast(self.cfg):
             logits = self.model(ids)
         loss = lm_loss(logits, ids)
-        if not torch.isfinite(loss):
-            raise self.diverged("loss", float(loss), step)
+        seen = loss.detach()
+        if self.world.size > 1:  # the global batch's loss, so every rank logs and judges the same value
+            import torch.distributed as dist
+            seen = seen.clone()
+            dist.all_reduce(seen)
+            seen /= self.world.size
+        if not torch.isfinite(seen):
+            raise self.diverged("loss", float(seen), step)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
@@ -210,7 +216,7 @@ class Trainer:
         self.scaler.step(self.opt)  # with fp16 loss scaling, an inf step is skipped and the scale lowered
         self.scaler.update()
         self.sched.step()
-        return float(loss), float(norm)
+        return float(seen), float(norm)
 
     def diverged(self, what: str, value: float, step: int) -> TrainingDiverged:
         last = ckpt.checkpoint_step(self.out)
