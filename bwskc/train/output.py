@@ -13,6 +13,9 @@ MODE_NAMES = {"conventional": "Conventional", "analyzed": "BWSK analyzed", "reve
 
 
 def write_summary(out: Path, results: dict, args) -> dict:
+    """The summary of every variant in ``out``: this command's and those earlier commands finished
+    there (``--experiment finetune`` after ``--experiment scratch`` gives one table of both)."""
+    results = {**_finished(out), **results}
     data = next(iter(results.values()))["data"] if results else {}
     summary = {"schema": SCHEMA, "model": args.model, "data": data, "variants": results,
                "memory_savings": memory_savings(results)}
@@ -22,6 +25,16 @@ def write_summary(out: Path, results: dict, args) -> dict:
     plot_comparison(out, results)
     (out / "README.md").write_text(readme(summary))
     return summary
+
+
+def _finished(out: Path) -> dict:
+    found = {}
+    for experiment in ("scratch", "finetune"):
+        for d in MODE_DIRS.values():
+            path = out / f"{experiment}-{d}" / "training_results.json"
+            if path.is_file():
+                found[path.parent.name] = json.loads(path.read_text())
+    return found
 
 
 def memory_savings(results: dict) -> dict:

@@ -16,8 +16,9 @@ from bwskc.train.loop import RunConfig, Trainer, World
 RESULTS = "training_results.json"
 
 
-def run_variant(cfg: RunConfig, world: World = World(), log=print) -> dict:
+def run_variant(cfg: RunConfig, world: World = World(), log=None) -> dict:
     """Train one variant; the main rank writes ``training_results.json`` and returns the results."""
+    log = log or (lambda message: print(message, flush=True))  # a log file sees progress as it happens
     trainer = Trainer(cfg, world, log=log if world.main else (lambda *a: None))
     results = trainer.run()
     if world.main:
