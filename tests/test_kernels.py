@@ -141,7 +141,7 @@ def test_about_a_fraction_p_is_dropped(p):
         assert abs(dropped - n * p) <= 5 * (n * p * (1 - p)) ** 0.5, (seed, dropped)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(shape=shapes, dtype=st.sampled_from(DTYPES), p=probs, bias=st.booleans(),
        scale=st.sampled_from(["none", "full", "row"]), seed=seeds, offset=offsets)
 def test_reference_backward_equals_autograd_and_inverse_inverts(shape, dtype, p, bias, scale, seed, offset):
@@ -276,7 +276,7 @@ if KERNELS_HERE:
         else:  # bfloat16 under the interpreter; exp's last bits differ between devices and libraries
             _ulp_close(got, want, dtype, slack=1e-6 * float(want.abs().max() + 1))
 
-    @settings(max_examples=25, deadline=None)
+    @settings(max_examples=40, deadline=None)
     @given(shape=shapes, dtype=st.sampled_from(DTYPES), p=probs, bias=st.booleans(),
            scale=st.sampled_from(["none", "full", "row"]), seed=seeds, offset=offsets,
            transpose=st.booleans())
@@ -293,7 +293,7 @@ if KERNELS_HERE:
         _check_same(xr, ref.coupling_inverse(y, f, **kw), dtype, exact=s is None)
         _check_round_trip(xr, x, y, s, dtype)
 
-    @settings(max_examples=25, deadline=None)
+    @settings(max_examples=40, deadline=None)
     @given(shape=shapes, dtype=st.sampled_from(DTYPES), p=probs, bias=st.booleans(),
            scale=st.sampled_from(["none", "full", "row"]), seed=seeds, offset=offsets)
     # several tiles; rows per program (3) not a multiple of the tile's rows (4): the partial sums must not
