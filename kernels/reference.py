@@ -17,7 +17,9 @@ reimplemented below in int64 arithmetic) at counter ``offset + r * ceil(N / 4) +
 uniforms, of which element ``(r, c)`` of the ``[R, N]`` view (N the last dimension) takes word ``c % 4``,
 and the element is kept when its uniform is ``>= p``. One Philox evaluation serves four elements (the
 kernels would otherwise be bound by integer arithmetic, not memory). So the torch path and the Triton
-path drop exactly the same elements on any device; the tests check it bit for bit under the interpreter.
+path drop exactly the same elements: the tests check the words bit for bit against ``tl.rand4x`` under
+the interpreter; on a GPU the same holds by construction (32-bit integer Philox, then one int-to-float
+conversion and one float32 multiply, both fixed by IEEE rounding), not yet checked on one.
 """
 from __future__ import annotations
 
