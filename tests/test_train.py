@@ -216,10 +216,11 @@ def test_bad_inputs_exit_2_and_touch_nothing(tmp_path, capsys, trained):
     assert "empty" in _bad(_args(model, empty, tmp_path / "o2"), capsys)
     assert "no-such-model" in _bad(_args(tmp_path / "no-such-model" / "config.json", data, tmp_path / "o3"),
                                    capsys)
+    assert "hub is not reachable" in _bad(_args("EleutherAI/no-such-model", data, tmp_path / "o4"), capsys)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert str(blocker) in _bad(_args(model, data, blocker / "out"), capsys)
-    for p in (tmp_path / "o1", tmp_path / "o2", tmp_path / "o3"):
+    for p in (tmp_path / "o1", tmp_path / "o2", tmp_path / "o3", tmp_path / "o4"):
         assert not p.exists()
     # an existing output is not overwritten without --resume
     assert "already exists" in _bad(_args(model, data, out, "--max-steps", "4"), capsys, untouched=out)

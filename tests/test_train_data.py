@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bwskc.errors import BwskError
-from bwskc.train.data import (EOT, STDLIB_MAX_CHARS, TextSplits, _hub_reachable, build_tokenizer, load_text,
+from bwskc.train.data import (EOT, STDLIB_MAX_CHARS, TextSplits, hub_reachable, build_tokenizer, load_text,
                               token_blocks)
 
 WIKITEXT2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
@@ -215,7 +215,7 @@ def test_hub_id_offline_fails_fast(monkeypatch):
 
 
 def test_hub_id_without_network_fails_fast():
-    if _hub_reachable():
+    if hub_reachable():
         pytest.skip("the hub is reachable here: the offline failure cannot be observed")
     start = time.monotonic()
     _raises_naming("wikitext", "not reachable (no network/hub)")

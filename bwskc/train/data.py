@@ -331,7 +331,7 @@ def _load_directory(directory: Path, where: str) -> TextSplits:
 
 # ------------------------------------------------------------------------------------------------ hub
 
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
     """A TCP connection to the hub's endpoint within HUB_PROBE_TIMEOUT_S (name lookup included)."""
     import datasets.config
     from huggingface_hub import constants
@@ -383,7 +383,7 @@ def _load_hub(spec: str) -> TextSplits:
 
     unreachable = (f"dataset '{spec}' is not reachable (no network/hub) and is not a local path: "
                    f"give a local path, e.g. {LOCAL_EXAMPLE}")
-    online = _hub_reachable()
+    online = hub_reachable()
     try:
         if online:
             loaded = datasets.load_dataset(name, config or None)

@@ -42,7 +42,10 @@ def resolve_model(spec: str) -> ModelSource:
         return _from_dir(spec, path)
     if path.exists() or not HUB_ID.fullmatch(spec) or spec.endswith(".json"):
         raise BwskError(f"{spec}: no such model file or directory (nor a hub id)")
-    try:  # a hub id: reachable only with network access
+    from bwskc.train.data import hub_reachable
+    if not hub_reachable():  # a quick probe: the hub client would retry for half a minute
+        raise BwskError(f"{spec}: unknown model (not a local path, and the hub is not reachable from here)")
+    try:  # a hub id
         config = transformers.AutoConfig.from_pretrained(spec)
     except Exception as exc:
         raise BwskError(f"{spec}: unknown model (not a local path, and not reachable on the hub: "
