@@ -281,3 +281,17 @@ def test_data_order_partitions_each_epoch(blocks, per_rank, nproc, seed):
             step = epoch * ranks[0].per_epoch + i
             seen += [int(x) for r in ranks for x in r.batch(step).flatten()]
         assert len(seen) == len(set(seen)) == ranks[0].per_epoch * batch
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path):
+    """--precision bf16 runs the step under autocast: a different loss in the low bits, not a different
+    model (the first step's loss within bf16's resolution of fp32's)."""
+    model, data = _model(tmp_path / "model"), _corpus(tmp_path / "corpus")
+    flags = ["--mode", "conventional", "--experiment", "scratch", "--max-steps", "2", "--eval-every", "2"]
+    assert main(_args(model, data, tmp_path / "fp32", *flags)) == 0
+    assert main(_args(model, data, tmp_path / "bf16", *flags, "--precision", "bf16")) == 0
+    a = _metrics(tmp_path / "fp32" / "scratch-conventional" / "metrics.jsonl")[0]["loss"]
+    b = _metrics(tmp_path / "bf16" / "scratch-conventional" / "metrics.jsonl")[0]["loss"]
+    assert a != b and b == pytest.approx(a, rel=2 ** -6)
+    r = json.loads((tmp_path / "bf16" / "scratch-conventional" / "training_results.json").read_text())
+    assert r["hyperparameters"]["precision"] == "bf16" and math.isfinite(r["test_loss"])
