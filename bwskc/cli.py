@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lower on the meta device: no weights are materialised")
     lower.add_argument("--train", action="store_true",
                        help="export in training mode (dropout and batch norm as in training)")
+    lower.add_argument("--weights-out", metavar="FILE.safetensors",
+                       help="also write the program's weights (by state-dict key): with the IR text, a "
+                       "model bwskc train can train")
 
     parse = sub.add_parser("parse", help="validate IR text and print its canonical form")
     parse.add_argument("file")
@@ -125,8 +128,15 @@ def cmd_lower(args) -> None:
                              printer=show)
     elif args.axes:
         raise BwskError("--axes needs the calm pass (--passes calm)")
+    if args.weights_out and not program.weights:
+        raise BwskError(f"--weights-out: {args.model} has no weights (an IR file, or --meta)")
     text = emit(program, args.emit)
     write_output(text, args.output)
+    if args.weights_out:
+        from safetensors.torch import save_file
+        tmp = Path(args.weights_out).with_name(Path(args.weights_out).name + ".tmp")
+        save_file({k: v.detach().contiguous().clone() for k, v in program.weights.items()}, str(tmp))
+        tmp.replace(args.weights_out)
     if args.emit == "dot" and args.output:
         from bwskc.emit import render_dot
         sys.stderr.write(render_dot(args.output) + "\n")

@@ -49,8 +49,18 @@ def _module_state(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
 
-def save_model(out: Path, module, hf_model, cfg) -> None:
-    """The module's weights in the model class's own layout (``save_pretrained``), plus ``bwskc.json``."""
+def _bwskc_json(cfg, **extra) -> str:
+    return json.dumps({"mode": cfg.mode, "experiment": cfg.experiment,
+                       "batch_size": cfg.batch_size // max(1, cfg.nproc), "seq_len": cfg.seq_len,
+                       "seed": cfg.seed, "model": cfg.model, **extra}, indent=1) + "\n"
+
+
+def save_model(out: Path, module, hf_model, cfg, source_program=None) -> None:
+    """The module's weights in the model class's own layout (``save_pretrained``), plus ``bwskc.json``.
+    An IR model (no class) is saved as ``model.safetensors`` beside its program ``model.bwsk``."""
+    if hf_model is None:
+        _save_ir_model(out, module, cfg, source_program)
+        return
     state = _module_state(module)
     own = hf_model.state_dict()
     missing = [k for k in state if k not in own]
@@ -63,9 +73,7 @@ def save_model(out: Path, module, hf_model, cfg) -> None:
     tmp = out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     hf_model.save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / BWSKC_JSON).write_text(json.dumps({
-        "mode": cfg.mode, "experiment": cfg.experiment, "batch_size": cfg.batch_size // max(1, cfg.nproc),
-        "seq_len": cfg.seq_len, "seed": cfg.seed, "model": cfg.model}, indent=1) + "\n")
+    (tmp / BWSKC_JSON).write_text(_bwskc_json(cfg))
     for f in tmp.iterdir():
         f.replace(out / f.name)
     tmp.rmdir()
@@ -73,9 +81,30 @@ def save_model(out: Path, module, hf_model, cfg) -> None:
         (out / "program.bwsk").write_text(module.program.text())
 
 
+def _save_ir_model(out: Path, module, cfg, program) -> None:
+    tmp = out / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trained = _module_state(module)  # parameters and persistent buffers; constants stay as bound
+    state = {k: (trained[k] if k in trained else module.program.weights[k].detach().cpu()).contiguous()
+             for k in program.tensors}
+    save_file(state, str(tmp / "model.safetensors"))
+    (tmp / "model.bwsk").write_text(program.text())
+    (tmp / "config.json").write_text(json.dumps({"bwskc_program": "model.bwsk", "name": program.name,
+                                                 "vocab_size": program.entry.outputs[0].shape[-1]}) + "\n")
+    (tmp / BWSKC_JSON).write_text(_bwskc_json(cfg, ir="model.bwsk"))
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()
+
+
 def load_best(out: Path, module) -> None:
-    """Load the published (best) weights back into the module, through ``from_pretrained``."""
+    """Load the published (best) weights back into the module, through ``from_pretrained`` (or, for
+    an IR model, from ``model.safetensors``)."""
     import transformers
+    if (out / "model.bwsk").is_file():
+        load_into(module, load_file(str(out / "model.safetensors")), str(out / "model.safetensors"))
+        return
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
     load_into(module, hf.state_dict(), str(out / "model.safetensors"))
 

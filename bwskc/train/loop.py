@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from bwskc.errors import BwskError
 from bwskc.train import checkpoint as ckpt
-from bwskc.train.models import ModelSource, build_model, resolve_model
+from bwskc.train.models import ModelSource, build_model, ir_program, resolve_model
 
 MODE_DIRS = {"conventional": "conventional", "analyzed": "bwsk-analyzed", "reversible": "bwsk-reversible"}
 DEFAULT_LR = {"scratch": 6e-4, "finetune": 1e-4}
@@ -144,11 +144,16 @@ class Trainer:
         cfg.lr, cfg.warmup = lr, warmup
 
         self.src: ModelSource = resolve_model(cfg.init_from or cfg.model)
-        self.hf = build_model(self.src, pretrained=cfg.experiment == "finetune", seed=cfg.seed)
         self.device = torch.device(cfg.device)
-        self.hf.to(self.device)
-        example = self.blocks["train"][:self.local].to(self.device)
-        self.module = bwskc.compile(self.hf, (example,), mode=cfg.mode, seed=cfg.seed)
+        pretrained = cfg.experiment == "finetune"
+        if self.src.program is not None:  # an IR file: the program itself, no model class
+            self.hf = None
+            program = ir_program(self.src, pretrained=pretrained, seed=cfg.seed)
+            self.module = bwskc.compile(program, mode=cfg.mode, seed=cfg.seed).to(self.device)
+        else:
+            self.hf = build_model(self.src, pretrained=pretrained, seed=cfg.seed).to(self.device)
+            example = self.blocks["train"][:self.local].to(self.device)
+            self.module = bwskc.compile(self.hf, (example,), mode=cfg.mode, seed=cfg.seed)
         self.model = self.module
         if world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -273,7 +278,7 @@ class Trainer:
         if improved:
             state.best_val, state.best_step, state.bad_evals = val, state.step, 0
             if self.world.main:
-                ckpt.save_model(self.out, self.module, self.hf, self.cfg)
+                ckpt.save_model(self.out, self.module, self.hf, self.cfg, self.src.program)
         else:
             state.bad_evals += 1
             if state.bad_evals >= self.cfg.patience:

@@ -1,8 +1,9 @@
 """What ``bwskc train --model M`` names, built as a causal language model.
 
 ``M`` is a Hugging Face model directory (config.json, maybe weights and a tokenizer), a ``config.json``
-alone (random weights), a hub id where the hub is reachable, or a directory ``bwskc train`` wrote
-(its ``bwskc.json`` says how it was trained). ``scratch`` re-initialises the weights (the model class's
+alone (random weights), a hub id where the hub is reachable, a directory ``bwskc train`` wrote, or a
+bwskc IR file (``bwskc lower MODEL --train -o m.bwsk --weights-out m.safetensors``: the program and,
+beside it with the same stem, its weights by state-dict key). ``scratch`` re-initialises the weights (the model class's
 own initialisation, seeded); ``finetune`` starts from the weights the model has.
 """
 from __future__ import annotations
@@ -26,18 +27,22 @@ class ModelSource:
     config: object                  # transformers.PretrainedConfig
     weights_dir: Path | None        # a directory whose weights from_pretrained loads, or None
     tokenizer_dir: Path | None      # a directory holding the model's tokenizer, or None
+    program: object = None          # an IR file's Program (weights unbound), else None
+    ir_weights: Path | None = None  # the IR file's weights (``STEM.safetensors``), if present
 
 
 def resolve_model(spec: str) -> ModelSource:
     """Find the model's config, weights and tokenizer without building it (one line on failure)."""
     import transformers
     path = Path(spec)
+    if path.is_file() and path.suffix == ".bwsk":
+        return _from_ir(spec, path)
     if path.is_file() and path.name != "config.json" and path.suffix == ".json":
         return _from_config_file(spec, path)
     if path.is_file() and path.name == "config.json":
         return _from_dir(spec, path.parent)
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "model.bwsk").is_file():
             raise BwskError(f"{spec}: directory has no config.json (not a Hugging Face model directory)")
         return _from_dir(spec, path)
     if path.exists() or not HUB_ID.fullmatch(spec) or spec.endswith(".json"):
@@ -54,6 +59,58 @@ def resolve_model(spec: str) -> ModelSource:
     return ModelSource(spec, config, None, None)  # hub weights: from_pretrained(spec) in build_model
 
 
+def _from_ir(spec: str, path: Path) -> ModelSource:
+    from bwskc.text import parse_program
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BwskError(f"{spec}: unreadable ({type(exc).__name__})") from None
+    program = parse_program(text, str(path))
+    inputs = program.entry.inputs
+    if len(inputs) != 1 or getattr(inputs[0], "dtype", None) != "i64" or len(inputs[0].shape) != 2:
+        raise BwskError(f"{spec}: a language model's program takes one i64[batch,seq] input; this one "
+                        f"takes ({', '.join(map(str, inputs))})")
+    weights = path.with_suffix(".safetensors")
+    return ModelSource(spec, None, None, None, program, weights if weights.is_file() else None)
+
+
+def ir_program(src: ModelSource, *, pretrained: bool, seed: int):
+    """The IR file's program bound to weights: its own (``finetune``), or (``scratch``) parameters
+    re-initialised as GPT-2/Pythia do (matrices N(0, 0.02), biases 0, other vectors 1: norm gains)
+    and buffers and constants from the weights file (they are not learned: rotary tables, masks)."""
+    from safetensors.torch import load_file
+    program = src.program
+    saved = {}
+    if src.ir_weights is not None:
+        try:
+            saved = load_file(str(src.ir_weights))
+        except Exception as exc:
+            raise BwskError(f"{src.ir_weights}: unreadable weights ({type(exc).__name__})") from None
+    if pretrained and src.ir_weights is None:
+        raise BwskError(f"{src.name}: no weights to fine-tune ({Path(src.name).with_suffix('.safetensors')} "
+                        f"is missing)")
+    gen = torch.Generator().manual_seed(seed)
+    weights = dict(saved)
+    for name, decl in program.tensors.items():
+        if decl.kind != "param" or pretrained:
+            if name not in weights:
+                raise BwskError(f"{src.ir_weights or Path(src.name).with_suffix('.safetensors')}: no value "
+                                f"for {decl.kind} {name}")
+            continue
+        shape, dtype = tuple(decl.type.shape), decl.type.torch_dtype
+        if len(shape) >= 2:
+            weights[name] = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
+        elif name.endswith("bias"):
+            weights[name] = torch.zeros(shape, dtype=dtype)
+        else:
+            weights[name] = torch.ones(shape, dtype=dtype)
+    for name, decl in program.tensors.items():
+        if tuple(weights[name].shape) != tuple(decl.type.shape):
+            raise BwskError(f"{src.ir_weights}: {name} has shape {list(weights[name].shape)}, the program "
+                            f"declares {decl.type}")
+    return program.with_weights({k: weights[k] for k in program.tensors})
+
+
 def _from_config_file(spec: str, path: Path) -> ModelSource:
     import transformers
     try:
@@ -67,6 +124,8 @@ def _from_config_file(spec: str, path: Path) -> ModelSource:
 
 def _from_dir(spec: str, directory: Path) -> ModelSource:
     import transformers
+    if (directory / "model.bwsk").is_file():  # a bwskc train output of an IR model
+        return _from_ir(spec, directory / "model.bwsk")
     try:
         config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except Exception:
@@ -112,6 +171,8 @@ def build_model(src: ModelSource, *, pretrained: bool, seed: int) -> torch.nn.Mo
 
 
 def vocab_size(config) -> int:
+    if hasattr(config, "entry"):  # an IR program: the logits' last dimension
+        return int(config.entry.outputs[0].shape[-1])
     size = getattr(config, "vocab_size", None)
     if not size:
         raise BwskError(f"{type(config).__name__} has no vocab_size")
@@ -119,6 +180,8 @@ def vocab_size(config) -> int:
 
 
 def max_positions(config) -> int | None:
+    if hasattr(config, "entry"):  # an IR program: its fixed sequence length
+        return int(config.entry.inputs[0].shape[1])
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, key, None)
         if value:

@@ -198,6 +198,11 @@ def load_trained(path, *, device: str = "cpu"):
         meta = json.loads((path / BWSKC_JSON).read_text())
     except (OSError, ValueError) as exc:
         raise BwskError(f"{path / BWSKC_JSON}: not a bwskc train output ({type(exc).__name__})") from None
+    if meta.get("ir"):  # an IR model: its program and weights
+        from safetensors.torch import load_file
+        program = bwskc.parse((path / meta["ir"]).read_text(), str(path / meta["ir"]))
+        program = program.with_weights(load_file(str(path / "model.safetensors")))
+        return bwskc.compile(program, mode=meta["mode"], seed=meta.get("seed", 0)).to(device).eval()
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
                                                            attn_implementation="sdpa").to(device)
     hf.config.use_cache = False

@@ -110,7 +110,7 @@ def prepare_data(args, src, splits, out: Path) -> Path:
         if info.get("seq_len") != args.seq_len:
             raise BwskError(f"{where}: prepared with --seq-len {info.get('seq_len')}, not {args.seq_len}")
         return where
-    vocab = vocab_size(src.config)
+    vocab = vocab_size(src.program or src.config)
     tokenizer = build_tokenizer(splits, model_dir=src.tokenizer_dir, vocab_size=vocab,
                                 save_to=where / "tokenizer")
     blocks = {name: token_blocks(tokenizer, getattr(splits, name), args.seq_len)
@@ -144,7 +144,12 @@ def run_training(args) -> dict:
     elif not out.is_dir():
         raise BwskError(f"{out}: nothing to resume (no such directory)")
     src = resolve_model(args.model)
-    limit = max_positions(src.config)
+    if src.program is not None:  # an IR program has fixed shapes: the run must use them
+        batch, seq = src.program.entry.inputs[0].shape
+        if (args.batch_size // args.nproc, args.seq_len) != (batch, seq):
+            raise BwskError(f"{args.model}: the program takes i64[{batch},{seq}]: use --seq-len {seq} and "
+                            f"--batch-size {batch * args.nproc} (per process {batch})")
+    limit = max_positions(src.program or src.config)
     if limit is not None and args.seq_len > limit:
         raise BwskError(f"--seq-len {args.seq_len} exceeds the model's {limit} positions")
     finetune_from = _finetune_source(args, src, out, variants)
@@ -169,7 +174,7 @@ def _quiet_libraries() -> None:
 
 def _finetune_source(args, src, out: Path, variants) -> str | None:
     """Where finetune starts: the model's own weights, else the scratch conventional run's best."""
-    if not any(e == "finetune" for e, _ in variants) or src.weights_dir is not None:
+    if not any(e == "finetune" for e, _ in variants) or src.weights_dir is not None or src.ir_weights:
         return None
     if not Path(args.model).exists():
         return None  # a hub id: from_pretrained fetches its weights
