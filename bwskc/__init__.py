@@ -98,11 +98,11 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     return module
 
 
-def load_trained(path, *, device: str = "cpu"):
+def load_trained(path, *, device: str = "cpu", batch_size: int | None = None, seq_len: int | None = None):
     """A variant ``bwskc train`` wrote (``DIR/scratch-bwsk-reversible``...), rebuilt as the module it was
     trained as, in evaluation mode. See ``bwskc.train.output.load_trained``."""
     from bwskc.train.output import load_trained as _load
-    return _load(path, device=device)
+    return _load(path, device=device, batch_size=batch_size, seq_len=seq_len)
 
 
 def _all_subterms(program: Program):

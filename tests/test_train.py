@@ -161,7 +161,7 @@ def test_resume_after_kill_loses_and_repeats_no_step(tmp_path):
 
 def test_ddp_two_processes_match_one(tmp_path):
     """Two gloo processes with half the global batch each give one process's loss curve (dropout off:
-    each rank draws its own masks, so with dropout the curves differ by design)."""
+    each rank draws its own masks, keyed on its rank, so with dropout on the curves differ by design)."""
     model, data = _model(tmp_path / "model", hidden_dropout=0.0), _corpus(tmp_path / "corpus")
     flags = ["--mode", "reversible", "--experiment", "scratch", "--max-steps", "4", "--eval-every", "2"]
     assert main(_args(model, data, tmp_path / "one", *flags)) == 0
@@ -224,6 +224,14 @@ def test_bad_inputs_exit_2_and_touch_nothing(tmp_path, capsys, trained):
         assert not p.exists()
     # an existing output is not overwritten without --resume
     assert "already exists" in _bad(_args(model, data, out, "--max-steps", "4"), capsys, untouched=out)
+    # too little text for one batch, or for one block: refused before anything is written
+    assert "fewer than one batch" in _bad(_args(model, data, tmp_path / "o5", "--batch-size", "4096"), capsys)
+    small = _corpus(tmp_path / "small", lines=(400, 1, 40))
+    assert "valid split" in _bad(_args(model, small, tmp_path / "o6", "--seq-len", "64"), capsys)
+    for flag, value in (("--grad-clip", "-1"), ("--seed", str(2**63)), ("--device", "gpu7")):
+        assert flag in _bad(_args(model, data, tmp_path / "o7", flag, value), capsys)
+    for p in (tmp_path / "o5", tmp_path / "o6", tmp_path / "o7"):
+        assert not p.exists()
 
 
 def test_corrupt_checkpoint_is_one_line(tmp_path, capsys, trained):
@@ -239,6 +247,17 @@ def test_corrupt_checkpoint_is_one_line(tmp_path, capsys, trained):
                 "--mode", "conventional", "--experiment", "scratch", "--batch-size", "4", "--seq-len", "32",
                 "--max-steps", "6", "--resume"], capsys, untouched=copy)
     assert "corrupt checkpoint" in err and "module.safetensors" in err
+    argv = ["train", "--model", str(copy / "scratch-conventional"), "--data", str(data), "--out", str(copy),
+            "--mode", "conventional", "--experiment", "scratch", "--batch-size", "4", "--seq-len", "32",
+            "--max-steps", "4", "--eval-every", "2", "--resume"]
+    shutil.copy2(out / "scratch-conventional" / "checkpoint" / "module.safetensors", blob)
+    state = variant / "checkpoint" / "state.json"
+    good = state.read_bytes()
+    state.write_text("{")  # a damaged state must stop the resume, not restart the run from step 0
+    assert "corrupt checkpoint" in _bad(argv, capsys, untouched=copy)
+    state.write_bytes(good)
+    changed = argv[:-3] + ["--lr", "0.1", "--resume"]  # other settings: the run would not continue
+    assert "other settings" in _bad(changed, capsys, untouched=copy)
 
 
 # ------------------------------------------------------------------------------------------ properties

@@ -123,14 +123,28 @@ def load_into(module, state: dict, where: str) -> None:
 
 
 # ------------------------------------------------------------------------------- resume checkpoint
+def _current(out: Path) -> Path:
+    """The checkpoint directory: ``checkpoint/``, or ``checkpoint.old/`` when a kill fell between the
+    two renames of ``save`` (the old one moved aside, the new one not yet in place)."""
+    final = out / CHECKPOINT
+    old = out / (CHECKPOINT + ".old")
+    return old if not final.exists() and old.exists() else final
+
+
 def checkpoint_step(out: Path) -> int | None:
     try:
-        return json.loads((out / CHECKPOINT / "state.json").read_text())["state"]["step"]
+        return json.loads((_current(out) / "state.json").read_text())["state"]["step"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def save(out: Path, module, opt, sched, scaler, state) -> None:
+def has_checkpoint(out: Path) -> bool:
+    """A checkpoint directory exists (readable or not: a damaged one must stop a resume, not restart
+    it; with none at all, starting from step 0 is the resume, since nothing was kept)."""
+    return (out / CHECKPOINT).exists() or (out / (CHECKPOINT + ".old")).exists()
+
+
+def save(out: Path, module, opt, sched, scaler, state, hyperparameters: dict) -> None:
     tmp = out / (CHECKPOINT + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -140,7 +154,7 @@ def save(out: Path, module, opt, sched, scaler, state) -> None:
                for i, entry in opt_state["state"].items() for name, value in entry.items()}
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "state.json").write_text(json.dumps({
-        "state": asdict(state), "param_groups": opt_state["param_groups"],
+        "state": asdict(state), "param_groups": opt_state["param_groups"], "hyperparameters": hyperparameters,
         "scheduler": sched.state_dict(), "scaler": scaler.state_dict()}) + "\n")
     final = out / CHECKPOINT
     old = out / (CHECKPOINT + ".old")
@@ -151,9 +165,10 @@ def save(out: Path, module, opt, sched, scaler, state) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def restore(out: Path, module, opt, sched, scaler, state) -> None:
-    """Load the checkpoint into the run's objects; a damaged one is one clear line, nothing changed."""
-    where = out / CHECKPOINT
+def restore(out: Path, module, opt, sched, scaler, state, hyperparameters: dict) -> None:
+    """Load the checkpoint into the run's objects; a damaged one, or one from a run with other
+    hyperparameters (its data order and schedule would not continue), is one clear line."""
+    where = _current(out)
     reading = where
     try:
         reading = where / "module.safetensors"
@@ -172,6 +187,11 @@ def restore(out: Path, module, opt, sched, scaler, state) -> None:
     except (OSError, SafetensorError, ValueError, KeyError, TypeError) as exc:
         raise BwskError(f"{reading}: corrupt checkpoint ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    before = saved.get("hyperparameters", {})
+    changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {v}" for k, v in hyperparameters.items()
+               if k in before and before[k] != v]
+    if changed:
+        raise BwskError(f"{where}: --resume with other settings than the run's ({', '.join(changed)})")
     load_into(module, weights, str(where / "module.safetensors"))
     try:
         opt.load_state_dict(opt_state)

@@ -8,10 +8,12 @@ batch). A worker started by ``torchrun`` itself finds the same variables and joi
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import subprocess
 import sys
+import time
 
 from bwskc.train.loop import World
 
@@ -31,8 +33,20 @@ def launch(config_path: str, nproc: int) -> int:
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=os.environ.get(
                        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
         procs.append(subprocess.Popen([sys.executable, "-m", "bwskc.train.worker", config_path], env=env))
-    codes = [p.wait() for p in procs]
-    return next((c for c in codes if c), 0)
+    # The first rank to fail ends the group: the others would wait in a collective until its timeout.
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = next((c for c in codes if c), None)
+        if failed is not None:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                p.wait()
+            return failed if failed > 0 else 1  # killed by a signal: a failure, not bad input
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.2)
 
 
 def join(device: str) -> World:
@@ -43,7 +57,7 @@ def join(device: str) -> World:
     import torch.distributed as dist
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
     rank = dist.get_rank()
     if device.startswith("cuda"):
         import torch

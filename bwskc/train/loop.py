@@ -57,6 +57,7 @@ class RunConfig:
     patience: int = 3
     seed: int = 0
     eval_every: int = 0             # steps between evaluations; 0: once per epoch
+    save_every: int = 0             # steps between checkpoints besides evaluations; 0: at evaluations only
     device: str = "cpu"
     resume: bool = False
     nproc: int = 1
@@ -67,7 +68,7 @@ class RunConfig:
 
     def hyperparameters(self) -> dict:
         keep = ("epochs", "max_steps", "batch_size", "seq_len", "lr", "warmup", "weight_decay",
-                "grad_clip", "precision", "patience", "seed", "eval_every", "nproc")
+                "grad_clip", "precision", "patience", "seed", "eval_every", "nproc", "data")
         return {k: getattr(self, k) for k in keep} | {"optimizer": "AdamW", "schedule": "cosine-warmup"}
 
 
@@ -139,12 +140,15 @@ class Trainer:
         self.total = self.per_epoch * cfg.epochs if cfg.max_steps is None else min(
             cfg.max_steps, self.per_epoch * cfg.epochs)
         self.eval_every = cfg.eval_every or self.per_epoch
+        self.save_every = cfg.save_every
         warmup = cfg.warmup if cfg.warmup is not None else max(1, self.total // 20)
         lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.experiment]
         cfg.lr, cfg.warmup = lr, warmup
 
         self.src: ModelSource = resolve_model(cfg.init_from or cfg.model)
         self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and world.size > 1:  # one GPU per rank
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", world.rank)))
         pretrained = cfg.experiment == "finetune"
         if self.src.program is not None:  # an IR file: the program itself, no model class
             self.hf = None
@@ -154,10 +158,13 @@ class Trainer:
             self.hf = build_model(self.src, pretrained=pretrained, seed=cfg.seed).to(self.device)
             example = self.blocks["train"][:self.local].to(self.device)
             self.module = bwskc.compile(self.hf, (example,), mode=cfg.mode, seed=cfg.seed)
+            self.hf.to("cpu")  # kept only as the layout save_pretrained writes; the module has its own copy
         self.model = self.module
         if world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
-            self.model = DistributedDataParallel(self.module)
+            # broadcast_buffers=False: the RNG state buffer is per rank (each rank its own dropout masks);
+            # the programs' other buffers are constants (rotary tables), equal on every rank anyway
+            self.model = DistributedDataParallel(self.module, broadcast_buffers=False)
         self.opt = torch.optim.AdamW(_param_groups(self.module, cfg.weight_decay), lr=lr, betas=(0.9, 0.95))
         self.sched = get_cosine_schedule_with_warmup(self.opt, warmup, self.total)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
@@ -182,7 +189,7 @@ class Trainer:
         span = self.local * self.world.size
         padded = -(-n // span) * span
         self.module.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # nccl reduces device tensors
         for start in range(self.world.rank * self.local, padded, span):
             rows = torch.arange(start, start + self.local)
             weight = (rows < n).to(torch.float32)
@@ -190,7 +197,7 @@ class Trainer:
             with _autocast(self.cfg):
                 logits = self.module(ids)
             loss_sum, count = lm_loss(logits, ids, weight.to(self.device))
-            total += torch.tensor([float(loss_sum), float(count)], dtype=torch.float64)
+            total += torch.stack([loss_sum.double(), count.double()])
         self.module.train()
         if self.world.size > 1:
             import torch.distributed as dist
@@ -200,7 +207,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> tuple[float, float]:
         ids = self.batch(step)
-        self.module.reseed(self.cfg.seed + 7919 * self.world.rank, step)
+        self.module.reseed(self.cfg.seed * 4096 + self.world.rank, step)
         with _autocast(self.cfg):
             logits = self.model(ids)
         loss = lm_loss(logits, ids)
@@ -215,7 +222,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
-        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip or math.inf)
         if not torch.isfinite(norm) and not self.scaler.is_enabled():
             raise self.diverged("gradient norm", float(norm), step)
         self.scaler.step(self.opt)  # with fp16 loss scaling, an inf step is skipped and the scale lowered
@@ -234,14 +241,18 @@ class Trainer:
     def run(self) -> dict:
         from bwskc.runtime.memory import saved_bytes
         cfg, state = self.cfg, self.state
-        if cfg.resume and ckpt.checkpoint_step(self.out) is not None:
-            ckpt.restore(self.out, self.module, self.opt, self.sched, self.scaler, state)
-            ckpt.truncate_metrics(self.metrics_path, state.step)
+        if cfg.resume and ckpt.has_checkpoint(self.out):
+            ckpt.restore(self.out, self.module, self.opt, self.sched, self.scaler, state, cfg.hyperparameters())
+            if self.world.main:
+                ckpt.truncate_metrics(self.metrics_path, state.step)
             self.log(f"{cfg.name}: resumed at step {state.step}")
         elif self.world.main:
             self.metrics_path.unlink(missing_ok=True)
+        self.barrier()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _reset_peak_rss()
         with _autocast(cfg):  # activation bytes of one training forward (deterministic; rng re-seeded)
             act_bytes, _ = saved_bytes(self.module, self.batch(0), loss=lambda out: lm_loss(out, self.batch(0)))
         bar = _progress(self.total, state.step, cfg.name, disable=not self.world.main)
@@ -265,6 +276,8 @@ class Trainer:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if state.step % self.eval_every == 0 or state.step == self.total:
                     self.evaluate_and_save()
+                elif self.save_every and state.step % self.save_every == 0 and self.world.main:
+                    ckpt.save(self.out, self.module, self.opt, self.sched, self.scaler, state, cfg.hyperparameters())
         finally:
             bar.close()
         test_loss = self.final_test()
@@ -273,6 +286,8 @@ class Trainer:
     def evaluate_and_save(self):
         state = self.state
         val = self.evaluate("valid")
+        if not math.isfinite(val):
+            raise self.diverged("validation loss", val, state.step - 1)
         train_loss = sum(state.losses) / max(1, len(state.losses))
         improved = val < state.best_val
         if improved:
@@ -286,11 +301,17 @@ class Trainer:
         state.last_train = train_loss
         state.losses = []
         self.record({"step": state.step, "epoch": state.step / self.per_epoch, "train_loss": train_loss,
-                     "val_loss": val, "val_perplexity": math.exp(val), "best": improved})
+                     "val_loss": val, "val_perplexity": _ppl(val), "best": improved})
         if self.world.main:
-            ckpt.save(self.out, self.module, self.opt, self.sched, self.scaler, state)
+            ckpt.save(self.out, self.module, self.opt, self.sched, self.scaler, state, self.cfg.hyperparameters())
+        self.barrier()  # the other ranks read the best weights only once they are written
         self.log(f"{self.cfg.name}: step {state.step}/{self.total} train loss {train_loss:.4f} "
-                 f"val ppl {math.exp(val):.2f}{' (best)' if improved else ''}")
+                 f"val ppl {_ppl(val):.2f}{' (best)' if improved else ''}")
+
+    def barrier(self):
+        if self.world.size > 1:
+            import torch.distributed as dist
+            dist.barrier()
 
     def final_test(self) -> float:
         """Test loss of the best checkpoint (the weights saved at the best validation)."""
@@ -304,16 +325,17 @@ class Trainer:
 
     def results(self, act_bytes: int, test_loss: float) -> dict:
         cfg, state = self.cfg, self.state
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak_rss = _peak_rss()
         cuda = self.device.type == "cuda"
         out = {
             "mode": cfg.mode, "experiment": cfg.experiment, "model": cfg.model, "variant": cfg.name,
             "init_from": cfg.init_from,
             "final_loss": state.last_train,
-            "val_loss": state.best_val, "val_perplexity": math.exp(state.best_val),
-            "test_loss": test_loss, "test_perplexity": math.exp(test_loss),
+            "val_loss": state.best_val, "val_perplexity": _ppl(state.best_val),
+            "test_loss": test_loss, "test_perplexity": _ppl(test_loss),
             "peak_memory_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else peak_rss,
-            "peak_memory_kind": "cuda.max_memory_allocated" if cuda else "process peak resident memory",
+            "peak_memory_kind": "cuda.max_memory_allocated" if cuda else
+            "peak resident memory of the process during training (VmHWM, reset after compiling)",
             "peak_rss_bytes": peak_rss, "activation_bytes": act_bytes,
             "time_s": state.elapsed_s, "epochs": state.step / self.per_epoch, "steps": state.step,
             "best_step": state.best_step, "stopped": state.stopped or (
@@ -330,6 +352,31 @@ class Trainer:
         return out
 
 
+def _ppl(loss: float) -> float:
+    """Perplexity, inf rather than an OverflowError for a loss past exp's range."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _peak_rss() -> int:
+    """This process's resident high-water mark since ``_reset_peak_rss`` (VmHWM; ru_maxrss elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> None:
+    """Start the high-water mark at the current resident size, so the peak is the training loop's and
+    not the lowering's or the tokenizer's (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _progress(total: int, initial: int, name: str, disable: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, desc=name, unit="step", disable=disable or None,
@@ -339,7 +386,7 @@ def _progress(total: int, initial: int, name: str, disable: bool):
 def _mem_text(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.memory_allocated(device) / 2**20:.0f}MiB"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}MiB"
+    return f"{_peak_rss() / 2**20:.0f}MiB"
 
 
 def _device_name(device: torch.device) -> str:

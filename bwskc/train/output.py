@@ -178,8 +178,11 @@ def plot_comparison(out: Path, results: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------- loading back
-def load_trained(path, *, device: str = "cpu"):
+def load_trained(path, *, device: str = "cpu", batch_size: int | None = None, seq_len: int | None = None):
     """A trained variant as the module it was trained as (evaluation mode), weights from ``path``.
+
+    The module is compiled for inputs ``[batch_size, seq_len]`` (default: the training shape; an IR
+    model's shape is fixed by its program).
 
     A conventional or analyzed variant is also a plain Hugging Face model
     (``AutoModelForCausalLM.from_pretrained(path)``). A reversible one is not: its weights were trained
@@ -206,6 +209,7 @@ def load_trained(path, *, device: str = "cpu"):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
                                                            attn_implementation="sdpa").to(device)
     hf.config.use_cache = False
-    example = torch.zeros(meta["batch_size"], meta["seq_len"], dtype=torch.long, device=device)
+    example = torch.zeros(batch_size or meta["batch_size"], seq_len or meta["seq_len"], dtype=torch.long,
+                          device=device)
     module = bwskc.compile(hf, (example,), mode=meta["mode"], seed=meta.get("seed", 0))
     return module.eval()

@@ -49,12 +49,14 @@ def add_arguments(p) -> None:
                    "1e-4 finetune)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%% of the steps)")
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32; bf16 (autocast); fp16 (autocast with loss scaling, CUDA only)")
     p.add_argument("--patience", type=int, default=3, help="evaluations without improvement before stopping")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: each epoch)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="steps between resume checkpoints besides those at evaluations (default: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true", help="continue the runs in --out from their checkpoints")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DDP; gloo on CPU)")
@@ -81,6 +83,16 @@ def _check_options(args) -> None:
         raise BwskError("--precision fp16 needs CUDA (loss scaling); use bf16 or fp32 on CPU")
     if args.lr is not None and not args.lr > 0:
         raise BwskError(f"--lr must be positive, got {args.lr}")
+    for name in ("eval_every", "save_every", "warmup", "weight_decay", "grad_clip"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            raise BwskError(f"--{name.replace('_', '-')} must be zero or more, got {value}")
+    if not 0 <= args.seed < 2**31:
+        raise BwskError(f"--seed must be in [0, 2**31), got {args.seed}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise BwskError(f"--device {args.device}: not a device (cpu, cuda, cuda:N)") from None
 
 
 def _check_writable(out: Path) -> None:
@@ -100,28 +112,50 @@ def _variants(args) -> list[tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------------- data
-def prepare_data(args, src, splits, out: Path) -> Path:
-    """Tokenizer and token blocks, once for every variant: ``DIR/data/``."""
-    from bwskc.train.data import build_tokenizer, token_blocks
+def existing_data(args, out: Path, splits) -> Path | None:
+    """``DIR/data`` when an earlier command prepared it from the same text at the same --seq-len (reused,
+    so every variant in DIR sees the same tokens); a mismatch is refused rather than overwritten."""
     where = out / "data"
-    info_path = where / ckpt.DATA_JSON
-    if args.resume and info_path.exists():
-        info = json.loads(info_path.read_text())
-        if info.get("seq_len") != args.seq_len:
-            raise BwskError(f"{where}: prepared with --seq-len {info.get('seq_len')}, not {args.seq_len}")
-        return where
+    if not (where / ckpt.DATA_JSON).exists():
+        if args.resume and out.is_dir() and any(out.iterdir()):
+            raise BwskError(f"{where}: missing; cannot resume the runs in {out}")
+        return None
+    try:
+        info = json.loads((where / ckpt.DATA_JSON).read_text())
+    except (OSError, ValueError) as exc:
+        raise BwskError(f"{where / ckpt.DATA_JSON}: unreadable ({type(exc).__name__})") from None
+    if info.get("seq_len") != args.seq_len:
+        raise BwskError(f"{where}: prepared with --seq-len {info.get('seq_len')}, not {args.seq_len}; "
+                        f"use another --out")
+    if splits is not None and info.get("source") != splits.source:
+        raise BwskError(f"{where}: prepared from other text ({info.get('source')}); use another --out")
+    return where
+
+
+def tokenize(args, src, splits, batch_size: int):
+    """Tokenizer and token blocks, in memory, with every check that can fail done before anything is
+    written."""
+    from bwskc.train.data import build_tokenizer, token_blocks
     vocab = vocab_size(src.program or src.config)
-    tokenizer = build_tokenizer(splits, model_dir=src.tokenizer_dir, vocab_size=vocab,
-                                save_to=where / "tokenizer")
-    blocks = {name: token_blocks(tokenizer, getattr(splits, name), args.seq_len)
+    tokenizer = build_tokenizer(splits, model_dir=src.tokenizer_dir, vocab_size=vocab, save_to=None)
+    blocks = {name: token_blocks(tokenizer, getattr(splits, name), args.seq_len, what=f"the {name} split")
               for name in ("train", "valid", "test")}
     top = max(int(b.max()) for b in blocks.values())
     if top >= vocab:
         raise BwskError(f"{args.model}: the tokenizer gives id {top}, beyond the model's vocabulary {vocab}")
+    if blocks["train"].shape[0] < batch_size:
+        raise BwskError(f"{args.data}: {blocks['train'].shape[0]} training blocks of {args.seq_len} tokens, "
+                        f"fewer than one batch of {batch_size}: lower --batch-size or --seq-len")
     info = {"source": splits.source, "note": splits.note, "seq_len": args.seq_len,
             "tokenizer": "the model's" if src.tokenizer_dir else "trained offline (byte-level BPE)",
             "blocks": {k: int(v.shape[0]) for k, v in blocks.items()},
             "tokens": {k: int(v.numel()) for k, v in blocks.items()}}
+    return tokenizer, blocks, info
+
+
+def save_data(out: Path, tokenizer, blocks, info) -> Path:
+    where = out / "data"
+    tokenizer.save_pretrained(str(where / "tokenizer"))
     ckpt.save_blocks(where, blocks, info)
     return where
 
@@ -154,9 +188,12 @@ def run_training(args) -> dict:
         raise BwskError(f"--seq-len {args.seq_len} exceeds the model's {limit} positions")
     finetune_from = _finetune_source(args, src, out, variants)
     splits = None if args.resume and (out / "data" / ckpt.DATA_JSON).exists() else load_text(args.data)
+    data = existing_data(args, out, splits)
+    prepared = None if data is not None else tokenize(args, src, splits, args.batch_size)
 
-    out.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(args, src, splits, out)
+    out.mkdir(parents=True, exist_ok=True)  # every check has passed: now write
+    if prepared is not None:
+        data = save_data(out, *prepared)
     separate = len(variants) > 1 or args.nproc > 1
     results = {}
     for experiment, mode in variants:
@@ -191,7 +228,8 @@ def _config(args, experiment, mode, out, data, init_from) -> RunConfig:
                      epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                      seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                      grad_clip=args.grad_clip, precision=args.precision, patience=args.patience,
-                     seed=args.seed, eval_every=args.eval_every, device=args.device, resume=args.resume,
+                     seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
+                     device=args.device, resume=args.resume,
                      nproc=args.nproc)
 
 

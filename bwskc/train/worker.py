@@ -46,7 +46,7 @@ def main(argv=None) -> int:
             run_variant(cfg, world)
         finally:
             distributed.leave()
-    return guarded(body)
+    return guarded(body)  # a failing rank prints its line; the launcher then stops the others quietly
 
 
 if __name__ == "__main__":
