@@ -387,3 +387,16 @@ if KERNELS_HERE:
         assert got.keys() == want.keys() and len(want) > 10
         for name in want:
             assert torch.equal(got[name], want[name]), name
+
+
+def test_public_entry_points_dispatch_to_the_reference_on_cpu(monkeypatch):
+    """``bwskc.kernels.coupling_*`` run on CPU tensors by default (the torch path, the same mask), and
+    round-trip: what users call works on any machine."""
+    import bwskc.kernels as public
+    monkeypatch.delenv("BWSKC_KERNELS", raising=False)
+    g = torch.Generator().manual_seed(3)
+    x, f, b = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g), torch.randn(7, generator=g)
+    y = public.coupling_forward(x, f, bias=b, p=0.25, seed=11)
+    assert torch.equal(y, ref.coupling_forward(x, f, bias=b, p=0.25, seed=11))
+    assert torch.allclose(public.coupling_inverse(y, f, bias=b, p=0.25, seed=11), x, atol=1e-6)
+    assert not torch.equal(y, public.coupling_forward(x, f, bias=b, p=0.25, seed=12))
