@@ -7,7 +7,8 @@ the forward pass. Saving and restoring a global generator's state (what revlib, 
 mixes the step's seed with the place of the dropout in the program, and element ``j`` is kept when
 ``hash32(j, key) / 2**32 >= p``. The hash is the "lowbias32" integer finaliser (Wellons), done in
 int64 arithmetic with 16-bit partial products so nothing overflows: the same masks on any device and
-any backend (the Triton kernels can compute the same bits).
+any backend. (The Triton coupling kernels of ``bwskc.kernels`` draw their own masks with Philox; the
+branches' dropout stays here, so the runtime does not yet use the kernels' fused dropout.)
 """
 from __future__ import annotations
 
