@@ -67,9 +67,9 @@ def readme(summary: dict) -> str:
         lines += ["", f"**Split convention:** {data['note']}"]
     variants = summary["variants"]
     any_run = next(iter(variants.values()), {})
-    lines += ["", f"Device: {any_run.get('device', '?')}. Peak memory: {any_run.get('peak_memory_kind', '?')} "
-              "of the variant's own process; activation memory: bytes saved for backward by one training "
-              "forward (deduplicated by storage, parameters excluded).", ""]
+    lines += ["", f"Device: {any_run.get('device', '?')}. Peak memory: {any_run.get('peak_memory_kind', '?')}; "
+              "activation memory: bytes saved for backward by one training forward (deduplicated by "
+              "storage, parameters excluded).", ""]
     for experiment in ("finetune", "scratch"):
         rows = [(m, variants.get(f"{experiment}-{d}")) for m, d in MODE_DIRS.items()]
         rows = [(m, r) for m, r in rows if r]
