@@ -278,6 +278,23 @@ def test_counter_based_masks_are_reproducible_and_drop_about_p(n, p, seed, site)
     assert abs(dropped - p) <= 5 * (p * (1 - p) / n) ** 0.5 + 1.0 / n
 
 
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 300), key=st.integers(0, 2**32 - 1))
+def test_mask_words_are_the_32_bit_finaliser_on_both_word_widths(n, key):
+    """The int32 fast path relies on products wrapping modulo 2**32 and on masked shifts; the int64
+    path (tensors past 2**31 elements) on exact products. Both must give the finaliser's words as
+    computed on Python integers, or forward and backward on different widths would disagree."""
+    second = rng._mix_int(key, 0x5BD1E995)
+    expect = [rng.hash32_int(rng.hash32_int(j ^ key) ^ second) for j in range(n)]
+    fast = rng.words(n, key, "cpu")
+    assert fast.dtype == torch.int32
+    assert (fast.to(torch.int64) & rng.M32).tolist() == expect
+    wide = torch.arange(n, dtype=torch.int64) ^ key
+    rng.hash32_(wide)
+    wide ^= second
+    assert rng.hash32_(wide).tolist() == expect
+
+
 def test_reversible_module_under_torch_compile_gives_the_same_gradients():
     """``torch.compile`` (the aot_eager backend: dynamo and AOT autograd, no C++ toolchain needed) of a
     reversible module: the coupling Function, the counter-based masks and the step counter survive
