@@ -18,7 +18,8 @@ fine-tuning a pretrained model), and the inverse's reconstruction error.
     python benchmarks/memory.py --models gpt2,pythia --blocks 4,8,16,32
     python benchmarks/memory.py --init-diff
 
-revlib and memcnn are not dependencies; they are compared only when installed (they are not here).
+revlib and memcnn are not dependencies; on GPT-2 they are compared, on the same blocks, when installed
+(``benchmarks/revnets.py`` says how).
 """
 from __future__ import annotations
 
@@ -98,6 +99,10 @@ def setup(name: str, blocks: int, seq: int, batch: int, device: str = "cpu", ext
     if getattr(ckpt, "supports_gradient_checkpointing", False):
         ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         runs["checkpoint"] = ckpt
+    if name == "gpt2":  # the same blocks as RevNet couplings run by revlib and memcnn, when installed
+        from revnets import RevGPT2, available
+        for lib in available():
+            runs[lib] = RevGPT2(model, lib).train()
     out = {"model": name, "blocks": blocks, "seq": seq, "batch": batch, "lower_s": round(lower_s, 2),
            "chains": runs["reversible"].analyses["reversible"].summary()}
 
@@ -106,6 +111,8 @@ def setup(name: str, blocks: int, seq: int, batch: int, device: str = "cpu", ext
         if mod is ckpt:
             loss(mod(*args, **kw, use_cache=False) if "use_cache" in mod.forward.__code__.co_varnames
                  else mod(*args, **kw)).backward()
+        elif getattr(mod, "takes_ids_only", False):
+            loss(mod(args[0])).backward()
         else:
             loss(mod(*inputs)).backward()
         if device != "cpu":
@@ -128,6 +135,8 @@ def one(name: str, blocks: int, seq: int, batch: int, repeats: int, only: str | 
     for label, mod in runs.items():
         if mod is ckpt:
             nbytes = saved_bytes(mod, *args, loss=loss, **kw)[0]
+        elif label in ("revlib", "memcnn"):  # what they pass to save_for_backward (they also keep
+            nbytes = saved_bytes(mod, args[0], loss=loss)[0]  # tensors on ctx: peak is the fair figure)
         else:
             nbytes = saved_bytes(mod, *inputs, loss=loss)[0]
         step(mod)  # warm up
@@ -191,7 +200,7 @@ def main():
     for name in a.models.split(","):
         for blocks in ([4] if name == "resnet" else [int(b) for b in a.blocks.split(",")]):
             row = _run(f"{name}:{blocks}", a)
-            for mode in ("conventional", "reversible", "checkpoint"):
+            for mode in ("conventional", "reversible", "checkpoint", "revlib", "memcnn"):
                 if mode in row:
                     row[mode].update(_run(f"{name}:{blocks}:{mode}", a))
             print(json.dumps(row), flush=True)
