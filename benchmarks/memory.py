@@ -42,7 +42,9 @@ FAMILIES = {  # name -> (layers per block count, seq, hidden) on top of the zoo'
     "switch": dict(depth=("num_layers",), per_layer=2,
                    extra=dict(d_model=256, d_kv=64, num_heads=4, d_ff=1024, num_decoder_layers=1)),
     "mamba": dict(depth=("num_hidden_layers",), per_layer=1, extra=dict(hidden_size=256)),
-    "resnet": dict(depth=None, per_layer=1, extra={}),
+    # two stages of basic blocks: the second stage's first block (stride 2, projection) is a boundary
+    "resnet": dict(depth=None, per_layer=1, extra=dict(embedding_size=64, hidden_sizes=[64, 128],
+                                                        layer_type="basic", image_size=64)),
 }
 
 
@@ -79,6 +81,8 @@ def setup(name: str, blocks: int, seq: int, batch: int, device: str = "cpu", ext
     if fam["depth"]:
         for key in fam["depth"]:
             kwargs[key] = max(1, blocks // fam["per_layer"])
+    elif name == "resnet":
+        kwargs["depths"] = [blocks // 2, blocks - blocks // 2]
     config = getattr(transformers, config_cls)(**kwargs)
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(config).to(device)
@@ -198,7 +202,7 @@ def main():
         print(json.dumps(one(name, int(blocks), a.seq, a.batch, a.repeats, only[0] if only else None)))
         return
     for name in a.models.split(","):
-        for blocks in ([4] if name == "resnet" else [int(b) for b in a.blocks.split(",")]):
+        for blocks in [int(b) for b in a.blocks.split(",")]:
             row = _run(f"{name}:{blocks}", a)
             for mode in ("conventional", "reversible", "checkpoint", "revlib", "memcnn"):
                 if mode in row:

@@ -29,10 +29,16 @@ component then counts several) and through *links*: reshapes and identity copies
 ``reshape``, ``_unsafe_view``, ``clone``, ``alias``, same number of elements), which are bijections.
 So ``S(add, F)``, a reference to GPT-2's ``transformer.h.0 = B(S(add, ..), S(add, ..))`` (2 blocks),
 Pythia's parallel block ``S(add, S(B(add, attn..), mlp..))`` (1 block) and OPT's
-``B(view, S(add, ..), view, S(add, ..))`` (2 blocks) are chain elements, while a post-norm block
-``LN(x + F(x))`` (BERT), a post-activation one ``relu(x + F(x))`` (ResNet) or one whose ``F`` reads an
-earlier value of the stream are not. A maximal run of chain elements (links allowed between elements,
+``B(view, S(add, ..), view, S(add, ..))`` (2 blocks) are chain elements, and so are post-norm
+``LN(x + F(x))`` (BERT) and post-activation ``relu(x + F(x))`` (ResNet) blocks (below), while one whose
+``F`` reads an earlier value of the stream is not. A maximal run of chain elements (links allowed between elements,
 not at its ends) holding at least two blocks in total becomes ``OWNER.residualN``.
+
+*Post-norm and post-activation blocks.* A block may apply a normalisation or an activation to the stream
+right after its add, ``x -> T(x + F(x))`` (BERT's LayerNorm, ResNet's ReLU; ``POST_OPS``, one-input,
+weights bound): it counts as a block too, ``T`` belonging to the add right below it (a ``T`` with no
+add below it ends the chain). Outlining does not change them; the ``reversible`` pass moves each ``T``
+into the next block's branch, as RevNet does.
 
 *Conditioned chains.* A block may take extra inputs ``m1..mk`` besides its stream (the attention mask;
 a decoder block also the encoder's output): ``b : (m.., x) -> x`` with ``b m x = x + F(m, x)``. The
@@ -88,6 +94,10 @@ from bwskc.verify import Fn, Inference, TVar, fn_type
 RESIDUAL_ADD = "aten.add.Tensor"
 LINK_OPS = frozenset({"aten.view.default", "aten._unsafe_view.default", "aten.reshape.default",
                       "aten.clone.default", "aten.alias.default"})
+# normalisations and activations a post-norm or post-activation block applies after its residual add
+POST_OPS = frozenset({"aten.layer_norm.default", "aten.rms_norm.default", "aten.relu.default",
+                      "aten.gelu.default", "aten.silu.default", "aten.tanh.default",
+                      "aten.hardtanh.default", "aten.leaky_relu.default", "aten.elu.default"})
 MAX_SHARED = 4  # extra inputs a conditioned block may take (T5's decoder blocks take 2)
 _STEP_BUDGET = 20_000  # symbolic reduction steps per chain check (well-typed terms always normalise)
 _VALUE_TYPES = (TensorType, TupleType, ScalarType)
@@ -302,6 +312,13 @@ def _is_residual_add(p: Prim) -> bool:
             and all(k == "alpha" and v == 1 and not isinstance(v, bool) for k, v in p.kwargs))
 
 
+def is_post_op(p: Prim) -> bool:
+    """A normalisation or activation applied to the stream right after a residual add (BERT's
+    ``LN(x + F(x))``, ResNet's ``relu(x + F(x))``): a one-input primitive from the stream's type to
+    itself whose other operands (weights, constants) are bound."""
+    return p.op in POST_OPS and p.arity == 1 and isinstance(p.type, TensorType)
+
+
 def _is_link(p: Prim, in_type) -> bool:
     out = p.type
     return (p.op in LINK_OPS and p.arity == 1 and isinstance(out, TensorType)
@@ -328,17 +345,19 @@ def _chain(program: Program, term: Term, inputs: list, stream: int = -1) -> tupl
 def _chain_count(reducer: _Reducer, term: Term, inputs: list, stream: int) -> int:
     args = [_Var(t) for t in inputs]
     x = args[stream]
-    cur, expect, count = _Thunk(term, args), None, 0
+    cur, expect, count, post = _Thunk(term, args), None, 0, False
     try:
         while True:
             v = reducer.whnf(cur)
             if expect is not None and _value_type(v) != expect:
                 return 0
+            if post and not (isinstance(v, _Call) and _is_residual_add(v.prim)):
+                return 0  # a post-op belongs to the residual add right below it
             if v is x:
                 return count
             if not isinstance(v, _Call):
                 return 0
-            p = v.prim
+            p, post = v.prim, False
             if _is_residual_add(p):
                 a, t = v.args
                 if not _depends(t, x, a):
@@ -349,6 +368,8 @@ def _chain_count(reducer: _Reducer, term: Term, inputs: list, stream: int) -> in
                     return 0
                 count += 1
                 expect = p.type
+            elif is_post_op(p) and v.args and _value_type(reducer.whnf(v.args[0])) == p.type:
+                cur, expect, post = v.args[0], p.type, True
             elif _is_link(p, _value_type(reducer.whnf(v.args[0])) if v.args else None):
                 cur, expect = v.args[0], None
             else:

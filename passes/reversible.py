@@ -24,9 +24,17 @@ The rewrite changes the architecture (a coupling chain is not its residual chain
 preserve meaning; what it preserves is checked instead: read sequentially, the branches give back the
 original phase (``sequential_term``), and the coupling inverts exactly.
 
+**Post-norm and post-activation chains** (BERT's ``LN(x + F(x))``, ResNet's ``relu(x + F(x))``): the
+function ``T`` after each add moves into the next block's branch, as RevNet does with its ReLU. Block i
+becomes ``u -> u + F_i(T_{i-1}(u))`` (``T_0`` the identity) and the chain's output is ``T_n`` of the
+merged streams: ``T_n(Rk(add, F_1, F_2 . T_1, .., F_n . T_{n-1}))``. This is the pre-norm form of the
+same blocks (the skip path no longer passes through ``T``): an architecture change larger than the
+coupling's, so a fine-tuned post-norm model starts further from the original (``--init-diff`` measures
+it); trained from scratch it is the usual pre-norm transformer or RevNet.
+
 What is not lowered stays as it was, and ``program.analyses["reversible"]`` says what was lowered and
-why the rest was not (post-norm and post-activation blocks ``LN(x + F(x))``, ``relu(x + F(x))`` are not
-residual chains: the function after the add reads the sum; a lone block is not a chain).
+why the rest was not (a lone block is not a chain; a branch that reads an earlier stream value, a
+projection shortcut or a stride-2 block are boundaries).
 """
 from __future__ import annotations
 
@@ -54,6 +62,7 @@ from bwskc.passes.fusion import (
     _is_link,
     _is_residual_add,
     _OutOfSteps,
+    is_post_op,
     _Pap,
     _Reducer,
     _Stuck,
@@ -126,14 +135,21 @@ class _Block:
     stream: object  # the reducer node of the stream this block adds to
     branch: object  # the reducer node of the update
     type: TensorType  # the stream's type at this block
+    post: Prim | None = None  # a post-norm or post-activation T applied after the add: T(x + F(x))
 
 
-def branch_term(block: _Block, shared: list[_Var], stream_type: TensorType) -> Term:
-    """``\\m.. s. t[a := s]``, conjugated by reshapes when the block ran on a reshaped stream."""
+def branch_term(block: _Block, shared: list[_Var], stream_type: TensorType, pre: Prim | None = None) -> Term:
+    """``\\m.. s. t[a := s]``, conjugated by reshapes when the block ran on a reshaped stream; with
+    ``pre`` (the previous block's post-op T), ``\\m.. s. t[a := T s]``: the branch reads the stream
+    through T, which the skip path no longer applies."""
     ms = [ab.Var(i) for i in range(1, len(shared) + 1)]
     s = ab.Var(0)
     conj = block.type != stream_type
+    if pre is not None and conj:
+        raise NotLowered("a post-norm block on a reshaped stream")
     stream_value = ab.App(ab.Lit(_reshape(block.type)), s) if conj else s
+    if pre is not None:
+        stream_value = ab.App(ab.Lit(pre), stream_value)
     env = {id(block.stream): stream_value}
     env.update((id(m), v) for m, v in zip(shared, ms))
     body = _Readback(env)(block.branch)
@@ -160,8 +176,12 @@ def sequential_term(chain: Comb) -> Term:
 # ------------------------------------------------------------------------------------------ the pass
 
 def _reachable(program: Program) -> set[str]:
+    return _reachable_from(program, [program.entry.body])
+
+
+def _reachable_from(program: Program, roots) -> set[str]:
     seen: set[str] = set()
-    stack = [program.entry.body]
+    stack = list(roots)
     while stack:
         for t in subterms(stack.pop()):
             if isinstance(t, Ref) and t.name in program.defs and t.name not in seen:
@@ -207,8 +227,8 @@ def _why_not(d: Def) -> str:
         last = body.args[-1]
         if isinstance(last, Comb) and last.kind == "S" and not (isinstance(head, Comb) and head.kind == "S"):
             what = head.op if isinstance(head, Prim) else (head.name if isinstance(head, Ref) else head.kind)
-            return (f"{what} is applied after the residual add (post-norm or post-activation): the "
-                    "stream is not x + F(x), so there is no chain to couple")
+            return (f"{what} is applied after the residual add, and the block is not in a chain of "
+                    "two or more blocks (post-norm or post-activation blocks are coupled when chained)")
     return ("a lone residual block, or one whose branch reads an earlier stream value: not a chain of "
             "two or more blocks")
 
@@ -238,10 +258,12 @@ def to_reversible(program: Program) -> Program:
     out = out.replace(defs={n: d for n, d in defs.items() if n in after or n not in before})
     report.not_lowered.extend(_residual_sites(out, [n for n in out.defs if n in after]))
     reported = {r["where"] for r in report.not_lowered}
-    for n in out.defs:  # module-list layers outside every chain (BERT's post-norm layers)
-        if n in after and n not in reported and out.defs[n].kind == "def" and _LAYER.fullmatch(n):
+    in_chains = _reachable_from(out, [Ref(c["name"]) for c in report.chains])
+    for n in out.defs:  # module-list layers outside every chain (and not inside a branch)
+        if n in after and n not in reported | in_chains and out.defs[n].kind == "def" \
+                and _LAYER.fullmatch(n):
             report.not_lowered.append({"where": n, "reason": (
-                "not a residual block x + F(x) on one stream (a post-norm layer LN(x + F(x)), or "
+                "not a residual block in a chain (a projection or stride-2 block, a lone block, or "
                 "no skip connection): kept, and checkpointed in reversible mode")})
     out.analyses["reversible"] = report
     return out
@@ -261,18 +283,23 @@ def _coupling_body(program: Program, d: Def) -> Term:
         raise NotLowered("the stream is not a single tensor")
     if k >= len(REV_KINDS):
         raise NotLowered(f"{k} shared inputs (at most {len(REV_KINDS) - 1})")
-    branches = [branch_term(b, args[:k], stream) for b in blocks]
+    branches = [branch_term(b, args[:k], stream, blocks[i - 1].post if i else None)
+                for i, b in enumerate(blocks)]
     for f in branches:
         _check_replayable(program, f)
     add = Prim("aten.add.Tensor", (HOLE, HOLE), (), stream)
     chain = Comb(REV_KINDS[k], (add, *branches))
-    if d.output == stream:
+    last = blocks[-1].post  # the last block's post-op stays on the chain's output
+    if d.output == stream and last is None:
         return chain
     if d.output.numel != stream.numel or d.output.dtype != stream.dtype:
         raise NotLowered("the chain's output is not a reshape of its input")
+    if last is not None and d.output != stream:
+        raise NotLowered("a post-norm chain whose output is reshaped")
     ms = [ab.Var(i) for i in range(1, k + 1)]
     xv = ab.Var(0)
-    body = ab.App(ab.Lit(_reshape(d.output)), ab.apply(ab.Lit(chain), *ms, xv))
+    end = last if last is not None else _reshape(d.output)
+    body = ab.App(ab.Lit(end), ab.apply(ab.Lit(chain), *ms, xv))
     for v in [xv] + list(reversed(ms)):
         body = ab.abstract(v.id, body)
     return ab.to_term(body)
@@ -294,10 +321,12 @@ def _check_replayable(program: Program, term: Term) -> None:
 
 
 def _walk(reducer: _Reducer, body: Term, args: list, x) -> list[_Block]:
-    cur, blocks = _Thunk(body, args), []
+    cur, blocks, post = _Thunk(body, args), [], None
     try:
         while True:
             v = reducer.whnf(cur)
+            if post is not None and not (isinstance(v, _Call) and _is_residual_add(v.prim)):
+                raise NotLowered(f"{post.op} on the stream is not right after a residual add")
             if v is x:
                 return blocks[::-1]
             if not isinstance(v, _Call):
@@ -309,8 +338,10 @@ def _walk(reducer: _Reducer, body: Term, args: list, x) -> list[_Block]:
                     a, t = t, a
                     if _depends(t, x, a):
                         raise NotLowered("both operands of a residual add read the stream")
-                blocks.append(_Block(a, t, p.type))
-                cur = a
+                blocks.append(_Block(a, t, p.type, post))
+                cur, post = a, None
+            elif is_post_op(p) and v.args:
+                cur, post = v.args[0], p
             elif v.args and _is_link(p, _value_type(reducer.whnf(v.args[0]))):
                 cur = v.args[0]
             else:
