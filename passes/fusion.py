@@ -461,6 +461,7 @@ class _Fuser:
         self.taken = set(program.defs) | set(program.tensors)
         self.counters: dict[tuple[str, str], int] = {}
         self.chain_cache: dict[tuple[str, int, int], tuple[int, frozenset]] = {}
+        self.post_cache: dict[int, tuple[Term, bool]] = {}  # id -> (term kept alive, is a post-op)
         self.stream_terms: set[int] = set()  # compositions on the stream of a chain: not outlined
         self.phases: dict[str, list[Def]] = {}  # owner -> phases, in creation order (callees first)
         self.s_cache: dict[int, tuple[Term, bool]] = {}  # id -> (term kept alive, is S)
@@ -531,21 +532,26 @@ class _Fuser:
         found, taken = [], [False] * n
         i = 0
         while i < n:
-            if elems[i] is None:
+            # a run starts at an element, or at a post-op component applied right after one (T_n)
+            start = i
+            if elems[i] is None and not (i + 1 < n and self.post_before(elems[i + 1], comps[i], types[i])):
                 i += 1
                 continue
+            if elems[i] is None:
+                i += 1
             last, j = i, i + 1
             while j < n:
                 if elems[j] is not None and self.continues(elems[last], elems[j]):
                     last = j
-                elif not (elems[last].k == 0 and self.is_link(comps[j], types[j])):
+                elif not (elems[last].k == 0 and (self.is_link(comps[j], types[j]) or (
+                        j + 1 < n and self.post_before(elems[j + 1], comps[j], types[j])))):
                     break
                 j += 1
-            run = elems[i:last + 1]
+            run = elems[start:last + 1]
             if sum(e.count for e in run if e is not None) >= 2:
                 skip = id(t) in self.stream_terms or self.is_fused(run)
-                found.append((i, last + 1, "skip" if skip else "residual", run))
-                taken[i:last + 1] = [True] * len(run)
+                found.append((start, last + 1, "skip" if skip else "residual", run))
+                taken[start:last + 1] = [True] * len(run)
                 for e in run:  # the chain's stream runs through its elements: nothing to outline there
                     self.stream_terms |= e.stream_terms if e is not None else frozenset()
             i = last + 1
@@ -569,6 +575,24 @@ class _Fuser:
     @staticmethod
     def is_link(c: Term, ty) -> bool:
         return isinstance(c, Prim) and _unary(ty) and _is_link(c, ty.arg)
+
+    def post_before(self, elem: _Elem | None, c: Term, ty) -> bool:
+        """Whether component ``c`` is a post-op (``LN``, ``relu``) applied right after the unconditioned
+        chain element ``elem``: ``T(x + F(x))`` written as two components of a composition."""
+        if elem is None or elem.k != 0 or not _unary(ty) or ty.arg != elem.output:
+            return False
+        key = id(c)
+        if key not in self.post_cache:
+            x = _Var(ty.arg)
+            reducer = _Reducer(self.program)
+            try:
+                v = reducer.whnf(_Thunk(c, [x]))
+                ok = isinstance(v, _Call) and is_post_op(v.prim) and len(v.args) == 1 \
+                    and reducer.whnf(v.args[0]) is x
+            except _OutOfSteps:
+                ok = False
+            self.post_cache[key] = (c, ok)  # the term is kept alive with its id
+        return self.post_cache[key][1]
 
     @staticmethod
     def continues(prev: _Elem, nxt: _Elem) -> bool:
@@ -622,7 +646,7 @@ class _Fuser:
     # outlining
     def outline(self, comps, types, kind, elems) -> Term:
         name = self.fresh("residual" if kind == "residual" else "phase")
-        k = elems[0].k if kind == "residual" else 0
+        k = next(e for e in elems if e is not None).k if kind == "residual" else 0
         if k:  # a conditioned chain: P m.. x = bn m.. (.. (b1 m.. x)), used as lift_k(P) or clift_k(P)
             blocks = [(self.term(e.block, True), e.stream_first) for e in elems]
             self.add_phase(name, elems[0].shared + (elems[-1].stream,), elems[0].output,
