@@ -532,13 +532,12 @@ class _Fuser:
         found, taken = [], [False] * n
         i = 0
         while i < n:
-            # a run starts at an element, or at a post-op component applied right after one (T_n)
+            # a run starts at an element (a post-op after the last block stays outside: the same
+            # function either way, and pre-norm models keep their final norm out of the chain)
             start = i
-            if elems[i] is None and not (i + 1 < n and self.post_before(elems[i + 1], comps[i], types[i])):
-                i += 1
-                continue
             if elems[i] is None:
                 i += 1
+                continue
             last, j = i, i + 1
             while j < n:
                 if elems[j] is not None and self.continues(elems[last], elems[j]):

@@ -379,17 +379,34 @@ def test_residual_chain_shapes():
     f = Def("f", (T,), T, Comb("B", (block(neg()), block(tanh()))))  # 2 blocks
     rev = Comb("S", (Comb("C", (ADD,)), relu()))  # F(x) + x
     alpha2 = Comb("S", (Prim("aten.add.Tensor", (HOLE, HOLE), (("alpha", 2),), T), relu()))
-    post = Comb("B", (relu(), block(neg())))  # relu(x + F(x)): not a block
-    body = Comb("B", (post, Ref("f"), Prim("aten.clone.default", (HOLE,), (), T), rev, block(relu()),
+    after = Comb("B", (neg(), block(neg())))  # -(x + F(x)): neg is no post-op, so not a block
+    post = Comb("B", (relu(), block(neg())))  # relu(x + F(x)): a post-activation block
+    body = Comb("B", (after, Ref("f"), Prim("aten.clone.default", (HOLE,), (), T), rev, block(relu()),
                       alpha2, block(neg()), neg()))
     p = prog(body, [f])
     q = fuse(p, TableTyping(p, ()))
     assert list(phases(q)) == ["entry.residual0"]
-    assert q.entry.body == Comb("B", (post, Ref("entry.residual0"), alpha2, block(neg()), neg()))
+    assert q.entry.body == Comb("B", (after, Ref("entry.residual0"), alpha2, block(neg()), neg()))
     assert chain_blocks(q, Ref("entry.residual0"), [T]) == 4
-    assert chain_blocks(p, post, [T]) == 0 and chain_blocks(p, alpha2, [T]) == 0
+    assert chain_blocks(p, after, [T]) == 0 and chain_blocks(p, alpha2, [T]) == 0
+    assert chain_blocks(p, post, [T]) == 1
+    assert chain_blocks(p, relu(), [T]) == 0  # a post-op with no residual add below it
     same_values(p, q, [torch.randn(2, 3)])
     check_fused(p, q, lambda r: TableTyping(r, ()))
+
+
+def test_post_ops_between_blocks_join_the_chain():
+    """``B(relu, S(add, F2), relu, S(add, F1))`` (post-activation blocks written as separate components)
+    holds one chain of 2 blocks with the relu between them; the last relu stays outside (the same
+    function either way, and a pre-norm model's final norm is not pulled into its chain)."""
+    body = Comb("B", (neg(), relu(), block(tanh()), relu(), block(neg())))
+    p = prog(body)
+    q = fuse(p, TableTyping(p, ()))
+    assert list(phases(q)) == ["entry.residual0"]
+    assert q.defs["entry.residual0"].body == Comb("B", (block(tanh()), relu(), block(neg())))
+    assert q.entry.body == Comb("B", (neg(), relu(), Ref("entry.residual0")))
+    assert fuse(q, TableTyping(q, ())) == q
+    same_values(p, q, [torch.randn(2, 3)])
 
 
 def test_a_block_reading_the_stream_twice_is_not_a_chain_element():
@@ -477,8 +494,8 @@ EXPECTED_CHAINS = {  # owner -> (inputs of the chain phase, blocks); 2 layers ea
     "mamba": {"backbone.residual0": (1, 2)},
     "t5": {"encoder.residual0": (2, 4), "decoder.residual0": (3, 6)},  # mask (and encoder output)
     "switch": {"encoder.residual0": (2, 4), "decoder.residual0": (3, 6)},
-    "bert": {},  # post-norm: LN(x + F(x))
-    "resnet": {},  # post-activation relu(x + F(x)); projection shortcut; one block a stage
+    "bert": {"bert.residual0": (1, 4)},  # post-norm LN(x + F(x)): the LNs are in the chain
+    "resnet": {},  # post-activation relu(x + F(x)), but one block a stage: no chain
 }
 
 
