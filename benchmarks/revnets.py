@@ -10,9 +10,10 @@ averaged before the final norm and head (bwskc merges as ``a + b - x``; the merg
 operations and does not change memory or time measurably).
 
 Dropout replays through each library's own mechanism (saving and restoring the global generator's
-state), so training mode is kept. Neither library is a dependency; install them with
-``pip install --no-deps -c constraints.txt revlib==1.7.2 memcnn==1.5.2`` (memcnn's declared
-dependencies, torchvision and SimpleITK among them, are not needed for its couplings).
+state), so training mode is kept. Neither library is a dependency: ``pip install -c constraints.txt
+-e '.[bench]'`` adds revlib, and ``pip install --no-deps -c constraints.txt memcnn`` memcnn (its declared
+dependencies, torchvision and SimpleITK among them, are not needed for its couplings, and an unpinned
+torchvision would pull another torch).
 """
 from __future__ import annotations
 
