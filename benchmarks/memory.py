@@ -192,7 +192,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--init-diff", action="store_true")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--table", metavar="JSONL", help="print a Markdown table of rows this script wrote")
     a = ap.parse_args()
+    if a.table:
+        with open(a.table) as f:
+            print(table([json.loads(line) for line in f if line.strip()]))
+        return
     if a.init_diff:
         for row in init_diff():
             print(json.dumps(row))
@@ -204,10 +209,35 @@ def main():
     for name in a.models.split(","):
         for blocks in [int(b) for b in a.blocks.split(",")]:
             row = _run(f"{name}:{blocks}", a)
-            for mode in ("conventional", "reversible", "checkpoint", "revlib", "memcnn"):
+            for mode in MODES:
                 if mode in row:
                     row[mode].update(_run(f"{name}:{blocks}:{mode}", a))
             print(json.dumps(row), flush=True)
+
+
+MODES = ("conventional", "reversible", "checkpoint", "revlib", "memcnn")
+
+
+def table(rows: list[dict]) -> str:
+    """Saved bytes, step peak and step time (ratio to conventional) per mode, one row per configuration."""
+    def mb(v):
+        return f"{v / 1e6:.3g} MB"
+    head = ["model", "blocks", "coupled"] + [f"{m} saved / peak / time" for m in MODES] + ["rev / conv", "rev / ckpt"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['spec']} | error: {' '.join(r['error'])} |")
+            continue
+        cells = [r["model"], str(r["blocks"]), str(r["chains"]["blocks"])]
+        for m in MODES:
+            v = r.get(m)
+            cells.append(f"{mb(v['saved_bytes'])} / {mb(v.get('step_peak_bytes', 0))} / {v['time_ratio']:.2f}x"
+                         if v else "-")
+        rev, conv, ck = r["reversible"]["saved_bytes"], r["conventional"]["saved_bytes"], r.get("checkpoint")
+        cells.append(f"{rev / conv:.1%}")
+        cells.append(f"{rev / ck['saved_bytes']:.0%}" if ck else "-")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def _run(spec: str, a) -> dict:

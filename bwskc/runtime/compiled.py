@@ -262,10 +262,12 @@ class CompiledModule(fx.GraphModule):
             state[2] = int(mode)
         return self
 
-    def reseed(self, seed: int, step: int = 0):
-        """Restart the dropout stream: the masks of the next forward call are those of ``(seed, step)``."""
+    def reseed(self, seed: int, step: int = 0, shard: int = 0):
+        """Restart the dropout stream: the masks of the next forward call are those of ``(seed, step)``;
+        ``shard`` r draws them from batch row ``r * b`` on (rank r of a data-parallel run of ``b`` rows
+        a rank: the single-process masks, sliced)."""
         state = getattr(self, RNG_BUFFER)
-        state[0], state[1] = seed, step
+        state[0], state[1], state[3] = seed, step, shard
 
 
 def compile_program(program: Program, *, reversible: bool, seed: int = 0,
@@ -284,7 +286,7 @@ def compile_program(program: Program, *, reversible: bool, seed: int = 0,
         return graph
     graph = run_deep(build)
     root = _module_tree(program)
-    root.register_buffer(RNG_BUFFER, torch.tensor([seed, 0, 1], dtype=torch.int64), persistent=False)
+    root.register_buffer(RNG_BUFFER, torch.tensor([seed, 0, 1, 0], dtype=torch.int64), persistent=False)
     gm = CompiledModule(root, graph, class_name=program.name.replace("-", "_").replace(".", "_") or "Model")
     gm.register_buffer(RNG_BUFFER, getattr(gm, RNG_BUFFER), persistent=False)  # fx copied it as persistent
     gm.chains = [c for c in chains if c is not None]

@@ -5,7 +5,8 @@ the forward pass. Saving and restoring a global generator's state (what revlib, 
 ``torch.utils.checkpoint`` do) replays correctly only if nothing else draws in between, and it breaks
 ``torch.compile(fullgraph=True)``. Here a mask element is a hash of its coordinates instead: ``key``
 mixes the step's seed with the place of the dropout in the program, and element ``j`` is kept when
-``hash(j, key) / 2**32 >= p`` (24 bits of it). The hash is an integer finaliser (Wellons's two-round
+``hash(j, key) / 2**32 >= p`` (24 bits of it; in data-parallel training ``j`` counts from the rank's
+offset in the global batch, see ``step_seed``). The hash is an integer finaliser (Wellons's two-round
 xorshift-multiply), done on int32 words whose products wrap modulo 2**32 (int64 past 2**31 elements):
 the same masks on any device and any backend, from about five in-place integer operations a round. (The Triton coupling kernels of ``bwskc.kernels`` draw their own masks with Philox; the
 branches' dropout stays here, so the runtime does not yet use the kernels' fused dropout.)
@@ -75,31 +76,35 @@ def _word(v: int, dtype: torch.dtype) -> int:
     return v - (1 << 32) if dtype == torch.int32 and v >= 1 << 31 else v
 
 
-def words(n: int, key: int, device) -> torch.Tensor:
-    """Hashed 32-bit words for element indices ``0..n-1`` under ``key``: two rounds of the finaliser,
-    the second keyed again so that streams of different keys are not index permutations of each other."""
-    dtype = torch.int32 if n < 1 << 31 else torch.int64
-    x = torch.arange(n, dtype=dtype, device=device)
+def words(n: int, key: int, device, start: int = 0) -> torch.Tensor:
+    """Hashed 32-bit words for element indices ``start..start+n-1`` under ``key``: two rounds of the
+    finaliser, the second keyed again so that streams of different keys are not index permutations of
+    each other."""
+    dtype = torch.int32 if start + n < 1 << 31 else torch.int64
+    x = torch.arange(start, start + n, dtype=dtype, device=device)
     x ^= _word(key, dtype)
     hash32_(x)
     x ^= _word(_mix_int(key, 0x5BD1E995), dtype)
     return hash32_(x)
 
 
-def uniform(shape, key: int, device) -> torch.Tensor:
-    """Uniform numbers in [0, 1) (24 bits) for element indices 0..numel-1 under ``key``."""
+def _numel(shape) -> int:
     n = 1
     for d in shape:
         n *= int(d)
-    return (_srl(words(n, key, device), 8).to(torch.float32) * (1.0 / (1 << 24))).reshape(shape)
+    return n
 
 
-def keep_mask(shape, p: float, key: int, device) -> torch.Tensor:
+def uniform(shape, key: int, device, start: int = 0) -> torch.Tensor:
+    """Uniform numbers in [0, 1) (24 bits) for element indices ``start..start+numel-1`` under ``key``."""
+    n = _numel(shape)
+    return (_srl(words(n, key, device, start), 8).to(torch.float32) * (1.0 / (1 << 24))).reshape(shape)
+
+
+def keep_mask(shape, p: float, key: int, device, start: int = 0) -> torch.Tensor:
     """Element j is kept when its word's top 24 bits, as a fraction of 2**24, are at least ``p``."""
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return (_srl(words(n, key, device), 8) >= math.ceil(p * (1 << 24))).reshape(shape)
+    n = _numel(shape)
+    return (_srl(words(n, key, device, start), 8) >= math.ceil(p * (1 << 24))).reshape(shape)
 
 
 def native_dropout(x: torch.Tensor, p: float, seed, where: tuple):
@@ -109,7 +114,8 @@ def native_dropout(x: torch.Tensor, p: float, seed, where: tuple):
         return x, torch.ones_like(x, dtype=torch.bool)
     if p >= 1:
         return torch.zeros_like(x), torch.zeros_like(x, dtype=torch.bool)
-    mask = keep_mask(x.shape, p, make_key(seed, *where), x.device)
+    key, shard = seed
+    mask = keep_mask(x.shape, p, make_key(key, *where), x.device, start=shard * x.numel())
     return x * mask * (1.0 / (1.0 - p)), mask
 
 
@@ -118,13 +124,18 @@ def dropout(x: torch.Tensor, p: float, seed, where: tuple) -> torch.Tensor:
 
 
 def step_seed(state: torch.Tensor):
-    """The seed of this forward call from a module's ``[base, step, training]`` state, advancing the
-    step; None in evaluation mode (dropout off)."""
-    base, step, training = (int(v) for v in state.tolist())
+    """The seed of this forward call from a module's ``[base, step, training, shard]`` state, advancing
+    the step: ``(key, shard)``, or None in evaluation mode (dropout off).
+
+    ``shard`` makes data-parallel masks those of one process: rank r of a data-parallel run holds rows
+    ``r*b .. (r+1)*b`` of the global batch, so its element i of a batch-leading tensor is element
+    ``r * numel + i`` of the global one; drawing from index ``shard * numel`` on gives every rank its
+    slice of the single-process mask (same seed on every rank)."""
+    base, step, training, shard = (int(v) for v in state.tolist())
     if not training:
         return None
     state[1] += 1
-    return make_key(base, step) | (step << 32)
+    return make_key(base, step) | (step << 32), shard
 
 
 def attention(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False, *, scale=None,
@@ -158,7 +169,8 @@ def uniform_like(x: torch.Tensor, low: float = 0.0, high: float = 1.0, seed=None
     when not training."""
     if seed is None:
         return torch.full_like(x, (low + high) / 2)
-    u = uniform(x.shape, make_key(seed, *where), x.device).to(x.dtype)
+    key, shard = seed
+    u = uniform(x.shape, make_key(key, *where), x.device, start=shard * x.numel()).to(x.dtype)
     return low + (high - low) * u
 
 

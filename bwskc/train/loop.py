@@ -162,7 +162,7 @@ class Trainer:
         self.model = self.module
         if world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
-            # broadcast_buffers=False: the RNG state buffer is per rank (each rank its own dropout masks);
+            # broadcast_buffers=False: the RNG state buffer is per rank (each rank its own mask slice);
             # the programs' other buffers are constants (rotary tables), equal on every rank anyway
             self.model = DistributedDataParallel(self.module, broadcast_buffers=False)
         self.opt = torch.optim.AdamW(_param_groups(self.module, cfg.weight_decay), lr=lr, betas=(0.9, 0.95))
@@ -207,7 +207,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> tuple[float, float]:
         ids = self.batch(step)
-        self.module.reseed(self.cfg.seed * 4096 + self.world.rank, step)
+        # the same seed on every rank, each drawing its rows' slice of the global batch's masks
+        self.module.reseed(self.cfg.seed, step, shard=self.world.rank)
         with _autocast(self.cfg):
             logits = self.model(ids)
         loss = lm_loss(logits, ids)
