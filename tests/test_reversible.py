@@ -372,6 +372,19 @@ def test_mask_words_are_the_32_bit_finaliser_on_both_word_widths(n, key):
     assert rng.hash32_(wide).tolist() == expect
 
 
+@settings(max_examples=20, deadline=None)
+@given(ranks=st.integers(1, 4), rows=st.integers(1, 3), width=st.integers(1, 40),
+       p=st.floats(0.1, 0.9), seed=st.integers(0, 2**40))
+def test_shard_masks_are_slices_of_the_global_batch_mask(ranks, rows, width, p, seed):
+    """Data-parallel rank r (rows r*b..(r+1)*b of the global batch) draws exactly its slice of the
+    single process's mask: what makes ``--nproc N`` follow ``--nproc 1`` with dropout on."""
+    x = torch.ones(ranks * rows, 3, width)
+    _, whole = rng.native_dropout(x, p, (seed, 0), (0, 1, 2))
+    for r in range(ranks):
+        _, part = rng.native_dropout(x[r * rows:(r + 1) * rows], p, (seed, r), (0, 1, 2))
+        assert torch.equal(part, whole[r * rows:(r + 1) * rows])
+
+
 def test_reversible_module_under_torch_compile_gives_the_same_gradients():
     """``torch.compile`` (the aot_eager backend: dynamo and AOT autograd, no C++ toolchain needed) of a
     reversible module: the coupling Function, the counter-based masks and the step counter survive
