@@ -222,7 +222,8 @@ def table(rows: list[dict]) -> str:
     """Saved bytes, step peak and step time (ratio to conventional) per mode, one row per configuration."""
     def mb(v):
         return f"{v / 1e6:.3g} MB"
-    head = ["model", "blocks", "coupled"] + [f"{m} saved / peak / time" for m in MODES] + ["rev / conv", "rev / ckpt"]
+    head = (["model", "blocks", "coupled"] + [f"{m} saved / peak / time" for m in MODES]
+            + ["rev / conv", "rev / ckpt"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -231,8 +232,8 @@ def table(rows: list[dict]) -> str:
         cells = [r["model"], str(r["blocks"]), str(r["chains"]["blocks"])]
         for m in MODES:
             v = r.get(m)
-            cells.append(f"{mb(v['saved_bytes'])} / {mb(v.get('step_peak_bytes', 0))} / {v['time_ratio']:.2f}x"
-                         if v else "-")
+            peak = v.get("step_peak_bytes", 0) if v else 0
+            cells.append(f"{mb(v['saved_bytes'])} / {mb(peak)} / {v['time_ratio']:.2f}x" if v else "-")
         rev, conv, ck = r["reversible"]["saved_bytes"], r["conventional"]["saved_bytes"], r.get("checkpoint")
         cells.append(f"{rev / conv:.1%}")
         cells.append(f"{rev / ck['saved_bytes']:.0%}" if ck else "-")

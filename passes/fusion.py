@@ -30,9 +30,10 @@ component then counts several) and through *links*: reshapes and identity copies
 So ``S(add, F)``, a reference to GPT-2's ``transformer.h.0 = B(S(add, ..), S(add, ..))`` (2 blocks),
 Pythia's parallel block ``S(add, S(B(add, attn..), mlp..))`` (1 block) and OPT's
 ``B(view, S(add, ..), view, S(add, ..))`` (2 blocks) are chain elements, and so are post-norm
-``LN(x + F(x))`` (BERT) and post-activation ``relu(x + F(x))`` (ResNet) blocks (below), while one whose
-``F`` reads an earlier value of the stream is not. A maximal run of chain elements (links allowed between elements,
-not at its ends) holding at least two blocks in total becomes ``OWNER.residualN``.
+``LN(x + F(x))`` (BERT) and post-activation ``relu(x + F(x))`` (ResNet) blocks (below), while one
+whose ``F`` reads an earlier value of the stream is not. A maximal run of chain elements (links and
+post-ops allowed between elements, not at its ends) holding at least two blocks in total becomes
+``OWNER.residualN``.
 
 *Post-norm and post-activation blocks.* A block may apply a normalisation or an activation to the stream
 right after its add, ``x -> T(x + F(x))`` (BERT's LayerNorm, ResNet's ReLU; ``POST_OPS``, one-input,
@@ -534,7 +535,6 @@ class _Fuser:
         while i < n:
             # a run starts at an element (a post-op after the last block stays outside: the same
             # function either way, and pre-norm models keep their final norm out of the chain)
-            start = i
             if elems[i] is None:
                 i += 1
                 continue
@@ -546,11 +546,11 @@ class _Fuser:
                         j + 1 < n and self.post_before(elems[j + 1], comps[j], types[j])))):
                     break
                 j += 1
-            run = elems[start:last + 1]
+            run = elems[i:last + 1]
             if sum(e.count for e in run if e is not None) >= 2:
                 skip = id(t) in self.stream_terms or self.is_fused(run)
-                found.append((start, last + 1, "skip" if skip else "residual", run))
-                taken[start:last + 1] = [True] * len(run)
+                found.append((i, last + 1, "skip" if skip else "residual", run))
+                taken[i:last + 1] = [True] * len(run)
                 for e in run:  # the chain's stream runs through its elements: nothing to outline there
                     self.stream_terms |= e.stream_terms if e is not None else frozenset()
             i = last + 1
@@ -645,7 +645,7 @@ class _Fuser:
     # outlining
     def outline(self, comps, types, kind, elems) -> Term:
         name = self.fresh("residual" if kind == "residual" else "phase")
-        k = next(e for e in elems if e is not None).k if kind == "residual" else 0
+        k = elems[0].k if kind == "residual" else 0
         if k:  # a conditioned chain: P m.. x = bn m.. (.. (b1 m.. x)), used as lift_k(P) or clift_k(P)
             blocks = [(self.term(e.block, True), e.stream_first) for e in elems]
             self.add_phase(name, elems[0].shared + (elems[-1].stream,), elems[0].output,

@@ -8,8 +8,9 @@ mixes the step's seed with the place of the dropout in the program, and element 
 ``hash(j, key) / 2**32 >= p`` (24 bits of it; in data-parallel training ``j`` counts from the rank's
 offset in the global batch, see ``step_seed``). The hash is an integer finaliser (Wellons's two-round
 xorshift-multiply), done on int32 words whose products wrap modulo 2**32 (int64 past 2**31 elements):
-the same masks on any device and any backend, from about five in-place integer operations a round. (The Triton coupling kernels of ``bwskc.kernels`` draw their own masks with Philox; the
-branches' dropout stays here, so the runtime does not yet use the kernels' fused dropout.)
+the same masks on any device and any backend, from about five in-place integer operations a round.
+(The Triton coupling kernels of ``bwskc.kernels`` draw their own masks with Philox; the branches'
+dropout stays here, so the runtime does not yet use the kernels' fused dropout.)
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 M32 = 0xFFFFFFFF
 # Wellons' two-round 32-bit finaliser [16 21f0aaad 15 735a2d97 15] (bias 0.1076, lower than lowbias32's).
-# Both multipliers are below 2**31, which is what makes the tensor version cheap (see ``hash32``).
+# Both multipliers are below 2**31, which is what makes the tensor version cheap (see ``hash32_``).
 _C1, _C2 = 0x21F0AAAD, 0x735A2D97
 _SHIFTS = (16, 15, 15)
 DROPOUT_OPS = ("aten.native_dropout.default", "aten.dropout.default")
