@@ -29,8 +29,10 @@ from torch.fx import Node
 from bwskc import abstraction as ab
 from bwskc._deep import run_deep
 from bwskc.errors import BwskError
+from bwskc.runtime.random_ops import is_random_target
 from bwskc.ir import (
     HOLE,
+    Comb,
     Const,
     ConstRef,
     Def,
@@ -165,7 +167,9 @@ class _Lowerer:
                 continue
             if not node.users and node.meta.get("val") is None:
                 continue  # an assertion (_assert_tensor_metadata and kin): no value, no meaning
-            if any(i in self.activation for i in node.all_input_nodes):
+            if any(i in self.activation for i in node.all_input_nodes) or is_random_target(node.target):
+                # a random draw is never a constant: the runtime redraws it per step, keyed on its
+                # site, so that a reversible backward can replay it (bwskc.runtime.random_ops)
                 self.activation.add(node)
                 live.append(node)
             else:
@@ -307,6 +311,9 @@ class _Lowerer:
         for unit in order:
             if isinstance(unit, Node):
                 prim, operands = self.leaf(unit)
+                if not operands:  # a random draw (all else without activation operands is a constant)
+                    bind(unit, self._draw_expr(unit, prim, in_vars))
+                    continue
                 bind(unit, ab.apply(ab.Lit(prim), *(exprs[a] for a in operands)))
                 continue
             g, ins, outs = calls[unit]
@@ -346,6 +353,18 @@ class _Lowerer:
         for v in reversed(in_vars):
             body = ab.abstract(v, body)
         return ab.to_term(body)
+
+    @staticmethod
+    def _draw_expr(node: Node, prim: Prim, in_vars: list[int]):
+        """A draw with no activation operand (``torch.rand(shape)``) as ``K(draw) x``, x the region's
+        innermost input: a term has no closed application, and the draw must stay in the region (a
+        constant would be computed once and treated as fixed by the analyses). ``K`` ignores x, so
+        the value is the draw, evaluated where the region runs (a recomputed branch draws again,
+        keyed on its site)."""
+        if not in_vars:
+            raise BwskError(f"{node.name} ({node.target}): a random draw in a module call with no "
+                            "activation input cannot be placed")
+        return ab.App(ab.Lit(Comb("K", (prim,))), ab.Var(in_vars[-1]))
 
     def _output_expr(self, o, exprs):
         if o in exprs:

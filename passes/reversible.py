@@ -306,18 +306,29 @@ def _coupling_body(program: Program, d: Def) -> Term:
 
 
 def _check_replayable(program: Program, term: Term) -> None:
-    """Backward recomputes each branch: its randomness must be replayable (``bwskc.runtime.rng``)."""
-    from bwskc.runtime.rng import is_unreplayed_random
+    """Backward recomputes each branch: every random draw in it must be replayable
+    (``bwskc.runtime.random_ops``), or the block stays out of the coupling."""
+    reason = unreplayable_draw(program, term)
+    if reason is not None:
+        raise NotLowered(f"a branch cannot be recomputed exactly: {reason}")
+
+
+def unreplayable_draw(program: Program, term: Term) -> str | None:
+    """The first random op ``term`` applies (through the definitions it calls) that the runtime cannot
+    draw again exactly, with why; None if there is none."""
+    from bwskc.runtime.random_ops import unreplayable_reason
     seen: set[str] = set()
     stack = [term]
     while stack:
         for t in subterms(stack.pop()):
-            if isinstance(t, Prim) and is_unreplayed_random(t.op):
-                raise NotLowered(f"a branch draws random numbers with {t.op}, which the runtime cannot "
-                                 "replay in backward")
+            if isinstance(t, Prim):
+                reason = unreplayable_reason(t.op, t.args, t.kwargs)
+                if reason is not None:
+                    return reason
             if isinstance(t, Ref) and t.name in program.defs and t.name not in seen:
                 seen.add(t.name)
                 stack.append(program.defs[t.name].body)
+    return None
 
 
 def _walk(reducer: _Reducer, body: Term, args: list, x) -> list[_Block]:

@@ -21,14 +21,14 @@ from torch import fx
 
 from bwskc._deep import run_deep
 from bwskc.ir import Comb, Const, Prim, Program, Ref, rev_shared, subterms
-from bwskc.runtime import rng
+from bwskc.runtime import random_ops, rng
 from bwskc.runtime.codegen import _FxBackend, _module_tree, _placeholder_name
 from bwskc.runtime.coupling import ChainSpec, CouplingFunction
 from bwskc.runtime.denote import Denoter, resolve_op, sub_prim
+from bwskc.passes.reversible import unreplayable_draw
 
 RNG_BUFFER = "bwskc_rng_state"
 _LAYER = re.compile(r".+\.[0-9]+")  # a module-list element: one layer of a stack
-SDPA = "aten.scaled_dot_product_attention.default"
 
 
 class _TrainBackend(_FxBackend):
@@ -46,28 +46,12 @@ class _TrainBackend(_FxBackend):
             self.rev = self._rev
 
     def prim(self, prim, args, kwargs):
-        if prim.op in rng.DROPOUT_OPS:
-            train = args[2] if len(args) > 2 else kwargs.get("train", True)
-            if train:
-                site = self.sites[self.where]
-                self.sites[self.where] += 1
-                fn = rng.native_dropout if prim.op == "aten.native_dropout.default" else rng.dropout
-                return self.graph.call_function(fn, (args[0], args[1], self.seed, self.where + (site,)))
-        if prim.op == "aten.uniform.default":
+        if prim.op in random_ops.REPLAY and random_ops.draws(prim.op, args, kwargs):
+            # every draw is counter-based, keyed on its site: a recomputation draws the same numbers
             site = self.sites[self.where]
             self.sites[self.where] += 1
-            low = args[1] if len(args) > 1 else kwargs.get("from", 0.0)
-            high = args[2] if len(args) > 2 else kwargs.get("to", 1.0)
-            return self.graph.call_function(rng.uniform_like, (args[0], low, high, self.seed,
-                                                               self.where + (site,)))
-        if prim.op == SDPA:
-            p = args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0)
-            if p:
-                site = self.sites[self.where]
-                self.sites[self.where] += 1
-                full = dict(zip(("attn_mask", "dropout_p", "is_causal"), args[3:]), **kwargs)
-                return self.graph.call_function(rng.attention, tuple(args[:3]), dict(
-                    full, seed=self.seed, where=self.where + (site,)))
+            return self.graph.call_function(_RandomCall(prim.op), (tuple(args), dict(kwargs), self.seed,
+                                                                   self.where + (site,)))
         return super().prim(prim, args, kwargs)
 
     def wrap_def(self, d, value, denoter: Denoter):
@@ -76,6 +60,8 @@ class _TrainBackend(_FxBackend):
         dropout sites keep the keys they have in conventional mode, so the masks are the same."""
         if not self.checkpoint or d.kind != "def" or not _LAYER.fullmatch(d.name) or not d.inputs:
             return value
+        if unreplayable_draw(denoter.program, Ref(d.name)) is not None:
+            return value  # a recomputation would draw other numbers: stored, as conventional does
         n = len(d.inputs)
 
         def collect(got):
@@ -125,6 +111,17 @@ class _TrainBackend(_FxBackend):
         b = self.graph.call_function(_getitem, (pair, 1))
         add, sub = resolve_op("aten.add.Tensor"), resolve_op(sub_prim(t.args[0]).op)
         return self.graph.call_function(add, (a, self.graph.call_function(sub, (b, x))))
+
+
+class _RandomCall:
+    """The fx call target of one random op's counter-based rule (named after the op, for printing)."""
+
+    def __init__(self, op: str):
+        self.op = op
+        self.__name__ = self.__qualname__ = "draw_" + op.split(".")[1]
+
+    def __call__(self, args, kwargs, seed, where):
+        return random_ops.REPLAY[self.op](args, kwargs, seed, where)
 
 
 def _getitem(pair, i):

@@ -162,25 +162,3 @@ def attention(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool =
             else scores + attn_mask
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(dropout(probs, dropout_p, seed, where), v)
-
-
-def uniform_like(x: torch.Tensor, low: float = 0.0, high: float = 1.0, seed=None, where: tuple = ()):
-    """``aten.uniform`` (Switch's router jitter) drawn counter-based; in evaluation (``seed`` None) the
-    draw's mean, so a multiplicative jitter ``uniform(1 - e, 1 + e)`` is the identity, as the models do
-    when not training."""
-    if seed is None:
-        return torch.full_like(x, (low + high) / 2)
-    key, shard = seed
-    u = uniform(x.shape, make_key(key, *where), x.device, start=shard * x.numel()).to(x.dtype)
-    return low + (high - low) * u
-
-
-# ops whose randomness the compiled runtime replays (anything else random in a branch is refused)
-REPLAYED = frozenset(DROPOUT_OPS + ("aten.uniform.default", "aten.scaled_dot_product_attention.default"))
-_RANDOM_WORDS = ("rand", "uniform", "bernoulli", "normal", "multinomial", "dropout", "poisson",
-                 "exponential", "geometric", "cauchy", "log_normal")
-
-
-def is_unreplayed_random(op: str) -> bool:
-    name = op.split(".")[1] if op.count(".") >= 2 else op
-    return op not in REPLAYED and any(w in name for w in _RANDOM_WORDS)
