@@ -109,8 +109,11 @@ def load_model(source: str, *, inputs: list[str] = (), trust_pickle: bool = Fals
         raise BwskError(f"{source}: empty file")
     is_zip, is_pickle_zip = _is_torch_zip(path)
     if is_zip and not is_pickle_zip:
+        from bwskc.archive import load_exported_program
         try:
-            ep = torch.export.load(str(path))
+            ep = load_exported_program(path, trust_pickle=trust_pickle)
+        except BwskError:
+            raise
         except Exception as exc:
             raise BwskError(f"{source}: not a readable ExportedProgram ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
