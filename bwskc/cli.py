@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     lower = sub.add_parser("lower", help="lower a model to BWSK IR")
     lower.add_argument("model", help="ExportedProgram file (torch.export.save), Hugging Face directory "
                        "or config.json, BWSK IR text (.bwsk), or a pickled nn.Module (--trust-pickle)")
-    lower.add_argument("--emit", default="ir", help="ir (text form, default), json (schema bwskc.ir/1), "
+    lower.add_argument("--emit", default="ir", help="ir (text form, default), json (schema bwskc.ir/2), "
                        "dot (graphviz; rendered to FILE.svg too when -o FILE and graphviz are there) "
                        "or report (S/K, erasure, barriers and phases per layer)")
     lower.add_argument("--passes", default="", metavar="P1,P2",
@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     parse = sub.add_parser("parse", help="validate IR text and print its canonical form")
     parse.add_argument("file")
     parse.add_argument("-o", "--output", help="write here instead of stdout (replaced atomically)")
+    check = sub.add_parser("check-evidence", help="re-verify the S/K claims of a --emit json file with "
+                           "torch alone (exit 1 if any fails)")
+    check.add_argument("file", help="a bwskc lower --passes typing --emit json file (schema bwskc.ir/2)")
+    check.add_argument("--weights", metavar="FILE.safetensors",
+                       help="the program's weights (bwskc lower --weights-out), for claims on weights "
+                       "too large to embed")
+    check.add_argument("-v", "--verbose", action="store_true", help="also say why each claim that "
+                       "cannot be re-checked cannot")
     from bwskc.train.run import add_arguments
     add_arguments(sub.add_parser("train", help="train a model's program: conventional, analyzed, reversible"))
     return p
@@ -158,6 +166,18 @@ def cmd_parse(args) -> None:
     write_output(program.text(), args.output)
 
 
+def cmd_check_evidence(args) -> None:
+    from bwskc.check_evidence import EvidenceError, run
+    try:
+        code = run(args.file, args.weights, args.verbose)
+    except EvidenceError as exc:  # an unreadable file: bad input
+        raise BwskError(str(exc)) from None
+    if code:
+        failed = BwskError("")  # the summary said it
+        failed.exit_code = code
+        raise failed
+
+
 def _quiet():
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -169,7 +189,8 @@ def _quiet():
 def main(argv=None) -> int:
     def body():
         args = build_parser().parse_args(argv)
-        {"lower": cmd_lower, "parse": cmd_parse, "train": cmd_train}[args.command](args)
+        {"lower": cmd_lower, "parse": cmd_parse, "train": cmd_train,
+         "check-evidence": cmd_check_evidence}[args.command](args)
     return guarded(body)
 
 

@@ -1,13 +1,23 @@
-"""Machine-readable views of a program: versioned JSON (``bwskc.ir/1``) and a graphviz DOT graph."""
+"""Machine-readable views of a program: versioned JSON (``bwskc.ir/2``) and a graphviz DOT graph.
+
+``bwskc.ir/2`` is a compatible superset of ``/1`` (every /1 field kept): each node also records its
+``call`` (the op's bound arguments, structured, and its holes' types), each typed node's evidence says
+what the typing pass measured, and small weights that claims read are embedded (``weights``), so that
+``bwskc check-evidence`` re-verifies the claims with torch alone (docs/typing.md, "Evidence schema")."""
 from __future__ import annotations
 
+import itertools
 import json
+import math
 from collections import Counter
+
+import torch
 
 from bwskc.ir import Program, TensorType, Type, prims
 from bwskc.text import literal_text, type_text
 
-SCHEMA = "bwskc.ir/1"
+SCHEMA = "bwskc.ir/2"
+WEIGHT_EMBED_LIMIT = 1 << 16  # weights (elements in all) written into the file for check-evidence
 
 
 def _type_fields(t: Type) -> dict:
@@ -24,7 +34,7 @@ def nodes(program: Program) -> list[dict]:
     calm = program.analyses.get("calm")
     out = []
     for site in sites(program):
-        node = _node(site.id, site.prim, site.module, site.scope)
+        node = _node(site.id, site.prim, site.module, site.scope, site.inputs)
         if typing is not None:
             v = typing.verdicts[site.id]
             node["type"], node["evidence"] = v.type, v.evidence()
@@ -34,10 +44,73 @@ def nodes(program: Program) -> list[dict]:
     return out
 
 
-def _node(index: int, p, module: str, scope: str) -> dict:
+def _node(index: int, p, module: str, scope: str, holes=()) -> dict:
     args = [literal_text(a) for a in p.args] + [f"{k}={literal_text(v)}" for k, v in p.kwargs]
     return {"id": index, "op": p.op, "type": None, **_type_fields(p.type), "result": type_text(p.type),
-            "module": module, "def": scope, "args": args, "evidence": None}
+            "module": module, "def": scope, "args": args, "evidence": None, "call": encode_call(p, holes)}
+
+
+def encode_arg(a, holes):
+    """A bound argument as JSON: a hole ``{"hole": i}`` (``holes`` counts them), a bound tensor
+    ``{"tensor": name}``, a constant ``{"const": index}``, a list, a number, ``{"float": "nan"}``,
+    ``{"str": s}``, ``{"torch": "torch.float32"}`` (dtype, layout, memory format) or ``{"device": d}``."""
+    from bwskc.ir import HOLE, ConstRef, TensorRef
+    if a is HOLE:
+        return {"hole": next(holes)}
+    if isinstance(a, tuple):
+        return [encode_arg(b, holes) for b in a]
+    if isinstance(a, TensorRef):
+        return {"tensor": a.name}
+    if isinstance(a, ConstRef):
+        return {"const": a.index}
+    if a is None or isinstance(a, (bool, int)):
+        return a
+    if isinstance(a, float):
+        return a if math.isfinite(a) else {"float": literal_text(a)}
+    if isinstance(a, str):
+        return {"str": a}
+    if isinstance(a, torch.device):
+        return {"device": str(a)}
+    return {"torch": str(a)}
+
+
+def encode_call(p, holes) -> dict:
+    """What check-evidence needs to rebuild the op: arguments and keyword arguments as ``encode_arg``
+    writes them, and the types of the holes in order."""
+    from bwskc.evidence import encode_types
+    count = itertools.count()
+    return {"args": [encode_arg(a, count) for a in p.args],
+            "kwargs": {k: encode_arg(v, count) for k, v in p.kwargs},
+            "holes": encode_types(holes)}
+
+
+def _claim_weights(program: Program, ns: list[dict]) -> dict:
+    """The bound tensors that typed claims read, written out while they total at most
+    ``WEIGHT_EMBED_LIMIT`` elements (smallest first); the rest are named by claims as not at hand."""
+    from bwskc.check_evidence import encode_tensor
+    names = set()
+    for n in ns:
+        if n.get("type") in ("S", "K"):
+            names.update(_tensor_names(n["call"]))
+    out, total = {}, 0
+    for name in sorted(names, key=lambda k: (program.tensors[k].type.numel, k)):
+        w = program.weights.get(name)
+        if w is None or w.device.type == "meta" or total + w.numel() > WEIGHT_EMBED_LIMIT:
+            continue
+        out[name] = encode_tensor(w)
+        total += w.numel()
+    return out
+
+
+def _tensor_names(v):
+    if isinstance(v, dict):
+        if "tensor" in v:
+            yield v["tensor"]
+        for x in v.values():
+            yield from _tensor_names(x)
+    elif isinstance(v, list):
+        for x in v:
+            yield from _tensor_names(x)
 
 
 def to_json(program: Program) -> str:
@@ -64,6 +137,8 @@ def to_json(program: Program) -> str:
             "ops": dict(sorted(ops.items())),
         },
     }
+    if "typing" in program.analyses:
+        doc["weights"] = _claim_weights(program, ns)
     for name in ("typing", "calm"):
         if name in program.analyses:
             doc["summary"][name] = program.analyses[name].summary()

@@ -26,7 +26,7 @@ import torch
 from bwskc.passes.manager import Pass
 
 from bwskc._deep import run_deep
-from bwskc.evidence import GRAY, K, S, Verdict, erasing, gray
+from bwskc.evidence import GRAY, K, S, Verdict, erasing, evaluate, gray
 from bwskc.ir import REV_KINDS, Comb, Const, Prim, Program, Ref, TensorType, Term, prims
 from bwskc.leaf import Leaf, Values
 from bwskc.leaf_rules import rms_verdict, type_leaf
@@ -372,13 +372,17 @@ def _type_site(site: Site, values: Values) -> Verdict:
         return type_leaf(Leaf(site.prim, (), values))
     if any(t is None for t in site.inputs):
         return gray("untyped", "an operand's type could not be inferred", "unknown", "type inference")
+    leaf = Leaf(site.prim, site.inputs, values)
     try:
         with torch.no_grad():
-            return type_leaf(Leaf(site.prim, site.inputs, values))
+            verdict = type_leaf(leaf)
     except Exception as exc:  # a rule that cannot judge this instance says so instead of guessing
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return gray("rule failed", f"the rule for {site.prim.op} could not judge this instance: {first}",
                     "unknown", "a rule that handles this instance")
+    # a witness or inverse is evidence only once evaluated on this op: failing evidence makes it GRAY
+    with torch.no_grad():
+        return evaluate(leaf, verdict)
 
 
 PASS = TypingPass()
