@@ -2,7 +2,9 @@
 
 No pickle anywhere: tensors go through safetensors, everything else through JSON, so reading a
 checkpoint never runs code. Writes are atomic (a temporary directory renamed into place), so a run
-killed while saving leaves the previous checkpoint whole.
+killed while saving leaves the previous checkpoint whole. Every checkpoint and the prepared data carry
+the sha256 of each of their files, checked before they are read: a flipped byte is a one-line refusal,
+not a silently different run. Nothing stores an absolute path, so a run directory can be moved.
 
 ``DIR/<variant>/``: ``model.safetensors`` and ``config.json`` (``save_pretrained`` of the model class
 with the best weights: a conventional variant loads with ``AutoModelForCausalLM.from_pretrained``),
@@ -11,14 +13,19 @@ with the best weights: a conventional variant loads with ``AutoModelForCausalLM.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import shutil
+import signal
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 
 from bwskc.errors import BwskError
 
@@ -26,19 +33,92 @@ CHECKPOINT = "checkpoint"
 BWSKC_JSON = "bwskc.json"
 BLOCKS = "blocks.safetensors"
 DATA_JSON = "data.json"
+DATA = "data"
+TOKENIZER = "tokenizer"
+CHECKSUMS = "checksums.json"
+CHECKPOINT_FILES = ("module.safetensors", "optimizer.safetensors", "state.json")
+FAULT_KILL_IN_DATA = "BWSKC_FAULT_KILL_IN_DATA"  # tests: SIGKILL this process while data/ is written
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` whole: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 # ------------------------------------------------------------------------------- prepared data
-def save_blocks(directory: Path, blocks: dict[str, torch.Tensor], info: dict) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in blocks.items()}, str(directory / BLOCKS))
-    (directory / DATA_JSON).write_text(json.dumps(info, indent=1) + "\n")
+def blocks_bytes(blocks: dict[str, torch.Tensor]) -> bytes:
+    """The token blocks as the bytes of ``blocks.safetensors`` (their sha256 names the data)."""
+    return safetensors_bytes({k: v.contiguous() for k, v in blocks.items()})
+
+
+def save_data(out: Path, tokenizer, blocks: dict[str, torch.Tensor], info: dict) -> Path:
+    """Write ``out/data`` whole or not at all: built as ``data.tmp`` (``data.json``, with every file's
+    sha256, written last), then renamed into place. A kill leaves no ``data/`` or a complete one."""
+    final, tmp = out / DATA, out / (DATA + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer.save_pretrained(str(tmp / TOKENIZER))
+    (tmp / BLOCKS).write_bytes(blocks_bytes(blocks))
+    if os.environ.get(FAULT_KILL_IN_DATA):
+        os.kill(os.getpid(), signal.SIGKILL)
+    files = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / DATA_JSON).write_text(json.dumps({**info, "sha256": files[BLOCKS], "files": files}, indent=1) + "\n")
+    if final.exists():  # an incomplete one (data_problem said so): replaced, not mixed with the new
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def data_problem(directory: Path) -> str | None:
+    """Why ``directory`` is not a complete prepared data directory, or None when it is."""
+    try:
+        info = json.loads((directory / DATA_JSON).read_text())
+    except FileNotFoundError:
+        return f"incomplete (no {DATA_JSON}: stopped while it was written)"
+    except (OSError, ValueError) as exc:
+        return f"{DATA_JSON} unreadable ({type(exc).__name__})"
+    if not isinstance(info, dict):
+        return f"{DATA_JSON} is not a JSON object"
+    files = info.get("files", {BLOCKS: None})  # written before checksums: data.json came last anyway
+    if not isinstance(files, dict) or BLOCKS not in files:
+        return f"{DATA_JSON} lists no {BLOCKS}"
+    for name, digest in files.items():
+        path = directory / str(name)
+        if not path.is_file():
+            return f"{name} is missing"
+        if digest is not None and file_sha256(path) != digest:
+            return f"{name} is damaged (its sha256 differs from the one in {DATA_JSON})"
+    return None
+
+
+def load_data_info(directory: Path) -> dict:
+    """``data.json`` of a complete data directory; a damaged one is one line naming the problem."""
+    problem = data_problem(directory)
+    if problem is not None:
+        raise BwskError(f"{directory}: prepared data {problem}")
+    return json.loads((directory / DATA_JSON).read_text())
 
 
 def load_blocks(directory) -> tuple[dict[str, torch.Tensor], dict]:
     directory = Path(directory)
+    info = load_data_info(directory)
     try:
-        return load_file(str(directory / BLOCKS)), json.loads((directory / DATA_JSON).read_text())
+        return load_file(str(directory / BLOCKS)), info
     except (OSError, SafetensorError, ValueError) as exc:
         raise BwskError(f"{directory / BLOCKS}: prepared data unreadable ({type(exc).__name__})") from None
 
@@ -156,6 +236,8 @@ def save(out: Path, module, opt, sched, scaler, state, hyperparameters: dict) ->
     (tmp / "state.json").write_text(json.dumps({
         "state": asdict(state), "param_groups": opt_state["param_groups"], "hyperparameters": hyperparameters,
         "scheduler": sched.state_dict(), "scaler": scaler.state_dict()}) + "\n")
+    sums = {name: file_sha256(tmp / name) for name in CHECKPOINT_FILES}
+    (tmp / CHECKSUMS).write_text(json.dumps({"sha256": sums}, indent=1) + "\n")
     final = out / CHECKPOINT
     old = out / (CHECKPOINT + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -165,30 +247,128 @@ def save(out: Path, module, opt, sched, scaler, state, hyperparameters: dict) ->
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _verify_checksums(where: Path) -> None:
+    """Every file of the checkpoint as it was saved (``checksums.json``), or one line naming the file."""
+    listing = where / CHECKSUMS
+    try:
+        sums = json.loads(listing.read_text())["sha256"]
+        if not isinstance(sums, dict):
+            raise TypeError("sha256 is not an object")
+    except FileNotFoundError:
+        raise BwskError(f"{listing}: missing: corrupt checkpoint (cannot check its files)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BwskError(f"{listing}: corrupt checkpoint ({_first_line(exc)})") from None
+    for name in CHECKPOINT_FILES:
+        path = where / name
+        if not path.is_file():
+            raise BwskError(f"{path}: missing: corrupt checkpoint")
+        if sums.get(name) != file_sha256(path):
+            raise BwskError(f"{path}: corrupt checkpoint (its sha256 differs from the one recorded in "
+                            f"{CHECKSUMS} when it was saved)")
+
+
+_REQUIRED = ("state.json", "state.json.state")
+
+
+def _like(value, example, field: str, path: Path) -> None:
+    """``value`` (read from JSON) has the shape of ``example`` (what this run would save): numbers stay
+    numbers, lists lists, objects objects with the example's keys; else one line naming the field."""
+    def refuse(want: str):
+        raise BwskError(f"{path}: corrupt checkpoint ({field} must be {want}, got {json.dumps(value)[:40]})")
+    if isinstance(example, bool):
+        if not isinstance(value, bool):
+            refuse("true or false")
+    elif isinstance(example, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            refuse("an integer")
+    elif isinstance(example, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            refuse("a number")
+    elif isinstance(example, str):
+        if not isinstance(value, str):
+            refuse("a string")
+    elif isinstance(example, (list, tuple)):
+        if not isinstance(value, list):
+            refuse("a list")
+        for i, item in enumerate(value):
+            if example:
+                _like(item, example[0], f"{field}[{i}]", path)
+    elif isinstance(example, dict):
+        if not isinstance(value, dict):
+            refuse("an object")
+        for key, sub in example.items():
+            if key in value:
+                _like(value[key], sub, f"{field}.{key}", path)
+            elif field in _REQUIRED:  # the optimizer's and scheduler's own fields may vary by version
+                raise BwskError(f"{path}: corrupt checkpoint ({field}.{key} is missing)")
+
+
+def _check_state_fields(state: dict, path: Path) -> None:
+    """The loop's counters: what ``_like`` cannot tell from a default value (ranges, optional numbers)."""
+    def refuse(name: str, want: str):
+        raise BwskError(f"{path}: corrupt checkpoint (state.{name} must be {want}, got "
+                        f"{json.dumps(state[name])[:40]})")
+    for name, low in (("step", 0), ("best_step", -1), ("bad_evals", 0)):
+        if state[name] < low:
+            refuse(name, f"at least {low}")
+    if not math.isfinite(state["elapsed_s"]) or state["elapsed_s"] < 0:
+        refuse("elapsed_s", "a finite number of seconds")
+    last = state["last_train"]
+    if last is not None and (isinstance(last, bool) or not isinstance(last, (int, float))):
+        refuse("last_train", "a number or null")
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in state["losses"]):
+        refuse("losses", "a list of numbers")
+
+
+def _read_state(where: Path, example: dict) -> dict:
+    path = where / "state.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BwskError(f"{path}: corrupt checkpoint ({_first_line(exc)})") from None
+    _like(saved, example, "state.json", path)
+    _check_state_fields(saved["state"], path)
+    return saved
+
+
+def state_example(opt, sched, scaler, state) -> dict:
+    """What ``save`` would write for these objects: the schema ``state.json`` is checked against."""
+    return {"state": asdict(state), "param_groups": opt.state_dict()["param_groups"], "hyperparameters": {},
+            "scheduler": sched.state_dict(), "scaler": scaler.state_dict()}
+
+
+def check(out: Path) -> None:
+    """Before a resume touches anything: the checkpoint's files are whole and ``state.json`` parses
+    as a checkpoint (the optimizer's and scheduler's own fields are checked again by ``restore``)."""
+    where = _current(out)
+    _verify_checksums(where)
+    from bwskc.train.loop import State
+    _read_state(where, {"state": asdict(State()), "param_groups": [], "hyperparameters": {},
+                        "scheduler": {}, "scaler": {}})
+
+
 def restore(out: Path, module, opt, sched, scaler, state, hyperparameters: dict) -> None:
     """Load the checkpoint into the run's objects; a damaged one, or one from a run with other
     hyperparameters (its data order and schedule would not continue), is one clear line."""
     where = _current(out)
-    reading = where
+    _verify_checksums(where)
+    saved = _read_state(where, state_example(opt, sched, scaler, state))
+    reading = where / "module.safetensors"
     try:
-        reading = where / "module.safetensors"
         weights = load_file(str(reading))
         reading = where / "optimizer.safetensors"
         tensors = load_file(str(reading))
-        reading = where / "state.json"
-        saved = json.loads(reading.read_text())
         per_param: dict[int, dict] = {}
         for key, value in tensors.items():
             index, name = key.split(".", 1)
             per_param.setdefault(int(index), {})[name] = value
-        opt_state = {"state": per_param, "param_groups": saved["param_groups"]}
-        names = {f.name for f in fields(state)}
-        values = {k: v for k, v in saved["state"].items() if k in names}
-    except (OSError, SafetensorError, ValueError, KeyError, TypeError) as exc:
-        raise BwskError(f"{reading}: corrupt checkpoint ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    before = saved.get("hyperparameters", {})
-    changed = [f"--{k.replace('_', '-')} {before.get(k)} -> {v}" for k, v in hyperparameters.items()
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise BwskError(f"{reading}: corrupt checkpoint ({_first_line(exc)})") from None
+    opt_state = {"state": per_param, "param_groups": saved["param_groups"]}
+    names = {f.name for f in fields(state)}
+    values = {k: v for k, v in saved["state"].items() if k in names}
+    before = saved["hyperparameters"]
+    changed = [_setting_change(k, before.get(k), v, where) for k, v in hyperparameters.items()
                if k in before and before[k] != v]
     if changed:
         raise BwskError(f"{where}: --resume with other settings than the run's ({', '.join(changed)})")
@@ -197,17 +377,35 @@ def restore(out: Path, module, opt, sched, scaler, state, hyperparameters: dict)
         opt.load_state_dict(opt_state)
         sched.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise BwskError(f"{where}: checkpoint does not fit this run ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise BwskError(f"{where}: checkpoint does not fit this run ({_first_line(exc)})") from None
     for k, v in values.items():
         setattr(state, k, v)
 
 
+def _setting_change(key: str, before, now, where: Path) -> str:
+    if key == "data_sha256":  # the data itself, not an option: say so rather than name a digest
+        return f"the prepared data {where.parent.parent / DATA} differs from the data it trained on"
+    return f"--{key.replace('_', '-')} {before} -> {now}"
+
+
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records of steps after the checkpoint: the resumed run writes them again."""
+    """Drop the records of steps after the checkpoint: the resumed run writes them again. A last line
+    cut short by a kill is one of them; a damaged line before it is refused, naming it."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip()
-            and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            row_step = row.get("step", 0) if isinstance(row, dict) else None
+            if isinstance(row_step, bool) or not isinstance(row_step, (int, float)):
+                raise ValueError("no step")
+        except ValueError:
+            if number == len(lines):
+                break
+            raise BwskError(f"{path}:{number}: not a metrics record") from None
+        if row_step <= step:
+            keep.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))

@@ -61,14 +61,16 @@ class RunConfig:
     device: str = "cpu"
     resume: bool = False
     nproc: int = 1
+    ddp_timeout: float = 300.0      # seconds a rank waits for the others in a collective
 
     @property
     def name(self) -> str:
         return f"{self.experiment}-{MODE_DIRS[self.mode]}"
 
     def hyperparameters(self) -> dict:
+        # no paths: a moved run directory resumes (the data is named by its digest, see Trainer)
         keep = ("epochs", "max_steps", "batch_size", "seq_len", "lr", "warmup", "weight_decay",
-                "grad_clip", "precision", "patience", "seed", "eval_every", "nproc", "data")
+                "grad_clip", "precision", "patience", "seed", "eval_every", "nproc")
         return {k: getattr(self, k) for k in keep} | {"optimizer": "AdamW", "schedule": "cosine-warmup"}
 
 
@@ -171,6 +173,10 @@ class Trainer:
         self.state = State()
         self.metrics_path = self.out / "metrics.jsonl"
 
+    def hyperparameters(self) -> dict:
+        """What a resumed run must share with the run it continues, the data's digest included."""
+        return self.cfg.hyperparameters() | {"data_sha256": self.data_info.get("sha256")}
+
     # ------------------------------------------------------------------ data order
     def batch(self, step: int) -> torch.Tensor:
         epoch, i = divmod(step, self.per_epoch)
@@ -243,7 +249,7 @@ class Trainer:
         from bwskc.runtime.memory import saved_bytes
         cfg, state = self.cfg, self.state
         if cfg.resume and ckpt.has_checkpoint(self.out):
-            ckpt.restore(self.out, self.module, self.opt, self.sched, self.scaler, state, cfg.hyperparameters())
+            ckpt.restore(self.out, self.module, self.opt, self.sched, self.scaler, state, self.hyperparameters())
             if self.world.main:
                 ckpt.truncate_metrics(self.metrics_path, state.step)
             self.log(f"{cfg.name}: resumed at step {state.step}")
@@ -278,7 +284,7 @@ class Trainer:
                 if state.step % self.eval_every == 0 or state.step == self.total:
                     self.evaluate_and_save()
                 elif self.save_every and state.step % self.save_every == 0 and self.world.main:
-                    ckpt.save(self.out, self.module, self.opt, self.sched, self.scaler, state, cfg.hyperparameters())
+                    ckpt.save(self.out, self.module, self.opt, self.sched, self.scaler, state, self.hyperparameters())
         finally:
             bar.close()
         test_loss = self.final_test()
@@ -304,7 +310,7 @@ class Trainer:
         self.record({"step": state.step, "epoch": state.step / self.per_epoch, "train_loss": train_loss,
                      "val_loss": val, "val_perplexity": _ppl(val), "best": improved})
         if self.world.main:
-            ckpt.save(self.out, self.module, self.opt, self.sched, self.scaler, state, self.cfg.hyperparameters())
+            ckpt.save(self.out, self.module, self.opt, self.sched, self.scaler, state, self.hyperparameters())
         self.barrier()  # the other ranks read the best weights only once they are written
         self.log(f"{self.cfg.name}: step {state.step}/{self.total} train loss {train_loss:.4f} "
                  f"val ppl {_ppl(val):.2f}{' (best)' if improved else ''}")
@@ -342,7 +348,8 @@ class Trainer:
             "best_step": state.best_step, "stopped": state.stopped or (
                 "max_steps" if cfg.max_steps is not None and state.step >= cfg.max_steps else "epochs"),
             "parameters": sum(p.numel() for p in self.module.parameters()),
-            "hyperparameters": cfg.hyperparameters(), "data": self.data_info,
+            "hyperparameters": self.hyperparameters(),
+            "data": {k: v for k, v in self.data_info.items() if k != "files"},
             "device": _device_name(self.device), "torch": torch.__version__,
         }
         if cfg.mode == "reversible":

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bwskc.errors import BwskError
+from bwskc.train.checkpoint import write_text_atomic
 from bwskc.train.loop import MODE_DIRS
 
 SCHEMA = "bwskc.train/1"
@@ -19,11 +21,11 @@ def write_summary(out: Path, results: dict, args) -> dict:
     data = next(iter(results.values()))["data"] if results else {}
     summary = {"schema": SCHEMA, "model": args.model, "data": data, "variants": results,
                "memory_savings": memory_savings(results)}
-    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=1) + "\n")
     for name in results:
         plot_run(out / name)
     plot_comparison(out, results)
-    (out / "README.md").write_text(readme(summary))
+    write_text_atomic(out / "README.md", readme(summary))
     return summary
 
 
@@ -33,8 +35,18 @@ def _finished(out: Path) -> dict:
         for d in MODE_DIRS.values():
             path = out / f"{experiment}-{d}" / "training_results.json"
             if path.is_file():
-                found[path.parent.name] = json.loads(path.read_text())
+                found[path.parent.name] = read_results(path)
     return found
+
+
+def read_results(path: Path) -> dict:
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BwskError(f"{path}: unreadable ({type(exc).__name__}); remove it to run the variant again") from None
+    if not isinstance(results, dict) or not isinstance(results.get("data"), dict):
+        raise BwskError(f"{path}: not a variant's results; remove it to run the variant again")
+    return results
 
 
 def memory_savings(results: dict) -> dict:

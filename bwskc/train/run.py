@@ -6,14 +6,18 @@ options), so bad input is one line, exit 2, and nothing touched. Then the text i
 variants run, scratch before finetune: a model without weights is fine-tuned from the scratch
 conventional run's best checkpoint. Each variant runs in its own process when there are several (peak
 memory is then the variant's own). Finally ``DIR/results.json``, ``DIR/README.md`` and the plots.
+
+``--out`` is new, empty, or a directory ``bwskc train`` made (``bwskc-run.json``, written first): a
+non-empty directory of anything else is refused, so a user's files are never written over. In a run
+directory, variants it lacks may be added (its data reused); those it has are continued with ``--resume``.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-import subprocess
-import sys
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -28,6 +32,8 @@ MODES = tuple(MODE_DIRS)
 EXPERIMENTS = ("scratch", "finetune")
 DEFAULT_MODEL = "default"
 PRECISIONS = ("fp32", "bf16", "fp16")
+RUN_MARKER = "bwskc-run.json"  # what makes a directory one bwskc train wrote (and may write into again)
+MIN_DDP_TIMEOUT_S = 10.0  # a worker's start (importing torch) must fit in it
 
 
 def add_arguments(p) -> None:
@@ -40,7 +46,10 @@ def add_arguments(p) -> None:
                    help="a text file, a directory with train/valid/test files (../shared/data/wikitext-2 "
                    "follows its README's convention), a hub dataset id where reachable, or 'stdlib' "
                    "(default: the Python standard library's own sources, on every machine)")
-    p.add_argument("--out", default="runs/train", help="output directory (default runs/train)")
+    p.add_argument("--out", default="runs/train",
+                   help="output directory (default runs/train): new, empty, or one bwskc train wrote "
+                   f"(it holds {RUN_MARKER}), which may gain the variants it lacks; any other non-empty "
+                   "directory is refused")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8, help="global batch, in blocks of --seq-len tokens")
@@ -58,8 +67,16 @@ def add_arguments(p) -> None:
     p.add_argument("--save-every", type=int, default=0,
                    help="steps between resume checkpoints besides those at evaluations (default: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--resume", action="store_true", help="continue the runs in --out from their checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the variants in --out (a directory bwskc train wrote, possibly moved) from "
+                   "their checkpoints, with the same options; finished variants are kept, a damaged "
+                   "checkpoint is refused, an incomplete data/ is prepared again")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DDP; gloo on CPU)")
+    p.add_argument("--ddp-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="with --nproc: the longest a rank waits for the others in a collective (default "
+                   "300); a rank that stops running (its heartbeat stalls for a quarter of this, at most "
+                   f"30 s) or dies ends the run at once, named, the others stopped (at least "
+                   f"{MIN_DDP_TIMEOUT_S:g})")
 
 
 def default_model_path() -> str:
@@ -67,26 +84,41 @@ def default_model_path() -> str:
 
 
 # ----------------------------------------------------------------------------------- checks
+# (option, smallest value, what the value is): every numeric option, finite and in range
+_INT_OPTIONS = (("epochs", 1), ("max_steps", 1), ("batch_size", 1), ("seq_len", 2), ("patience", 1),
+                ("nproc", 1), ("warmup", 0), ("eval_every", 0), ("save_every", 0))
+_FLOAT_OPTIONS = (("lr", 0.0, False), ("weight_decay", 0.0, True), ("grad_clip", 0.0, True),
+                  ("ddp_timeout", MIN_DDP_TIMEOUT_S, True))  # (name, bound, bound allowed)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_numbers(args) -> None:
+    for name, low in _INT_OPTIONS:
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise BwskError(f"{_flag(name)} must be at least {low}, got {value}")
+    for name, bound, inclusive in _FLOAT_OPTIONS:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise BwskError(f"{_flag(name)} must be a finite number, got {value}")
+        if value < bound or (value == bound and not inclusive):
+            relation = "at least" if inclusive else "more than"
+            raise BwskError(f"{_flag(name)} must be {relation} {bound:g}, got {value:g}")
+
+
 def _check_options(args) -> None:
-    for name in ("epochs", "batch_size", "seq_len", "patience", "nproc"):
-        if getattr(args, name) < 1:
-            raise BwskError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise BwskError(f"--max-steps must be at least 1, got {args.max_steps}")
+    _check_numbers(args)
     if args.batch_size % args.nproc:
         raise BwskError(f"--batch-size {args.batch_size} is not a multiple of --nproc {args.nproc}")
-    if args.seq_len < 2:
-        raise BwskError("--seq-len must be at least 2 (a block predicts its next tokens)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise BwskError(f"--device {args.device}: CUDA is not available on this machine")
     if args.precision == "fp16" and not args.device.startswith("cuda"):
         raise BwskError("--precision fp16 needs CUDA (loss scaling); use bf16 or fp32 on CPU")
-    if args.lr is not None and not args.lr > 0:
-        raise BwskError(f"--lr must be positive, got {args.lr}")
-    for name in ("eval_every", "save_every", "warmup", "weight_decay", "grad_clip"):
-        value = getattr(args, name)
-        if value is not None and not value >= 0:
-            raise BwskError(f"--{name.replace('_', '-')} must be zero or more, got {value}")
     if not 0 <= args.seed < 2**31:
         raise BwskError(f"--seed must be in [0, 2**31), got {args.seed}")
     try:
@@ -96,13 +128,48 @@ def _check_options(args) -> None:
 
 
 def _check_writable(out: Path) -> None:
+    """Create (and remove) a directory where ``out`` will be made: ``os.access`` says yes to root on a
+    read-only or permission-less filesystem, where the first real write would then fail mid-run."""
     if out.exists() and not out.is_dir():
         raise BwskError(f"{out}: exists and is not a directory")
     parent = out
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise BwskError(f"{out}: cannot write here ({parent} is not writable)")
+    if not parent.is_dir():
+        raise BwskError(f"{out}: cannot be made ({parent} is not a directory)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".bwskc-probe-", dir=parent))
+    except OSError as exc:
+        raise BwskError(f"{out}: cannot write here ({parent}: {exc.strerror or type(exc).__name__})") from None
+
+
+def is_run_directory(out: Path) -> bool:
+    """A directory bwskc train wrote: its marker, or (written before the marker) its prepared data."""
+    return (out / RUN_MARKER).is_file() or (out / ckpt.DATA / ckpt.DATA_JSON).is_file()
+
+
+def _check_out(args, out: Path, variants) -> None:
+    """The rule of --out (see the module docstring); nothing is written here."""
+    empty = not out.exists() or not any(out.iterdir())
+    if not empty and not is_run_directory(out):
+        raise BwskError(f"{out}: not empty and not a directory bwskc train wrote (no {RUN_MARKER}): "
+                        f"choose a new or empty --out")
+    if args.resume:
+        if not out.is_dir():
+            raise BwskError(f"{out}: nothing to resume (no such directory)")
+        return
+    taken = [out / f"{e}-{MODE_DIRS[m]}" for e, m in variants if (out / f"{e}-{MODE_DIRS[m]}").exists()]
+    if taken:
+        raise BwskError(f"{taken[0]}: already exists; --resume continues it, or choose another --out")
+
+
+def _check_checkpoints(out: Path, variants) -> None:
+    """--resume: every unfinished variant's checkpoint is whole before anything is written."""
+    from bwskc.train.worker import RESULTS
+    for e, m in variants:
+        variant = out / f"{e}-{MODE_DIRS[m]}"
+        if not (variant / RESULTS).exists() and ckpt.has_checkpoint(variant):
+            ckpt.check(variant)
 
 
 def _variants(args) -> list[tuple[str, str]]:
@@ -113,23 +180,28 @@ def _variants(args) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------------- data
 def existing_data(args, out: Path, splits) -> Path | None:
-    """``DIR/data`` when an earlier command prepared it from the same text at the same --seq-len (reused,
-    so every variant in DIR sees the same tokens); a mismatch is refused rather than overwritten."""
-    where = out / "data"
-    if not (where / ckpt.DATA_JSON).exists():
-        if args.resume and out.is_dir() and any(out.iterdir()):
-            raise BwskError(f"{where}: missing; cannot resume the runs in {out}")
+    """``DIR/data`` when an earlier command prepared it, whole, from the same text at the same --seq-len
+    (reused, so every variant in DIR sees the same tokens); a mismatch is refused rather than
+    overwritten; an incomplete one (a kill while it was written) is None: prepared again."""
+    where = out / ckpt.DATA
+    if not where.exists():
         return None
-    try:
-        info = json.loads((where / ckpt.DATA_JSON).read_text())
-    except (OSError, ValueError) as exc:
-        raise BwskError(f"{where / ckpt.DATA_JSON}: unreadable ({type(exc).__name__})") from None
+    problem = ckpt.data_problem(where)
+    if problem is not None:
+        print(f"{where}: {problem}; preparing it again")
+        return None
+    info = ckpt.load_data_info(where)
     if info.get("seq_len") != args.seq_len:
         raise BwskError(f"{where}: prepared with --seq-len {info.get('seq_len')}, not {args.seq_len}; "
                         f"use another --out")
     if splits is not None and info.get("source") != splits.source:
         raise BwskError(f"{where}: prepared from other text ({info.get('source')}); use another --out")
     return where
+
+
+def _data_is_whole(out: Path) -> bool:
+    where = out / ckpt.DATA
+    return where.exists() and ckpt.data_problem(where) is None
 
 
 def tokenize(args, src, splits, batch_size: int):
@@ -153,17 +225,9 @@ def tokenize(args, src, splits, batch_size: int):
     return tokenizer, blocks, info
 
 
-def save_data(out: Path, tokenizer, blocks, info) -> Path:
-    where = out / "data"
-    tokenizer.save_pretrained(str(where / "tokenizer"))
-    ckpt.save_blocks(where, blocks, info)
-    return where
-
-
 # ----------------------------------------------------------------------------------- the command
 def run_training(args) -> dict:
     from bwskc.train.data import load_text
-    from bwskc.train.output import write_summary
     _check_options(args)
     _quiet_libraries()
     if args.model == DEFAULT_MODEL:
@@ -171,12 +235,9 @@ def run_training(args) -> dict:
     out = Path(args.out)
     _check_writable(out)
     variants = _variants(args)
-    if not args.resume:
-        taken = [out / f"{e}-{MODE_DIRS[m]}" for e, m in variants if (out / f"{e}-{MODE_DIRS[m]}").exists()]
-        if taken:
-            raise BwskError(f"{taken[0]}: already exists; --resume continues it, or choose another --out")
-    elif not out.is_dir():
-        raise BwskError(f"{out}: nothing to resume (no such directory)")
+    _check_out(args, out, variants)
+    if args.resume:
+        _check_checkpoints(out, variants)
     src = resolve_model(args.model)
     if src.program is not None:  # an IR program has fixed shapes: the run must use them
         batch, seq = src.program.entry.inputs[0].shape
@@ -187,13 +248,28 @@ def run_training(args) -> dict:
     if limit is not None and args.seq_len > limit:
         raise BwskError(f"--seq-len {args.seq_len} exceeds the model's {limit} positions")
     finetune_from = _finetune_source(args, src, out, variants)
-    splits = None if args.resume and (out / "data" / ckpt.DATA_JSON).exists() else load_text(args.data)
+    splits = None if args.resume and _data_is_whole(out) else load_text(args.data)
     data = existing_data(args, out, splits)
     prepared = None if data is not None else tokenize(args, src, splits, args.batch_size)
+    try:  # every check has passed: now write, and a failing write is one line naming the path
+        return _write_runs(args, out, variants, data, prepared, finetune_from)
+    except OSError as exc:
+        raise BwskError(write_error(exc, out)) from None
 
-    out.mkdir(parents=True, exist_ok=True)  # every check has passed: now write
+
+def write_error(exc: OSError, where: Path) -> str:
+    return f"{exc.filename or where}: cannot write the run's outputs ({exc.strerror or type(exc).__name__})"
+
+
+def _write_runs(args, out: Path, variants, data, prepared, finetune_from) -> dict:
+    from bwskc import __version__
+    from bwskc.train.output import write_summary
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / RUN_MARKER).exists():
+        ckpt.write_text_atomic(out / RUN_MARKER, json.dumps({"schema": "bwskc.train/1",
+                                                             "bwskc": __version__}) + "\n")
     if prepared is not None:
-        data = save_data(out, *prepared)
+        data = ckpt.save_data(out, *prepared)
     separate = len(variants) > 1 or args.nproc > 1
     results = {}
     for experiment, mode in variants:
@@ -230,17 +306,17 @@ def _config(args, experiment, mode, out, data, init_from) -> RunConfig:
                      grad_clip=args.grad_clip, precision=args.precision, patience=args.patience,
                      seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
                      device=args.device, resume=args.resume,
-                     nproc=args.nproc)
+                     nproc=args.nproc, ddp_timeout=args.ddp_timeout)
 
 
 def _run_one(cfg: RunConfig, data: Path, separate: bool) -> dict:
-    from bwskc.train import distributed
+    from bwskc.train import distributed, output
     from bwskc.train.worker import RESULTS, run_variant, write_config
     out = Path(cfg.out)
     done = out / RESULTS
     if cfg.resume and done.exists():
         print(f"{cfg.name}: already finished, kept")
-        return json.loads(done.read_text())
+        return output.read_results(done)
     out.mkdir(parents=True, exist_ok=True)
     for f in (data / "tokenizer").glob("*"):  # the tokenizer beside the model
         shutil.copy2(f, out / f.name)
@@ -248,18 +324,6 @@ def _run_one(cfg: RunConfig, data: Path, separate: bool) -> dict:
         return run_variant(cfg)
     config_path = out / "run_config.json"
     write_config(cfg, config_path)
-    if cfg.nproc > 1:
-        code = distributed.launch(str(config_path), cfg.nproc)
-    else:
-        code = subprocess.call([sys.executable, "-m", "bwskc.train.worker", str(config_path)])
-    if code:
-        raise _Quiet(code)
-    return json.loads(done.read_text())
+    distributed.launch(str(config_path), cfg.nproc, cfg.name, cfg.ddp_timeout)
+    return output.read_results(done)
 
-
-class _Quiet(BwskError):
-    """A variant's process failed and printed its own one-line error: exit with its status, silently."""
-
-    def __init__(self, code: int):
-        super().__init__("")
-        self.exit_code = code
