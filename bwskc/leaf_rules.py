@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from bwskc.evidence import Verdict, erasing, gray, injective, no_rule
+from bwskc.evidence import Verdict, erasing, gray, injective, inputs_differ, no_rule, outputs_equal
 from bwskc.ir import HOLE, TensorType, TupleType
 from bwskc.leaf import Leaf, random_value
 
@@ -140,7 +140,12 @@ def _bump(types, values, k: int, start: int = 0):
       "aten.stack", "aten.split", "aten.split_with_sizes", "aten.chunk", "aten.unbind", "aten.narrow",
       "aten.flip", "aten.roll", "aten.repeat", "aten.constant_pad_nd", "aten.unfold", "aten.diagonal",
       "aten.as_strided", "aten.movedim", "aten.tensor_split", "aten.take", "getitem", "tuple",
-      "aten.pixel_shuffle", "aten.pixel_unshuffle", "aten.channel_shuffle", "aten.tril", "aten.triu")
+      "aten.pixel_shuffle", "aten.pixel_unshuffle", "aten.channel_shuffle", "aten.tril", "aten.triu",
+      "aten.im2col", "aten.pad", "aten.reflection_pad1d", "aten.reflection_pad2d", "aten.reflection_pad3d",
+      "aten.replication_pad1d", "aten.replication_pad2d", "aten.replication_pad3d",
+      "aten.upsample_nearest1d", "aten.upsample_nearest2d", "aten.upsample_nearest3d",
+      "aten._upsample_nearest_exact1d", "aten._upsample_nearest_exact2d", "aten._upsample_nearest_exact3d",
+      "aten.broadcast_tensors")
 def selection(leaf: Leaf) -> Verdict:
     """Output elements are copies of input elements (or constants): decide by running on codes.
 
@@ -283,19 +288,102 @@ RULES.update({
 })
 
 
+def _constant_pair(leaf: Leaf, a: float, b: float):
+    """The inputs (every element a) and (every element b): in the input's dtype when a and b stay
+    distinct there and collide there, else in float64 (a collision of the real map that the input's
+    dtype cannot represent, such as softplus's branches overlapping on an interval of width 2e-9).
+    None when they do not collide in either: no witness is better than a false one."""
+    for dt in (leaf.x.torch_dtype, torch.float64):
+        pa = torch.full(leaf.x.shape, a, dtype=dt)
+        pb = torch.full(leaf.x.shape, b, dtype=dt)
+        if inputs_differ(pa, pb) and outputs_equal(leaf.call(pa), leaf.call(pb), 1e-6, 1e-9):
+            return (pa,), (pb,)
+    return None
+
+
+def _pair_verdict(leaf: Leaf, rule_name: str, claim: str, a: float, b: float, dof=0, note=""):
+    """K with the constant witness (a, b), checked before it is emitted; GRAY if it does not collide."""
+    pair = _constant_pair(leaf, a, b)
+    if pair is None:
+        return gray(rule_name, f"{claim}, but the witness f({a:.6g}) = f({b:.6g}) does not collide when "
+                    "evaluated (the collision is narrower than float64 resolution)",
+                    "no two floating-point inputs collide", "exact arithmetic", dof)
+    return erasing(rule_name, claim, lambda g, pair=pair: pair, f"{a:.9g} and {b:.9g} (every element)",
+                   dof, note)
+
+
+def _elu_inverse(alpha: float, scale: float, iscale: float):
+    """Inverse of y = scale * (x if x > 0 else alpha (exp(iscale x) - 1)), alpha iscale > 0."""
+    def inverse(y):
+        z = y.double() / scale
+        neg = torch.log1p((z / alpha).clamp(min=-1 + 1e-16)) / iscale
+        return (torch.where(z > 0, z, neg).to(y.dtype),)
+    return inverse
+
+
+def _elu_verdict(leaf: Leaf, alpha: float, scale: float, iscale: float, name: str = "ELU") -> Verdict:
+    """scale * (x for x > 0, alpha (exp(iscale x) - 1) for x <= 0). The negative branch g has
+    g' = alpha iscale exp(iscale x): with alpha iscale > 0 it is strictly increasing and g < 0 = g(0) on
+    x < 0, disjoint from the positive branch's (0, inf): injective (scale != 0). With alpha iscale < 0,
+    g > 0 on x < 0: g(-1) = c > 0 is also the positive branch's value at c (a fold). With alpha = 0 or
+    iscale = 0, g is 0: every x <= 0 maps to 0."""
+    if scale == 0:
+        return _pair_verdict(leaf, "constant", f"{name} with scale 0 is constant", 1.0, 2.0,
+                             leaf.x.numel)
+    if alpha * iscale > 0:
+        return injective("strictly monotone", f"{name} with alpha * input_scale > 0 is strictly "
+                         "monotone (slope 1 for x > 0; alpha input_scale exp(input_scale x) > 0 below, "
+                         "with values below 0)", _elu_inverse(alpha, scale, iscale),
+                         "y/scale for y/scale > 0, log1p(y/(scale alpha))/input_scale below")
+    if alpha == 0 or iscale == 0:
+        return _saturating(leaf, f"{name} with alpha * input_scale = 0 maps every x <= 0 to 0", 0.0)
+    c = alpha * math.expm1(-iscale)  # g(-1) > 0: the positive branch takes it at x = c
+    return _pair_verdict(leaf, "fold", f"{name} with alpha * input_scale < 0 takes positive values "
+                         f"below 0: f(-1) = f({c:.6g})", c, -1.0)
+
+
 @rule("aten.elu")
 def elu(leaf: Leaf) -> Verdict:
-    alpha, scale, iscale = leaf.arg("alpha", 1), leaf.arg("scale", 1), leaf.arg("input_scale", 1)
     if not _unary(leaf):
         return no_rule(leaf.op)
-    if alpha > 0 and scale > 0 and iscale > 0:
-        def inverse(y):
-            yd = y.double()
-            neg = torch.log1p((yd / (scale * alpha)).clamp(min=-1 + 1e-300)) / iscale
-            return (torch.where(yd > 0, yd / scale, neg).to(y.dtype),)
-        return injective("strictly monotone", "ELU with alpha > 0 is strictly increasing (slope 1 for "
-                         "x > 0, alpha*exp(x) > 0 below)", inverse, "y for y > 0, log1p(y/alpha) below")
-    return _saturating(leaf, "ELU with alpha <= 0 is not increasing below 0")
+    return _elu_verdict(leaf, float(leaf.arg("alpha", 1)), float(leaf.arg("scale", 1)),
+                        float(leaf.arg("input_scale", 1)))
+
+
+_SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+
+
+@rule("aten.selu")
+def selu(leaf: Leaf) -> Verdict:
+    if not _unary(leaf):
+        return no_rule(leaf.op)
+    return _elu_verdict(leaf, _SELU_ALPHA, _SELU_SCALE, 1.0, "SELU")
+
+
+@rule("aten.celu")
+def celu(leaf: Leaf) -> Verdict:
+    """max(0, x) + min(0, alpha (exp(x/alpha) - 1)): ELU with alpha and input scale 1/alpha, and
+    alpha * (1/alpha) = 1 > 0, so injective for every alpha != 0 (negative alpha too: its branch below 0
+    is alpha (exp(x/alpha) - 1) < 0, increasing)."""
+    if not _unary(leaf):
+        return no_rule(leaf.op)
+    alpha = float(leaf.arg("alpha", 1.0))
+    if alpha == 0:
+        return no_rule(leaf.op)
+    return _elu_verdict(leaf, alpha, 1.0, 1.0 / alpha, "CELU")
+
+
+@rule("aten.log_sigmoid", "aten.log_sigmoid_forward")
+def log_sigmoid(leaf: Leaf) -> Verdict:
+    """log sigmoid(x) = -softplus(-x): strictly increasing onto (-inf, 0); x = -log(expm1(-y))."""
+    if not _unary(leaf):
+        return no_rule(leaf.op)
+
+    def inverse(y):
+        out = y[0] if isinstance(y, tuple) else y
+        return ((-torch.log(torch.expm1(-out.double()))).to(out.dtype),)
+    return injective("strictly monotone", "log sigmoid(x) = -log(1 + exp(-x)) is strictly increasing "
+                     "(its derivative is sigmoid(-x) > 0)", inverse, "-log(expm1(-y))")
 
 
 @rule("aten.leaky_relu")
@@ -308,35 +396,53 @@ def leaky_relu(leaf: Leaf) -> Verdict:
                          "increasing and onto", lambda y: (torch.where(y >= 0, y, y / slope),),
                          "y for y >= 0, y/slope below", surjective=True)
     if slope == 0:
-        return _saturating(leaf, "slope 0: every negative input maps to 0")
-
-    def witness(g):  # x > 0 maps to x, x/slope < 0 maps to x too
-        a = leaf.random(g)[0].abs() + 1
-        return (a,), (a / slope,)
-    return erasing("fold", f"leaky ReLU with slope {slope} < 0 maps x > 0 and x/slope to the same "
-                   "value", witness, "x and x/slope", 0)
+        return _saturating(leaf, "slope 0: every negative input maps to 0", 0.0)
+    return _pair_verdict(leaf, "fold", f"leaky ReLU with slope {slope} < 0 maps x > 0 and x/slope to "
+                         "the same value", 1.0, 1.0 / slope)
 
 
 @rule("aten.softplus")
 def softplus(leaf: Leaf) -> Verdict:
-    beta, threshold = leaf.arg("beta", 1), leaf.arg("threshold", 20)
-    if not _unary(leaf) or beta <= 0:
+    """softplus(x) = x where beta x > threshold, log(1 + exp(beta x)) / beta elsewhere. The smooth
+    branch's largest value log1p(exp(t)) / beta exceeds t / beta for every t (log(1 + e^t) > t), so
+    the linear branch's values (t/beta, log1p(e^t)/beta] are taken twice: non-injective for every
+    finite threshold (an interval of width log1p(e^-t)/beta: 2e-9 at the default t = 20). With an
+    infinite threshold it is the strictly increasing log(1 + exp(beta x)) / beta."""
+    beta, t = float(leaf.arg("beta", 1)), float(leaf.arg("threshold", 20))
+    if not _unary(leaf):
         return no_rule(leaf.op)
+    if beta <= 0:
+        return gray("softplus", "softplus with beta <= 0 is not decided by this rule", "unknown",
+                    "a rule for beta <= 0")
+    if math.isinf(t) and t > 0:
+        def inverse(y):
+            yd = y.double()
+            return ((torch.log(torch.expm1(beta * yd)) / beta).to(y.dtype),)
+        return injective("strictly monotone", "softplus with an infinite threshold is "
+                         "log(1 + exp(beta x)) / beta, strictly increasing", inverse, "log(expm1(b*y))/b")
+    top = math.log1p(math.exp(t)) if t < 700 else t
+    a = (t + top) / 2 / beta  # on the linear branch, inside the smooth branch's range
+    b = math.log(math.expm1(beta * a)) / beta  # its preimage on the smooth branch (< t / beta)
+    return _pair_verdict(leaf, "branch overlap", f"softplus with a finite threshold {t:g}: the linear "
+                         f"branch x > {t / beta:.6g} repeats the smooth branch's values up to "
+                         f"log1p(exp({t:g}))/{beta:g}: f({a!r}) = f({b!r})", a, b)
 
-    def inverse(y):
-        yd = y.double()
-        return (torch.where(yd * beta > threshold, yd, torch.log(torch.expm1(beta * yd)) / beta)
-                .to(y.dtype),)
-    return injective("strictly monotone", "softplus is strictly increasing (log(1+exp(bx))/b, and x "
-                     "above the threshold)", inverse, "log(expm1(b*y))/b")
+
+def _below(bound: float, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two distinct inputs strictly below ``bound`` (spread relative to it, so that rounding keeps
+    them apart and below)."""
+    a = bound - 1 - abs(bound) - r.abs()
+    return a, a - 1 - a.abs()
 
 
-def _saturating(leaf: Leaf, why: str, low: float = -1.0) -> Verdict:
-    """Two inputs below a saturation point give the same output."""
+def _saturating(leaf: Leaf, why: str, bound: float = 0.0, above: bool = False) -> Verdict:
+    """Every input below ``bound`` (above it, if ``above``) gives the same output: two such inputs."""
     def witness(g):
-        a = -leaf.random(g)[0].abs() + low
-        return (a,), (a * 2,)
-    return erasing("saturation", why, witness, f"x and 2x for x < {low}", None,
+        r = leaf.random(g)[0]
+        a, b = _below(-bound, r) if above else _below(bound, r)
+        return ((-a, ), (-b,)) if above else ((a,), (b,))
+    side = "above" if above else "below"
+    return erasing("saturation", why, witness, f"two inputs {side} {bound:g}", None,
                    "data-dependent: the saturated inputs")
 
 
@@ -344,32 +450,44 @@ def _saturating(leaf: Leaf, why: str, low: float = -1.0) -> Verdict:
 def relu(leaf: Leaf) -> Verdict:
     if not _unary(leaf):
         return no_rule(leaf.op)
-    return _saturating(leaf, "every negative input maps to 0")
+    return _saturating(leaf, "every negative input maps to 0", 0.0)
+
+
+def _bound_value(v, pick) -> float | None:
+    """A literal or bound-tensor clamp bound as one float (``pick``: min or max of a tensor), None if
+    absent or unknown."""
+    if v is None:
+        return None
+    if isinstance(v, torch.Tensor):
+        return float(pick(v.double())) if v.numel() else None
+    return float(v)
 
 
 @rule("aten.hardtanh", "aten.relu6", "aten.clamp", "aten.clamp_min", "aten.clamp_max", "aten.threshold",
       "aten.hardsigmoid")
 def clamp(leaf: Leaf) -> Verdict:
+    """Every input below the lower bound gives one value (threshold: every x <= threshold gives
+    ``value``); likewise above the upper bound. The witness is two inputs past the op's own bound."""
     if not _unary(leaf):
         return no_rule(leaf.op)
+    p = leaf.packet
     lo = {"aten.hardtanh": leaf.arg("min_val", -1.0), "aten.relu6": 0.0, "aten.hardsigmoid": -3.0,
-          "aten.threshold": leaf.arg("threshold")}.get(leaf.packet)
-    hi = {"aten.hardtanh": leaf.arg("max_val", 1.0), "aten.relu6": 6.0, "aten.hardsigmoid": 3.0}.get(
-        leaf.packet)
-    if leaf.packet in ("aten.clamp", "aten.clamp_min"):
+          "aten.threshold": leaf.arg("threshold")}.get(p)
+    hi = {"aten.hardtanh": leaf.arg("max_val", 1.0), "aten.relu6": 6.0, "aten.hardsigmoid": 3.0}.get(p)
+    if p in ("aten.clamp", "aten.clamp_min"):
         lo = leaf.arg("min")
-    if leaf.packet in ("aten.clamp", "aten.clamp_max"):
+    if p in ("aten.clamp", "aten.clamp_max"):
         hi = leaf.arg("max")
-    if isinstance(lo, (int, float)):
-        return _saturating(leaf, f"every input below {lo} maps to the same value", float(lo) - 1)
-    if isinstance(hi, (int, float)):
-        def witness(g):
-            a = leaf.random(g)[0].abs() + float(hi) + 1
-            return (a,), (a * 2,)
-        return erasing("saturation", f"every input above {hi} maps to {hi}", witness,
-                       f"x and 2x for x > {hi}", None, "data-dependent: the saturated inputs")
-    return gray("saturation", f"{leaf.op} with bounds that are not literals", "the bounds are infinite",
-                "the values of its bounds")
+    unknown = any(leaf.names.get(n) is not None and leaf.arg(n) is None for n in ("min", "max"))
+    lo, hi = _bound_value(lo, torch.min), _bound_value(hi, torch.max)
+    if lo is not None and math.isfinite(lo):
+        return _saturating(leaf, f"every input below {lo:g} maps to the same value", lo)
+    if hi is not None and math.isfinite(hi):
+        return _saturating(leaf, f"every input above {hi:g} maps to the same value", hi, above=True)
+    if unknown:
+        return gray("saturation", f"{leaf.op} with bounds that are not known", "the bounds are infinite",
+                    "the values of its bounds")
+    return identity(leaf)
 
 
 def _fold_point(fn) -> tuple[float, float]:
@@ -849,48 +967,104 @@ def constant_of(leaf: Leaf) -> Verdict:
 
 # --------------------------------------------------------------------------------------- conversions
 
-_RANK = {torch.bool: 0, torch.uint8: 1, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4}
+def _significand_bits(dt: torch.dtype) -> int:
+    """p of a float dtype: every integer of magnitude <= 2**p is exact (float32: 24)."""
+    return round(-math.log2(torch.finfo(dt).eps)) + 1
 
 
-@rule("aten._to_copy", "aten.to", "aten._to_dtype", "aten.type_as", "aten._autocast_to_reduced_precision")
+def _int_exact_in(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Every value of the integer dtype ``src`` is exact in the float dtype ``dst``."""
+    info = torch.iinfo(src)
+    return max(abs(info.min), info.max) <= 2 ** _significand_bits(dst) and info.max <= torch.finfo(dst).max
+
+
+def _float_exact_in(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Every value of the float dtype ``src`` is exact in ``dst``: no less precision, range or
+    subnormal reach."""
+    a, b = torch.finfo(src), torch.finfo(dst)
+    return b.eps <= a.eps and b.max >= a.max and b.smallest_normal * b.eps <= a.smallest_normal * a.eps
+
+
+def _float_collision(src: torch.dtype, dst: torch.dtype) -> tuple[float, float, str] | None:
+    """Two distinct ``src`` values that ``dst`` rounds to one: 1 and the next float after it (less
+    precision), two values past dst's largest (overflow to inf), or two subnormals (flush to 0)."""
+    a, b = torch.finfo(src), torch.finfo(dst)
+    if b.eps > a.eps:
+        return 1.0, 1.0 + a.eps, f"1 and 1 + 2**{round(math.log2(a.eps))} (the next {src} after 1)"
+    if b.max < a.max:
+        top = 2.0 ** math.floor(math.log2(a.max))
+        return a.max, top, f"{a.max:g} and {top:g} (both beyond {dst}'s largest)"
+    tiny = a.smallest_normal * a.eps
+    return tiny, 2 * tiny, f"{tiny:g} and {2 * tiny:g} (below {dst}'s smallest subnormal)"
+
+
+def _conversion_pair(leaf: Leaf, src: torch.dtype, dst: torch.dtype):
+    """(u, v, text): two distinct ``src`` values with one ``dst`` value, or None when every value of src
+    survives (the conversion is injective)."""
+    if dst == torch.bool:
+        return 1, 2, "1 and 2 (both True)"
+    if src.is_floating_point and not dst.is_floating_point:
+        return 1.0, 1.5, "1 and 1.5 (truncation toward zero)"
+    if not src.is_floating_point and not dst.is_floating_point:  # two's complement wraps mod 2**bits
+        bits = torch.iinfo(dst).bits
+        if torch.iinfo(src).bits <= bits:
+            return None
+        return 0, 2 ** bits, f"0 and 2**{bits} (wrap-around modulo 2**{bits})"
+    if not src.is_floating_point:  # integer -> float: exact up to 2**p; 2**p + 1 rounds to even 2**p
+        if _int_exact_in(src, dst):
+            return None
+        p = _significand_bits(dst)
+        return 2 ** p, 2 ** p + 1, f"2**{p} and 2**{p} + 1 (rounded to even)"
+    if _float_exact_in(src, dst):
+        return None
+    return _float_collision(src, dst)
+
+
+@rule("aten._to_copy", "aten.to", "aten._to_dtype", "aten.type_as", "aten._autocast_to_reduced_precision",
+      "aten._autocast_to_full_precision", "prims.convert_element_type")
 def convert(leaf: Leaf) -> Verdict:
-    if leaf.x is None:
+    """A dtype conversion as a map of the finite set of ``src`` values (a claim about the dtypes, not
+    the reals: in the reals a conversion is the identity). Injective iff every src value has its own
+    dst value: bool -> anything, integers to at least as many bits (uint8 <-> int8 is a bijection of
+    256 values), integers into a float whose significand holds them (int32 -> float64), floats to a
+    float with no less precision, range and subnormals. Otherwise two src values that really round (or
+    wrap) to one dst value, checked by converting them."""
+    if leaf.x is None or not isinstance(leaf.out, TensorType):
         return no_rule(leaf.op)
     src, dst = leaf.x.torch_dtype, leaf.out.torch_dtype
     if src == dst:
         return identity(leaf)
-    if src == torch.bool or (src.is_floating_point and dst.is_floating_point and
-                             torch.finfo(dst).bits > torch.finfo(src).bits) or (
-            not src.is_floating_point and not dst.is_floating_point and _RANK.get(dst, 0) > _RANK.get(src, 0)):
-        return injective("widening", f"{src} -> {dst} represents every input exactly",
-                         lambda y: (y.to(src),), f"convert back to {src}")
-    if src.is_floating_point:
-        tiny = 0.25 if not dst.is_floating_point else float(torch.finfo(dst).eps) / 4
+    if src.is_complex or dst.is_complex:
+        return no_rule(leaf.op)
+    pair = None if src == torch.bool else _conversion_pair(leaf, src, dst)
+    if pair is None:
+        def inverse(y):
+            return ((y != 0) if src == torch.bool else y.to(src),)
+        v = injective("exact conversion", f"every {src} value is exactly representable as a distinct "
+                      f"{dst} value", inverse, f"convert back to {src}",
+                      surjective=_conversion_onto(src, dst))
+        v.extra["domain"] = "float"
+        return v
+    u, w, text = pair
 
-        def witness(g):  # to an integer: x >= 1 integral and x + 1/4 (truncation toward zero)
-            a = leaf.random(g)[0].to(torch.float64).round()
-            a = (a if dst.is_floating_point else a.abs()).to(src) + 1
-            return (a,), (a + a.abs() * tiny if dst.is_floating_point else a + tiny,)
-        return erasing("rounding", f"{src} -> {dst} rounds: nearby inputs meet", witness,
-                       "x and x(1 + eps/4)" if dst.is_floating_point else
-                       "k and k + 1/4 for an integer k >= 1 (truncation toward zero)", 0,
-                       "rounding: the Jacobian is the identity almost everywhere")
-    if dst.is_floating_point:  # integer -> float: exact below 2**(mantissa bits + 1)
-        m = {torch.float16: 11, torch.bfloat16: 8, torch.float32: 24, torch.float64: 53}.get(dst, 24)
-        if src == torch.uint8 or (m >= 8 and src == torch.int8) or (m >= 16 and src == torch.int16):
-            return injective("widening", f"{src} fits exactly in {dst}", lambda y: (y.to(src),),
-                             f"convert back to {src}")
+    def witness(g, u=u, w=w):
+        return (torch.full(leaf.x.shape, u, dtype=src),), (torch.full(leaf.x.shape, w, dtype=src),)
+    (a,), (b,) = witness(None)
+    if not (inputs_differ(a, b) and outputs_equal(leaf.call(a), leaf.call(b), 0, 0)):
+        return gray("conversion", f"{src} -> {dst}: the expected collision {text} did not occur",
+                    "every value converts distinctly", "an exact model of this conversion")
+    v = erasing("rounding" if dst.is_floating_point or src.is_floating_point else "narrowing",
+                f"{src} -> {dst} maps two {src} values to one: {text}", witness, text,
+                0 if src.is_floating_point and dst.is_floating_point else None,
+                "a floating-point collision: the map is the identity on the reals")
+    v.extra["domain"] = "float"
+    return v
 
-        def witness(g):
-            a = torch.full(leaf.x.shape, 2 ** m, dtype=src)
-            return (a,), (a + 1,)
-        return erasing("rounding", f"{src} -> {dst} rounds integers beyond 2**{m}", witness,
-                       f"2**{m} and 2**{m} + 1", None)
 
-    def witness(g):
-        a = torch.zeros(leaf.x.shape, dtype=src) + (1 << (8 * dst.itemsize if dst != torch.bool else 0))
-        return (a if dst != torch.bool else a + 1,), (a * 2 + (0 if dst != torch.bool else 2),)
-    return erasing("narrowing", f"{src} -> {dst} wraps around", witness, "x and x + 2**bits", None)
+def _conversion_onto(src: torch.dtype, dst: torch.dtype) -> bool:
+    """An injective conversion onto its type: a bijection between integer dtypes of equal width."""
+    return not src.is_floating_point and not dst.is_floating_point and src != torch.bool and \
+        dst != torch.bool and torch.iinfo(src).bits == torch.iinfo(dst).bits
 
 
 # --------------------------------------------------------------------------------------- linear maps
@@ -901,24 +1075,81 @@ def _null_vector(w: torch.Tensor) -> torch.Tensor:
     return vh[-1]
 
 
-def _rank_info(w: torch.Tensor) -> tuple[int, dict]:
-    """The rank of ``w`` with its certificate. Full rank min(k, d) is certified by a Cholesky
-    factorisation of the smaller Gram matrix (positive definite iff full rank; its smallest pivot is a
-    lower bound witness of the margin), which is cheap; otherwise the SVD decides."""
-    wf = w.float()
-    k, d = wf.shape
-    # the Gram product in float32 (the expensive part), factorised in float64
-    gram = (wf.T @ wf if d <= k else wf @ wf.T).double()
-    chol, info = torch.linalg.cholesky_ex(gram)
-    if int(info) == 0:
-        pivots = chol.diagonal()
-        if float(pivots.min()) > 1e-6 * float(pivots.max()):
-            return min(k, d), {"rank": min(k, d), "method": "cholesky of the Gram matrix",
-                               "min_pivot": float(pivots.min())}
-    s = torch.linalg.svdvals(w.double())
-    tol = float(s.max()) * max(k, d) * float(torch.finfo(torch.float32).eps)
-    r = int((s > tol).sum())
-    return r, {"rank": r, "method": "svd", "sigma_min": float(s.min()) if len(s) else 0.0}
+_EXACT_LIMIT = 32 * 32 * 128  # k d min(k, d): exact rational elimination well under a second
+
+
+def _exact_rank(w: torch.Tensor) -> tuple[int, torch.Tensor | None] | None:
+    """The rank of ``w`` in exact rational arithmetic on its stored values (every float is a dyadic
+    rational), with a null vector (float64, unit norm) when it is deficient; None when too large."""
+    from fractions import Fraction
+    k, d = w.shape
+    if k * d * min(k, d) > _EXACT_LIMIT:
+        return None
+    rows = [[Fraction(v) for v in row] for row in w.double().tolist()]
+    pivots: list[int] = []
+    r = 0
+    for c in range(d):
+        p = next((i for i in range(r, k) if rows[i][c] != 0), None)
+        if p is None:
+            continue
+        rows[r], rows[p] = rows[p], rows[r]
+        inv = 1 / rows[r][c]
+        rows[r] = [v * inv for v in rows[r]]
+        for i in range(k):
+            if i != r and rows[i][c] != 0:
+                f = rows[i][c]
+                rows[i] = [a - f * b for a, b in zip(rows[i], rows[r])]
+        pivots.append(c)
+        r += 1
+        if r == k:
+            break
+    if r == d:
+        return r, None
+    free = next(c for c in range(d) if c not in pivots)
+    v = [Fraction(0)] * d
+    v[free] = Fraction(1)
+    for i, c in enumerate(pivots):  # reduced row echelon form: x_c = -R[i, free] x_free
+        v[c] = -rows[i][free]
+    out = torch.tensor([float(x) for x in v], dtype=torch.float64)
+    return r, out / out.norm()
+
+
+def _rank_info(w: torch.Tensor) -> tuple[str, dict, torch.Tensor | None]:
+    """Whether ``w`` (k x d) has full column rank d, from its exact stored values:
+
+    * "full": a float64 SVD of the stored values (exact in float64) gives sigma_min > tol =
+      max(k, d) eps64 sigma_max. The computed singular values are those of w + E with
+      ||E|| <= c eps64 ||w|| (backward stability), so each is within that of the true one: the true
+      sigma_min > 0. The certificate records the method, tolerance and margin sigma_min / tol.
+    * "deficient": exact rational elimination on the stored values finds rank < d (with an exact null
+      vector), or d > k (rank-nullity).
+    * "numerical": sigma_min <= tol and no exact decision (too large, or exactly full rank but
+      sigma_min inside the rounding bound: injective in the reals, with no inverse to working precision).
+    Returns (status, certificate, null vector or None)."""
+    w64 = w.detach().to(torch.float64)
+    k, d = w64.shape
+    s = torch.linalg.svdvals(w64)
+    smax = float(s.max()) if len(s) else 0.0
+    smin = float(s[-1]) if k >= d and len(s) else 0.0
+    tol = max(k, d) * float(torch.finfo(torch.float64).eps) * smax
+    cert = {"method": "float64 SVD of the stored weight", "sigma_min": smin, "sigma_max": smax,
+            "tolerance": tol, "tolerance_rule": "max(k, d) * eps64 * sigma_max",
+            "margin": (smin / tol) if tol > 0 else 0.0, "numerical_rank": int((s > tol).sum())}
+    if k >= d and smin > tol:
+        cert["rank"] = d
+        return "full", cert, None
+    if d > k:
+        cert["rank"] = int((s > tol).sum())
+        return "deficient", cert, _null_vector(w64)
+    exact = _exact_rank(w64)
+    if exact is not None:
+        cert["exact_rank"] = exact[0]
+        cert["rank"] = exact[0]
+        if exact[0] < d:
+            cert["method"] = "exact rational elimination of the stored weight"
+            return "deficient", cert, exact[1]
+    cert["rank"] = cert["numerical_rank"]
+    return "numerical", cert, None
 
 
 def _linear_verdict(leaf: Leaf, w: torch.Tensor | None, d: int, k: int, rows: int, apply_pinv,
@@ -931,19 +1162,30 @@ def _linear_verdict(leaf: Leaf, w: torch.Tensor | None, d: int, k: int, rows: in
                            "weights)", (d - k) * rows, "per row: d - k")
         return gray("rank", f"a linear map R^{d} -> R^{k} is injective iff its weight has full column "
                     f"rank {d}", f"rank(W) = {d}", "the weights (an SVD)", None)
-    r, cert = _rank_info(w)
-    if r == d:
+    status, cert, null = _rank_info(w)
+    if status == "full":
         cert["columns"] = d
         return injective("full column rank", f"W ({k}x{d}) has rank {d} = its column count "
-                         f"({cert['method']}): W^+ W = I", apply_pinv,
+                         f"({cert['method']}: sigma_min {cert['sigma_min']:.3g} > tolerance "
+                         f"{cert['tolerance']:.3g}): W^+ W = I", apply_pinv,
                          "pseudo-inverse: x = (y - b) W^+^T", rank=cert, surjective=k == d)
+    if status == "numerical":
+        exact = "; exact rank full: injective in the reals" if cert.get("exact_rank") == d else ""
+        v = gray("rank", f"W ({k}x{d}) is numerically rank-deficient: sigma_min {cert['sigma_min']:.3g} "
+                 f"at tolerance {cert['tolerance']:.3g}{exact}", f"rank(W) = {d}",
+                 "exact arithmetic on the weight (too large here), or a better-conditioned weight", None)
+        v.rank = cert
+        return v
+    r = cert["rank"]
 
-    def witness(g, w=w):
+    def witness(g, null=null):
         a = leaf.random(g)
-        return a, shift_input(a, _null_vector(w))
-    return erasing("rank-nullity", f"W ({k}x{d}) has rank {r} < {d}: x and x + v collide for v in its "
-                   "null space", witness, "x and x + v, v a null vector of W", (d - r) * rows,
-                   "per row: d - rank(W)")
+        return a, shift_input(a, null)
+    v = erasing("rank-nullity", f"W ({k}x{d}) has rank {r} < {d} ({cert['method']}): x and x + v collide "
+                "for v in its null space", witness, "x and x + v, v a null vector of W", (d - r) * rows,
+                "per row: d - rank(W)")
+    v.rank = cert
+    return v
 
 
 def _add_to_last(a: tuple, v: torch.Tensor, index: int = 0):
@@ -1019,6 +1261,8 @@ def matmul(leaf: Leaf) -> Verdict:
 
 
 def _bilinear_or_none(leaf: Leaf) -> Verdict:
+    if len(leaf.inputs) == 1 and _float(leaf.x) and len(leaf.hole_args) == 1:  # a batched bound operand
+        return _operator_verdict(leaf)
     if len(leaf.hole_args) == 2 and all(_float(t) for t in leaf.inputs):
         a_t, b_t = leaf.inputs
         lost = None
@@ -1477,20 +1721,45 @@ def reduction(leaf: Leaf) -> Verdict:
 
 
 @rule("aten.max_pool2d", "aten.max_pool1d", "aten.max_pool3d", "aten.max_pool2d_with_indices",
-      "aten.adaptive_max_pool2d")
+      "aten.max_pool1d_with_indices", "aten.max_pool3d_with_indices", "aten.adaptive_max_pool2d",
+      "aten.adaptive_max_pool1d", "aten.adaptive_max_pool3d")
 def max_pool(leaf: Leaf) -> Verdict:
-    if leaf.x is None:
+    """A max pool is injective iff every input element is the only (real, unpadded) element of some
+    window: then that window's output is a copy of it. Otherwise an element e that is in no window, or
+    only in windows holding another element, is erased: make it the strict minimum of its map and lower
+    it further; no window's maximum (nor argmax) moves. Windows are read off by running the pool on
+    distinct codes: a window is a singleton iff its max and its min (the pool of -codes) agree."""
+    if leaf.x is None or not _float(leaf.x):
         return no_rule(leaf.op)
+    n = leaf.x.numel
+    if n > _SELECTION_LIMIT:
+        return gray("max pool", "a max pool is injective iff every element is alone in some window",
+                    "every element is alone in some window", "coding its inputs (too large here)")
+    codes = torch.arange(n, dtype=torch.float64).reshape(leaf.x.shape)
+    top = _out_parts(leaf.call(codes))[0]
+    bottom = -_out_parts(leaf.call(-codes))[0]
+    alone = top == bottom
+    owner = torch.full((n,), -1, dtype=torch.long)
+    where = torch.nonzero(alone).flatten()
+    owner.scatter_reduce_(0, top[where].long(), where, reduce="amin", include_self=False)
+    erased = torch.nonzero(owner < 0).flatten()
+    if len(erased) == 0:
+        def inverse(y, owner=owner, shape=leaf.x.shape):
+            return (_out_parts(y)[0][owner].reshape(shape),)
+        return injective("max pool", "every input element is alone in some window (kernel 1 or "
+                         "non-overlapping singleton windows), whose output copies it", inverse,
+                         "gather each element from its singleton window")
+    e = int(erased[0])
 
-    def witness(g):  # each map's smallest element is no window's maximum: lower it further
-        a = leaf.random(g)[0]
-        flat = a.reshape(a.shape[0] * (a.shape[1] if a.dim() > 3 else 1), -1).clone()
-        idx = flat.argmin(dim=1)
-        b = flat.clone()
-        b[torch.arange(len(idx)), idx] -= 1
-        return (a,), (b.reshape(a.shape),)
-    return erasing("reduction", "a max pool keeps only each window's maximum", witness,
-                   "each map's minimum lowered by 1", None, "data-dependent")
+    def witness(g, e=e):
+        a = leaf.random(g)[0].clone().reshape(-1)
+        a[e] = a.min() - 1  # the strict minimum of everything: no window's maximum
+        b = a.clone()
+        b[e] = a[e] - 1
+        return (a.reshape(leaf.x.shape),), (b.reshape(leaf.x.shape),)
+    return erasing("max pool", f"{len(erased)} of the {n} input elements are alone in no window: such an "
+                   "element, made the strict minimum, is no window's maximum", witness,
+                   f"input element {e} as the strict minimum, then lowered by 1", None, "data-dependent")
 
 
 @rule("aten.adaptive_avg_pool2d", "aten.adaptive_avg_pool1d", "aten.avg_pool2d", "aten.avg_pool1d",
@@ -1613,20 +1882,306 @@ def batch_norm(leaf: Leaf) -> Verdict:
             return _with_statistics(leaf, plain, lambda t: t.movedim(1, -1), lambda t: t.movedim(-1, 1),
                                     "each channel's batch mean and 1/std")
         return plain
+    return _affine_per_channel(leaf, "in eval, batch norm")
+
+
+# ------------------------------------------------------------------------- sorting, selection of k
+
+def _permutation_witness(leaf: Leaf, dim: int):
+    """x and x reversed along ``dim``: a different input (random values are distinct) with the same
+    multiset of values in every slice."""
+    def witness(g):
+        a = leaf.random(g)[0]
+        return (a,), (a.flip(dim),)
+    return witness
+
+
+def _scatter_back(dim: int):
+    """The input from (values, indices) of a sort: x[..., indices[i], ...] = values[i]."""
+    def inverse(y):
+        values, indices = y[0], y[1]
+        return (torch.empty_like(values).scatter_(dim, indices, values),)
+    return inverse
+
+
+@rule("aten.sort")
+def sort(leaf: Leaf) -> Verdict:
+    """(values, indices) of a sort is a bijection onto its image: scattering the values back to the
+    indices recovers x. The values alone erase the order: x and a permutation of it collide."""
+    if leaf.x is None or not leaf.x.shape:
+        return no_rule(leaf.op)
+    dim = leaf.arg("dim", -1) % len(leaf.x.shape)
+    size = leaf.x.shape[dim]
+    v = injective("sort", "values and indices together: x[indices] = values", _scatter_back(dim),
+                  "scatter the values back to their indices")
+    if size >= 2:
+        v.extra["output_only"] = erasing(
+            "sort", "the sorted values alone do not depend on the order: x and a permutation of it "
+            "sort alike", _permutation_witness(leaf, dim), "x and x reversed along the sorted axis",
+            None, "the order (a permutation: discrete)")
+    return v
+
+
+@rule("aten.topk")
+def topk(leaf: Leaf) -> Verdict:
+    """topk with k < n never reads the n - k smallest (largest=False: largest) elements beyond their
+    rank: lowering the smallest changes neither values nor indices. With k = n it is a sort."""
+    if leaf.x is None or not leaf.x.shape or not _float(leaf.x):
+        return no_rule(leaf.op)
+    dim = leaf.arg("dim", -1) % len(leaf.x.shape)
+    k, n, largest = leaf.arg("k"), leaf.x.shape[dim], leaf.arg("largest", True)
+    if k == n:
+        v = injective("sort", f"topk with k = n = {n} returns every element with its index",
+                      _scatter_back(dim), "scatter the values back to their indices")
+        if n >= 2:
+            v.extra["output_only"] = erasing("sort", "the values alone do not depend on the order",
+                                             _permutation_witness(leaf, dim),
+                                             "x and x reversed along the axis", None, "the order")
+        return v
+
+    def witness(g):
+        a = leaf.random(g)[0].clone()
+        # the extreme element away from the kept end, in every slice, pushed further out
+        ext = a.amin(dim, keepdim=True) if largest else a.amax(dim, keepdim=True)
+        step = -1 if largest else 1
+        b = torch.where(a == ext, a + step, a)
+        return (a,), (b,)
+    return erasing("top k", f"topk with k = {k} < {n} keeps only the {k} {'largest' if largest else 'smallest'} "
+                   "of each slice: the others can move away", witness,
+                   f"the {'smallest' if largest else 'largest'} element of each slice moved further out",
+                   None, "data-dependent")
+
+
+# ------------------------------------------------------------------------ instance norm, losses
+
+@rule("aten.instance_norm")
+def instance_norm(leaf: Leaf) -> Verdict:
+    """With the input's statistics, each (example, channel) is normalised on its own: adding a constant
+    to one instance's map changes nothing (K). With running statistics it is a per-channel affine map,
+    injective iff the weight has no zero."""
+    if leaf.hole_args != ["input"] or leaf.x is None:
+        return no_rule(leaf.op)
+    if leaf.arg("use_input_stats", True):
+        n, c = leaf.x.shape[0], leaf.x.shape[1]
+        return erasing("shift invariance", "instance norm subtracts each (example, channel)'s own mean: "
+                       "IN(x + c) = IN(x)", _shift_witness(leaf), "x and x + 1.5", n * c,
+                       "1 per (example, channel)")
+    return _affine_per_channel(leaf, "instance norm with running statistics")
+
+
+def _affine_per_channel(leaf: Leaf, what: str) -> Verdict:
+    """(x - running_mean) / sqrt(running_var + eps) * w + b per channel (dim 1): injective iff no w is
+    zero; a zero weight makes its channel's output the bias (K: move that channel)."""
     w, var, eps = leaf.arg("weight"), leaf.arg("running_var"), leaf.arg("eps", 1e-5)
-    if w is None and leaf.names.get("weight") is not None:
-        return gray("affine", "in eval, batch norm is a per-channel affine map: injective iff its weight "
-                    "has no zero", "the weight has no zero", "the weight's value", 0)
-    if w is not None and not bool((w != 0).all()):
-        return gray("affine", "a zero batch-norm weight erases its channel", "no zero weight",
-                    "(decided: a weight is zero)", None)
+    if (w is None and leaf.names.get("weight") is not None) or var is None:
+        return gray("affine", f"{what} is a per-channel affine map: injective iff its weight has no zero",
+                    "the weight has no zero", "the weight's value", 0)
     shape = (1, -1) + (1,) * (len(leaf.x.shape) - 2)
+    if w is not None and not bool((w != 0).all()):
+        zero = (w == 0).reshape(shape)
+        count = int((w == 0).sum()) * (leaf.x.numel // leaf.x.shape[1])
+
+        def witness(g):
+            a = leaf.random(g)[0]
+            return (a,), (torch.where(zero, a + 1, a),)
+        return erasing("zero weight", f"{what}: a zero weight makes its channel's output the bias, "
+                       "whatever the input", witness, "x and x + 1 on the zero-weight channels", count,
+                       "the elements of the zero-weight channels")
 
     def inverse(y):
         out = y[0] if isinstance(y, tuple) else y
         mean, b = leaf.arg("running_mean"), leaf.arg("bias")
         scale = torch.rsqrt(var.double() + eps) * (w.double() if w is not None else 1)
         x = (out.double() - (b.double().reshape(shape) if b is not None else 0)) / scale.reshape(shape)
-        return ((x + mean.double().reshape(shape)).to(out.dtype),)
-    return injective("affine", "in eval, batch norm is (x - mean) / sqrt(var + eps) * w + b per channel, "
-                     "injective with w nonzero", inverse, "undo the per-channel affine map")
+        return ((x + (mean.double().reshape(shape) if mean is not None else 0)).to(out.dtype),)
+    return injective("affine", f"{what} is (x - mean) / sqrt(var + eps) * w + b per channel, injective "
+                     "with w nonzero", inverse, "undo the per-channel affine map")
+
+
+_REGRESSION = ("aten.mse_loss", "aten.l1_loss", "aten.smooth_l1_loss", "aten.huber_loss")
+
+
+@rule(*_REGRESSION)
+def regression_loss(leaf: Leaf) -> Verdict:
+    """mse, l1, smooth l1 and huber losses are even functions of x - target, elementwise, then reduced:
+    reflecting x through the target (x' = 2t - x) leaves every element's loss, so every reduction,
+    unchanged; with both operands activations, (x + 1, t + 1) keeps x - t."""
+    holes = leaf.hole_args
+    out_n = _numel(leaf.out)
+    lost = _dof(leaf, sum(_numel(t) for t in leaf.inputs) - out_n) if out_n > 1 else None
+    if holes == ["self", "target"]:
+        return _joint_collision(leaf, f"{leaf.packet} depends on x - target only", lambda x, t: (x + 1, t + 1))
+    if len(holes) != 1 or leaf.x is None or not _float(leaf.x):
+        return no_rule(leaf.op)
+    other = leaf.arg("target" if holes == ["self"] else "self")
+    if other is None:
+        return gray("even loss", f"{leaf.packet} is even in x - target: K by reflection through the "
+                    "target", "never (a reflection collides)", "the target's value", None)
+    t = torch.as_tensor(other)
+
+    def witness(g):
+        a = leaf.random(g)[0]
+        b = (2 * t.double() - a.double()).to(a.dtype)
+        if not inputs_differ(a, b):
+            b = a + 1
+        return (a,), (b,)
+    return erasing("even loss", f"{leaf.packet} is even in x - target: x and 2 target - x have the same "
+                   "loss", witness, "x and its reflection 2 target - x", lost if lost is not None else None,
+                   "the Jacobian of a reduction to a scalar has rank <= 1" if out_n == 1 else "")
+
+
+@rule("aten.cross_entropy_loss")
+def cross_entropy(leaf: Leaf) -> Verdict:
+    """cross entropy is a function of log_softmax over the class axis: shift invariant (K)."""
+    if leaf.hole_args[:1] != ["self"] or leaf.x is None or not _float(leaf.x):
+        return no_rule(leaf.op)
+    return erasing("shift invariance", "cross_entropy(x + c) = cross_entropy(x): it reads x through "
+                   "log_softmax over the class axis", _shift_witness(leaf), "x and x + 1.5", None,
+                   "at least 1 per sample")
+
+
+@rule("aten.nll_loss_forward", "aten.nll_loss", "aten.nll_loss2d_forward", "aten.nll_loss_nd",
+      "aten.nll_loss2d")
+def nll_loss(leaf: Leaf) -> Verdict:
+    """nll reads one class of each sample, -x[i, target_i]: with C >= 2 classes the others are unread.
+    Found by moving one element of a class other than sample 0's target."""
+    if leaf.hole_args != ["self"] or leaf.x is None or not _float(leaf.x) or not leaf.bound_known():
+        return no_rule(leaf.op)
+    shape = leaf.x.shape
+    cdim = 0 if len(shape) == 1 else 1
+    if shape[cdim] < 2:
+        return no_rule(leaf.op)
+    target = torch.as_tensor(leaf.arg("target"))
+    first = int(target.reshape(-1)[0]) if target.numel() else 0
+    cls = 1 if first == 0 else 0
+    index = tuple([0] * len(shape))
+    index = index[:cdim] + (cls,) + index[cdim + 1:]
+
+    def witness(g):
+        a = leaf.random(g)[0]
+        b = a.clone()
+        b[index] += 1
+        return (a,), (b,)
+    return erasing("unread class", "nll_loss reads only the target class of each sample", witness,
+                   f"input element {index} (not sample 0's target class) moved", None,
+                   "the classes that are not targets")
+
+
+@rule("aten.binary_cross_entropy_with_logits", "aten.binary_cross_entropy", "aten.kl_div",
+      "aten.soft_margin_loss", "aten.poisson_nll_loss", "aten.multilabel_margin_loss",
+      "aten.hinge_embedding_loss", "aten.margin_ranking_loss", "aten.multi_margin_loss")
+def scalar_loss(leaf: Leaf) -> Verdict:
+    """A loss reduced to one number (reduction mean or sum) of n >= 2 inputs: a continuous map
+    R^n -> R has level sets of dimension n - 1. The witness is found on one: move element j, then
+    solve for element i by bisection to the original value (checked)."""
+    reduction = leaf.arg("reduction", 1)
+    if leaf.x is None or not _float(leaf.x) or reduction == 0 or _numel(leaf.out) != 1:
+        return gray("loss", f"{leaf.packet} without reduction is judged elementwise, which depends on "
+                    "its targets", "the elementwise loss is injective for these targets",
+                    "a rule for the unreduced loss") if leaf.x is not None else no_rule(leaf.op)
+    pair = _level_set_pair(leaf)
+    if pair is None:
+        return gray("loss", f"{leaf.packet} reduces {leaf.x.numel} inputs to one number, but no "
+                    "collision was found on its level set", "never (by dimension), if it is continuous",
+                    "a witness search that succeeds", None)
+    return erasing("reduction to a scalar", f"{leaf.packet} reduces {leaf.x.numel} inputs to one number: "
+                   "its level sets have dimension n - 1", lambda g, pair=pair: pair,
+                   "a point of the level set through a random input (bisection, checked)",
+                   _dof(leaf, leaf.x.numel - 1), "n - 1: the Jacobian of a scalar has rank <= 1")
+
+
+def _level_set_pair(leaf: Leaf):
+    """(a,), (b,) with f(a) == f(b), a != b, for a scalar-valued continuous f of one input: b moves one
+    element by h, then another by the s that brings f back (sign change, then bisection)."""
+    if leaf.x.numel < 2:
+        return None
+    g = torch.Generator().manual_seed(0)
+    a = leaf.random(g, 0.5)[0]
+    flat = a.reshape(-1)
+
+    def f(t):
+        return float(torch.as_tensor(_out_parts(leaf.call(t.reshape(a.shape)))[0].double().sum()))
+    target = f(flat)
+    for j, i in ((0, 1), (1, 0), (0, flat.numel() - 1)):
+        moved = flat.clone()
+        moved[j] += 0.25
+        if f(moved) == target:
+            return (a,), (moved.reshape(a.shape),)
+
+        def gap(s):
+            t = moved.clone()
+            t[i] += s
+            return f(t) - target
+        g0 = gap(0.0)
+        bracket = None
+        for s in (0.125 * 2 ** e * sign for e in range(12) for sign in (1, -1)):
+            if math.isfinite(gap(s)) and (gap(s) > 0) != (g0 > 0):
+                bracket = (0.0, s)
+                break
+        if bracket is None:
+            continue
+        lo, hi = bracket
+        for _ in range(80):
+            mid = (lo + hi) / 2
+            if (gap(mid) > 0) == (g0 > 0):
+                lo = mid
+            else:
+                hi = mid
+        for s in (lo, hi):
+            b = moved.clone()
+            b[i] += s
+            b = b.reshape(a.shape)
+            if inputs_differ(a, b) and outputs_equal(leaf.call(a), leaf.call(b), 1e-6, 1e-9):
+                return (a,), (b,)
+    return None
+
+
+# --------------------------------------------------------------- linear maps with a bound operand
+
+_OPERATOR_LIMIT = 1024  # input elements: the operator is built column by column, then an SVD
+
+
+def _operator_verdict(leaf: Leaf) -> Verdict:
+    """An op linear in its one activation input (bmm, matmul, einsum with a bound operand): its matrix
+    is read off by evaluating it on basis vectors (each entry a single product of stored values: exact),
+    then judged by its rank like a linear layer."""
+    t = leaf.x
+    n = t.numel
+    if n > _OPERATOR_LIMIT or not leaf.bound_known():
+        why = "too large to build here" if n > _OPERATOR_LIMIT else "its bound operand is unknown"
+        return gray("rank", f"{leaf.packet} is linear in its activation: injective iff its operator has "
+                    f"full column rank {n}", f"rank = {n}", f"the operator's SVD ({why})", None)
+    zero = torch.zeros(t.shape, dtype=t.torch_dtype)
+    columns = []
+    for j in range(n):
+        e = zero.clone().reshape(-1)
+        e[j] = 1
+        columns.append(_out_parts(leaf.call(e.reshape(t.shape)))[0].double())
+    op = torch.stack(columns, 1)
+    out_shape = leaf.out.shape
+
+    def inverse(y, op=op):
+        flat = y.double().reshape(-1)
+        return ((torch.linalg.pinv(op) @ flat).reshape(t.shape).to(y.dtype),)
+
+    def shift(a, v):
+        x = a[0]
+        scale = x.abs().max().clamp(min=1)
+        return (x + (v * scale).reshape(t.shape).to(x.dtype),)
+    del out_shape
+    return _linear_verdict(leaf, op, n, op.shape[0], 1, inverse, shift)
+
+
+@rule("aten.einsum")
+def einsum(leaf: Leaf) -> Verdict:
+    """einsum is multilinear in its operands: with one activation operand a linear map (rank), with
+    several a product, unchanged by (2a, b/2)."""
+    if len(leaf.inputs) == 1 and _float(leaf.x):
+        return _operator_verdict(leaf)
+    if len(leaf.inputs) >= 2 and all(_float(t) for t in leaf.inputs):
+        def witness(g):
+            a = leaf.random(g)
+            return a, (a[0] * 2, a[1] / 2, *a[2:])
+        return erasing("bilinear", "einsum is multilinear: (a, b) and (2a, b/2) give the same product",
+                       witness, "(a, b) and (2a, b/2)", None, "not derived")
+    return no_rule(leaf.op)

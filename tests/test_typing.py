@@ -521,7 +521,10 @@ UNARY = [
     ("elu-alpha-0.3", nn.ELU(0.3), S, 3.0),
     ("leaky-relu", nn.LeakyReLU(0.1), S, 3.0),
     ("leaky-relu-negative-slope", nn.LeakyReLU(-0.5), K, 3.0),
-    ("softplus", nn.Softplus(), S, 3.0),
+    # torch's softplus switches to x above threshold/beta, and log1p(e^t) > t: the branches overlap
+    # (at the default threshold 20 on (20, 20 + 2e-9]): K, with a float64 witness
+    ("softplus", nn.Softplus(), K, 3.0),
+    ("softplus-no-threshold", nn.Softplus(threshold=math.inf), S, 3.0),
     ("exp", torch.exp, S, 3.0),
     ("neg", torch.neg, S, 3.0),
     ("x+3", lambda x: x + 3, S, 3.0),
@@ -695,10 +698,17 @@ def test_llama_rmsnorm_without_eps_is_k():
 def _linear(d, k, rank=None, bias=True):
     torch.manual_seed(0)
     lin = nn.Linear(d, k, bias=bias)
-    if rank is not None:
+    if rank is not None:  # an exact dependence: small integer factors multiply exactly in float32
         with torch.no_grad():
-            lin.weight.copy_(torch.randn(k, rank) @ torch.randn(rank, d))
+            lin.weight.copy_(_int_product(k, rank, d))
     return lin
+
+
+def _int_product(k, rank, d):
+    """A k x d matrix of exact rank <= ``rank`` (a product of small-integer factors, exact in float32;
+    a product of float32 Gaussians is only rank-deficient up to rounding, and full rank as stored)."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(-3, 4, (k, rank), generator=g) @ torch.randint(-3, 4, (rank, d), generator=g)).float()
 
 
 @pytest.mark.parametrize("d,k,rank,want", [
@@ -741,7 +751,7 @@ def test_right_matmul_against_a_weight(rank):
     class M(nn.Module):
         def __init__(self):
             super().__init__()
-            w = torch.randn(5, 5) if rank is None else torch.randn(5, rank) @ torch.randn(rank, 5)
+            w = torch.randn(5, 5) if rank is None else _int_product(5, rank, 5)
             self.w = nn.Parameter(w)
 
         def forward(self, x):
@@ -987,8 +997,7 @@ def _lin(d, k, rank=None):
     lin = nn.Linear(d, k).double()
     if rank is not None:
         with torch.no_grad():
-            lin.weight.copy_(torch.randn(k, rank, dtype=torch.float64) @ torch.randn(rank, d,
-                                                                                   dtype=torch.float64))
+            lin.weight.copy_(_int_product(k, rank, d).double())
     return lin
 
 
