@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 
 import torch
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer_NonRecursive, v_args
 from lark.exceptions import (
     UnexpectedCharacters,
     UnexpectedEOF,
@@ -43,6 +43,14 @@ from bwskc.ir import (
 )
 
 FORMAT_VERSION = 1
+# Bounds on untrusted text, each refused with its position. Deeper nesting than any lowering produces
+# (Mamba's unrolled scan: hundreds) would only exhaust the recursive stages (typing, printing, equality).
+MAX_NESTING = 10_000
+MAX_INT_BITS = 64  # ATen's integers are 64-bit (uint64 fill values included)
+# A declared tensor of more bytes than this is refused: no model has one (a 7B model's logits at
+# batch 8, sequence 8192 and vocabulary 256k are 64 GiB), and the bound keeps every later stage's
+# allocation bounded by what the text says.
+MAX_TENSOR_BYTES = 2**40
 _WIDTH = 100
 _MAX_INDENT = 40  # deeper nesting is printed at this indent, so text stays linear in the term's size
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.@]*$")
@@ -210,15 +218,49 @@ def _unquote(tok: Token) -> str:
     return s[1:-1] if s.startswith("`") else s
 
 
+def _int(tok: Token, what: str = "integer") -> int:
+    """An INT token as an int, refusing more than MAX_INT_BITS (and so never parsing a huge string)."""
+    text = str(tok).lstrip("-%")
+    if len(text) > 20 or int(text) >= 2**MAX_INT_BITS:
+        raise _Semantic(f"{what} {_clip(str(tok))} is out of range (at most {MAX_INT_BITS} bits)", tok)
+    return -int(text) if str(tok).startswith("-") else int(text)
+
+
+def _clip(text: str, width: int = 24) -> str:
+    return text if len(text) <= width else text[:width] + "..."
+
+
+def _json_string(tok: Token) -> str:
+    try:
+        return json.loads(str(tok))
+    except ValueError as exc:  # an escape JSON does not know, such as \q
+        reason = getattr(exc, "msg", None) or str(exc)
+        raise _Semantic(f"bad string literal {_clip(str(tok))}: {reason}", tok) from None
+
+
+def _tensor_dims(dims) -> tuple[int, ...]:
+    shape = []
+    for d in dims:
+        n = _int(d, "dimension")
+        if n < 0:
+            raise _Semantic(f"negative dimension {n}", d)
+        shape.append(n)
+    return tuple(shape)
+
+
 @v_args(inline=True)
-class _ToIR(Transformer):
-    """Parse tree -> IR, applied while parsing (LALR), so deep terms need no recursion here."""
+class _ToIR(Transformer_NonRecursive):
+    """Parse tree -> IR, bottom-up without recursion (terms nest as deep as MAX_NESTING)."""
 
     # types
     def tensor_type(self, dtype, *dims):
         if str(dtype) not in DTYPE_BY_NAME:
             raise _Semantic(f"unknown dtype {str(dtype)!r}", dtype)
-        return TensorType(str(dtype), tuple(int(d) for d in dims if d is not None))
+        t = TensorType(str(dtype), _tensor_dims(d for d in dims if d is not None))
+        if t.numel * t.torch_dtype.itemsize > MAX_TENSOR_BYTES:
+            raise _Semantic(f"tensor type {_clip(str(t), 60)} is too large "
+                            f"(more than {MAX_TENSOR_BYTES} bytes)", dtype)
+        return t
 
     def tuple_type(self, *items):
         return TupleType(tuple(i for i in items if i is not None))
@@ -230,7 +272,7 @@ class _ToIR(Transformer):
 
     # literals
     def int(self, tok):
-        return int(tok)
+        return _int(tok)
 
     def float(self, tok):
         return float(tok)
@@ -245,7 +287,7 @@ class _ToIR(Transformer):
         return math.nan
 
     def string(self, tok):
-        return json.loads(str(tok))
+        return _json_string(tok)
 
     def true(self):
         return True
@@ -266,12 +308,12 @@ class _ToIR(Transformer):
         if _unquote(name) != "torch.device":
             raise _Semantic(f"unknown literal {_unquote(name)}(...): expected torch.device(...)", name)
         try:
-            return torch.device(json.loads(str(tok)))
-        except RuntimeError:
-            raise _Semantic(f"bad device {tok!s}", tok) from None
+            return torch.device(_json_string(tok))
+        except (RuntimeError, ValueError, TypeError):
+            raise _Semantic(f"bad device {_clip(str(tok))}", tok) from None
 
     def const_arg(self, tok):
-        return ConstRef(int(str(tok)[1:]))
+        return ConstRef(_int(tok, "constant"))
 
     def name_arg(self, tok):
         name = _unquote(tok)
@@ -293,6 +335,8 @@ class _ToIR(Transformer):
             if a is None:
                 continue
             if isinstance(a, _Kwarg):
+                if any(k == a.key for k, _ in kw):
+                    raise _Semantic(f"keyword argument {a.key!r} given twice", meta)
                 kw.append((a.key, _lit(a.value)))
             elif kw:
                 raise _Semantic("positional argument after a keyword argument", meta)
@@ -317,11 +361,11 @@ class _ToIR(Transformer):
 
     @v_args(meta=True, inline=True)
     def const_term(self, meta, tok):
-        return Const(int(str(tok)[1:]), pos=_pos(meta))
+        return Const(_int(tok, "constant"), pos=_pos(meta))
 
     # declarations
     def header(self, version, name):
-        if int(version) != FORMAT_VERSION:
+        if _int(version, "format version") != FORMAT_VERSION:
             raise _Semantic(f"unsupported format version {version} (this bwskc reads {FORMAT_VERSION})",
                             version)
         return ("header", _unquote(name))
@@ -335,7 +379,7 @@ class _ToIR(Transformer):
         return ("tensor", _unquote(name), TensorDecl(str(kind), typ), name)
 
     def const_def(self, tok, prim):
-        return ("const", int(str(tok)[1:]), prim, tok)
+        return ("const", _int(tok, "constant"), prim, tok)
 
     @v_args(meta=True, inline=True)
     def def_(self, meta, name, inputs, output, body):
@@ -413,7 +457,7 @@ def _assemble(items) -> Program:
             defs[d.name] = d
         else:
             if entry is not None:
-                raise _Semantic("a second entry", item[3])
+                raise _Semantic("a second entry", item[2])
             entry = item
     if entry is None:
         raise _Semantic("no entry: a program needs `entry (...) -> (...) = term`", None)
@@ -425,12 +469,30 @@ def parse_program(text: str, filename: str = "<string>") -> Program:
     return run_deep(_parse_program, text, filename)
 
 
+def parse_syntax(text: str, filename: str = "<string>") -> Program:
+    """Parse IR text without verifying it (names, types and ops unchecked): for tests of the text
+    form itself. What it returns may be ill-formed; ``parse_program`` is the safe entry point."""
+    return run_deep(_parse_syntax, text, filename)
+
+
 def _parse_program(text: str, filename: str) -> Program:
     from bwskc.verify import verify_program
+    program = _parse_syntax(text, filename)
+    verify_program(program, filename=filename)
+    return program
+
+
+def _parse_syntax(text: str, filename: str) -> Program:
     if not text.strip():
         raise IRSyntaxError("empty file: expected `bwsk 1 program NAME`", file=filename, line=1,
                             column=1, source_line="")
-    lines = text.splitlines()
+    # Lark counts lines by \n only (splitlines would also split at \f, \x1c or \u2028)
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    too_deep = _nesting_beyond(text, MAX_NESTING)
+    if too_deep is not None:
+        line, column = too_deep
+        raise _syntax_error(f"nesting deeper than {MAX_NESTING} levels", line, column, lines,
+                            filename)
     try:
         program = _ToIR().transform(_parser().parse(text))
     except _Semantic as exc:
@@ -442,8 +504,27 @@ def _parse_program(text: str, filename: str) -> Program:
         if isinstance(inner, _Semantic):
             raise _syntax_error(inner.message, inner.line, inner.column, lines, filename) from None
         raise
-    verify_program(program, filename=filename, lines=lines)
     return program
+
+
+# brackets outside strings, quoted names and comments (an unterminated string is left to the parser)
+_BRACKETS = re.compile(r'"(?:[^"\\\n]|\\.)*"|`[^`\n]*`|#[^\n]*|[(\[]|[)\]]')
+
+
+def _nesting_beyond(text: str, limit: int):
+    """(line, column) of the first bracket nested deeper than ``limit``, or None."""
+    depth = 0
+    for m in _BRACKETS.finditer(text):
+        c = m.group()
+        if c in "([":
+            depth += 1
+            if depth > limit:
+                start = m.start()
+                line = text.count("\n", 0, start) + 1
+                return line, start - (text.rfind("\n", 0, start) + 1) + 1
+        elif c in ")]":
+            depth = max(depth - 1, 0)
+    return None
 
 
 def _syntax_error(message, line, column, lines, filename) -> IRSyntaxError:

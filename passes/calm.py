@@ -380,12 +380,10 @@ def slot_positions(prim: Prim) -> list:
 
 @cache
 def _overload(op: str):
-    parts = op.split(".")
-    if len(parts) != 3:
-        return None
+    from bwskc.ops import UnknownOp, lookup_overload  # the one safe resolver (names may be untrusted)
     try:
-        return getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
-    except (AttributeError, RuntimeError):
+        return lookup_overload(op)
+    except UnknownOp:
         return None
 
 

@@ -41,13 +41,9 @@ def resolve_op(name: str) -> Callable:
         # The IR is functional: a view's meaning is its values, not its strides. torch.export's fake
         # strides can disagree with a CPU kernel's (T5's attention output), so run views as reshape.
         return torch.ops.aten.reshape.default
-    parts = name.split(".")
-    if len(parts) != 3:
-        raise BwskError(f"unknown op {name!r}: expected namespace.op.overload")
-    try:
-        return getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
-    except (AttributeError, RuntimeError):
-        raise BwskError(f"unknown op {name!r}") from None
+    # never getattr from torch.ops on an untrusted name: the registry-checked allow-list does it
+    from bwskc.ops import lookup_overload
+    return lookup_overload(name)
 
 
 def sub_prim(add: Prim) -> Prim:
