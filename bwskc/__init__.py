@@ -66,7 +66,10 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     (residual chains rewritten into coupling chains that store only their final streams; see
     ``passes/reversible.py``). ``store_activations=True`` runs the reversible architecture with plain
     autograd: the reference its gradients are tested against. Dropout masks are counter-based, keyed on
-    ``seed`` and a step counter (``module.reseed(seed)`` restarts them); ``module.eval()`` turns them off.
+    ``seed`` and a step counter (``module.reseed(seed)`` restarts them), as is every other random op. A
+    model is captured twice, in training and in evaluation mode: ``module.eval()`` runs the evaluation
+    capture (no drop path, running batch-norm statistics), over the same parameters; a ``Program``
+    given alone has one capture, and ``eval()`` only turns its dropout off.
     In reversible mode the layers the rewrite left (post-norm BERT and post-activation ResNet blocks,
     stride-2 stages) are checkpointed unless ``checkpoint_rest=False``: their inputs are stored, their
     interiors recomputed. A ``Program`` (with weights bound) may be given instead of a model.
@@ -74,10 +77,11 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     from bwskc.runtime.compiled import compile_program
     if mode not in MODES:
         raise BwskError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+    eval_program = None  # a Program alone has one capture: eval() then only switches dropout off
     if isinstance(model_or_program, Program):
         program = model_or_program
     else:
-        program = lower(model_or_program, example_args, example_kwargs, train=True)
+        program, eval_program = _lower_both_modes(model_or_program, example_args, example_kwargs)
     if mode == "analyzed":
         program = run_passes(program, ["typing", "calm"])
     elif mode == "reversible" and not any(
@@ -92,10 +96,23 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     program = program.with_weights({k: v.detach().clone() for k, v in program.weights.items()})
     reversible = mode == "reversible" and not store_activations
     module = compile_program(program, reversible=reversible, seed=seed,
-                             checkpoint=reversible and checkpoint_rest)
+                             checkpoint=reversible and checkpoint_rest, eval_program=eval_program)
     module.program, module.mode = program, mode
     module.analyses = dict(program.analyses)
     return module
+
+
+def _lower_both_modes(model, example_args, example_kwargs):
+    """The model captured in training mode and in evaluation mode (``module.train()``/``eval()`` switch
+    between them); the model's own train/eval flags are left as they were."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        train = lower(model, example_args, example_kwargs, train=True)
+        evaluation = lower(model, example_args, example_kwargs, train=False)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    return train, evaluation
 
 
 def load_trained(path, *, device: str = "cpu", batch_size: int | None = None, seq_len: int | None = None):

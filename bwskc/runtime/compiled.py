@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from bwskc._deep import run_deep
+from bwskc.errors import BwskError
 from bwskc.ir import Comb, Const, Prim, Program, Ref, rev_shared, subterms
 from bwskc.runtime import random_ops, rng
 from bwskc.runtime.codegen import _FxBackend, _module_tree, _placeholder_name
@@ -253,10 +254,16 @@ class CompiledModule(fx.GraphModule):
     (reversible mode), ``program`` the IR it runs, ``mode`` how it was compiled."""
 
     def train(self, mode: bool = True):
+        """Training or evaluation. A module compiled from a model holds two captured programs, the
+        model exported in training mode and in evaluation mode (drop path, Bernoulli dropout and batch
+        statistics differ between them), over the same parameters: this switches the graph that runs."""
         super().train(mode)
         state = getattr(self, RNG_BUFFER, None)
         if state is not None:
             state[2] = int(mode)
+        graphs = self.__dict__.get("_graphs")
+        if graphs is not None and self.graph is not graphs[bool(mode)]:
+            self.graph = graphs[bool(mode)]  # the setter regenerates forward
         return self
 
     def reseed(self, seed: int, step: int = 0, shard: int = 0):
@@ -267,10 +274,7 @@ class CompiledModule(fx.GraphModule):
         state[0], state[1], state[3] = seed, step, shard
 
 
-def compile_program(program: Program, *, reversible: bool, seed: int = 0,
-                    checkpoint: bool = False) -> CompiledModule:
-    chains: list = []
-
+def _program_graph(program: Program, *, reversible: bool, checkpoint: bool, chains: list) -> fx.Graph:
     def build():
         graph = fx.Graph()
         placeholders = [graph.placeholder(_placeholder_name(n, i))
@@ -281,10 +285,58 @@ def compile_program(program: Program, *, reversible: bool, seed: int = 0,
         out = Denoter(program, backend).run_entry(placeholders)
         graph.output(out)
         return graph
-    graph = run_deep(build)
+    return run_deep(build)
+
+
+def compile_program(program: Program, *, reversible: bool, seed: int = 0, checkpoint: bool = False,
+                    eval_program: Program | None = None) -> CompiledModule:
+    """``program`` as a trainable module; with ``eval_program`` (the same model captured in evaluation
+    mode), ``module.eval()`` runs that one, over the same parameters and buffers."""
+    chains: list = []
+    graph = _program_graph(program, reversible=reversible, checkpoint=checkpoint, chains=chains)
     root = _module_tree(program)
     root.register_buffer(RNG_BUFFER, torch.tensor([seed, 0, 1, 0], dtype=torch.int64), persistent=False)
     gm = CompiledModule(root, graph, class_name=program.name.replace("-", "_").replace(".", "_") or "Model")
     gm.register_buffer(RNG_BUFFER, getattr(gm, RNG_BUFFER), persistent=False)  # fx copied it as persistent
     gm.chains = [c for c in chains if c is not None]
+    if eval_program is not None:
+        _check_same_signature(program, eval_program)
+        _add_missing_tensors(gm, program, eval_program)
+        eval_graph = _program_graph(eval_program, reversible=False, checkpoint=False, chains=[])
+        eval_graph.owning_module = gm
+        gm.__dict__["_graphs"] = {True: graph, False: eval_graph}
+        # the IR it runs, without the weights it was lowered with (the module's own are the ones used)
+        gm.eval_program = Program(eval_program.name, eval_program.tensors, eval_program.consts,
+                                  eval_program.defs, eval_program.entry)
     return gm
+
+
+def _check_same_signature(train: Program, eval_: Program) -> None:
+    a, b = train.entry, eval_.entry
+    if (a.input_names, a.inputs) != (b.input_names, b.inputs):
+        raise BwskError("the model's training and evaluation captures take different inputs: "
+                        f"{list(a.input_names)} versus {list(b.input_names)}")
+    for name in set(train.tensors) & set(eval_.tensors):
+        if train.tensors[name].type != eval_.tensors[name].type:
+            raise BwskError(f"{name} is {train.tensors[name].type} in training but "
+                            f"{eval_.tensors[name].type} in evaluation")
+
+
+def _add_missing_tensors(gm: fx.GraphModule, program: Program, eval_program: Program) -> None:
+    """Tensors only the evaluation capture reads become attributes too (shared ones already are)."""
+    for name, decl in eval_program.tensors.items():
+        if name in program.tensors:
+            continue
+        *path, leaf = name.split(".")
+        mod = gm
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, torch.nn.Module())
+            mod = getattr(mod, part)
+        value = eval_program.weights.get(name)
+        value = torch.empty(decl.type.shape, dtype=decl.type.torch_dtype, device="meta") \
+            if value is None else value.detach().clone()
+        if decl.kind == "param":
+            mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
+        else:
+            mod.register_buffer(leaf, value, persistent=decl.kind == "buffer")

@@ -118,6 +118,11 @@ class Denoter:
                         x = f(x)
                     return x
                 return composed
+            if t.kind == "K" and len(t.args) == 1 and isinstance(t.args[0], Prim) and t.args[0].arity == 0:
+                # ``K(draw)``: a random draw with no activation operand (``torch.rand(shape)``), made
+                # when the term is applied, so it runs where its region runs (inside a branch scope)
+                draw = t.args[0]
+                return lambda x: self.call_prim(draw, [])
             v = _COMB[t.kind]
             for a in t.args:
                 v = v(self.term(a))
