@@ -328,6 +328,8 @@ def _encode_pair(leaf, a, b, seed: int) -> dict:
     from bwskc.check_evidence import EvidenceError, encode_tensor, random_inputs
     holes = encode_types(leaf.inputs)
     fa, fb = _flat_tensors(a), _flat_tensors(b)
+    if any(t.is_complex() for t in fa + fb):
+        return {"a": {"not_recorded": "complex inputs are not written"}, "b": []}
     total = sum(t.numel() for t in fa)
     a_rec = None
     if total <= EMBED_VALUES:
@@ -347,22 +349,30 @@ def _encode_pair(leaf, a, b, seed: int) -> dict:
 
 def _encode_b(a: torch.Tensor, b: torch.Tensor, small: bool) -> dict:
     from bwskc.check_evidence import _rebuild_b, encode_tensor
-    candidates = []
-    if small:
-        candidates.append({"values": encode_tensor(b)})
     if _identical(a, b):
         return {"same": True}
+    if small:  # written out in full (exact: encode_tensor's numbers are the stored values)
+        return {"values": encode_tensor(b)}
+    candidates = []
     if a.shape == b.shape and a.dtype == b.dtype:
         candidates += _sparse(a, b) + _shift(a, b) + _scale(a, b)
     if b.numel() <= EMBED_LIMIT:
         candidates.append({"values": encode_tensor(b)})
-    for rec in candidates:
+    for rec in sorted(candidates, key=_record_size):  # the most compact one that rebuilds b exactly
         try:
             if _identical(_rebuild_b(a, rec), b):
                 return rec
         except Exception:  # a candidate that does not rebuild is not used
             continue
     return {"not_recorded": f"{b.numel()} elements, no compact construction found"}
+
+
+def _record_size(rec: dict) -> int:
+    if "sparse" in rec:
+        return 2 * len(rec["sparse"]["index"])
+    if "scale" in rec:
+        return 1
+    return len((rec.get("shift") or rec.get("values"))["values"])
 
 
 def _sparse(a, b) -> list[dict]:
