@@ -28,6 +28,7 @@ from torch.fx import Node
 
 from bwskc import abstraction as ab
 from bwskc._deep import run_deep
+from bwskc.rewrites import differentiable
 from bwskc.errors import BwskError
 from bwskc.runtime.random_ops import is_random_target
 from bwskc.ir import (
@@ -67,6 +68,7 @@ def lower_exported(ep: ExportedProgram, name: str | None = None, *, decompose: b
     """Lower an ExportedProgram to a Program bound to the program's weights."""
     if decompose:
         ep = ep.run_decompositions({})
+    ep = differentiable(ep, owned=decompose)
     return run_deep(lambda: _Lowerer(ep, name).run())
 
 
