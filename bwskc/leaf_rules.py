@@ -48,7 +48,10 @@ def type_leaf(leaf: Leaf) -> Verdict:
     fn = RULES.get(leaf.op) or RULES.get(leaf.packet)
     if fn is None:
         return no_rule(leaf.op)
-    return fn(leaf)
+    v = fn(leaf)
+    if v.type in ("S", "K"):  # a claim about the real-valued map unless the rule says floating point
+        v.extra.setdefault("domain", "reals")
+    return v
 
 
 def _numel(t) -> int:
@@ -421,7 +424,7 @@ def softplus(leaf: Leaf) -> Verdict:
         return injective("strictly monotone", "softplus with an infinite threshold is "
                          "log(1 + exp(beta x)) / beta, strictly increasing", inverse, "log(expm1(b*y))/b")
     top = math.log1p(math.exp(t)) if t < 700 else t
-    a = (t + top) / 2 / beta  # on the linear branch, inside the smooth branch's range
+    a = (max(t, 0.0) + top) / 2 / beta  # on the linear branch, inside the smooth branch's (0, top]
     b = math.log(math.expm1(beta * a)) / beta  # its preimage on the smooth branch (< t / beta)
     return _pair_verdict(leaf, "branch overlap", f"softplus with a finite threshold {t:g}: the linear "
                          f"branch x > {t / beta:.6g} repeats the smooth branch's values up to "
@@ -785,11 +788,17 @@ def _absorption(leaf: Leaf) -> Verdict | None:
         b = a.clone()
         a[idx], b[idx] = lo, hi
         return (a.reshape(leaf.x.shape),), (b.reshape(leaf.x.shape),)
-    return erasing("absorption", f"in {leaf.out.dtype}, {leaf.packet} by the bound operand maps every "
+    return _in_float(erasing("absorption", f"in {leaf.out.dtype}, {leaf.packet} by the bound operand maps every "
                    f"input in [{lo:g}, {hi:g}] to one value at {count} of the {leaf.x.numel} input elements "
                    "(rounding absorbs the activation: x + c == c for |c| >= 2**24 |x|, or it overflows)",
                    witness, f"input element {idx} at {lo:g} and at {hi:g}", count,
-                   "the absorbed elements: the computed map is constant around them")
+                   "the absorbed elements: the computed map is constant around them"))
+
+
+def _in_float(v: Verdict) -> Verdict:
+    """Label a verdict as a claim about the floating-point map only (absorption, conversions)."""
+    v.extra["domain"] = "float"
+    return v
 
 
 def _zero_factor(leaf: Leaf, c) -> Verdict:
@@ -890,10 +899,16 @@ def predicate(leaf: Leaf) -> Verdict:
             return a, tuple(x + 3 for x in a)
         text = "(x, y) and (x + 3, y + 3)"
     else:
-        def witness(g):  # two finite inputs far beyond any literal threshold
-            x = _integral(leaf.inputs[0], g).abs() + 1000
+        other = leaf.arg("other")
+        far = 1000.0 + (float(torch.as_tensor(other).double().abs().max()) * 2
+                        if isinstance(other, (int, float, torch.Tensor)) and torch.as_tensor(other).numel()
+                        and bool(torch.isfinite(torch.as_tensor(other)).all()) else 0.0)
+
+        def witness(g, far=far):  # two finite inputs beyond the threshold, on the same side of it
+            x = _integral(leaf.inputs[0], g)
+            x = (x.abs() + math.ceil(far)).to(x.dtype)
             return (x,), (x * 2,)
-        text = "x and 2x, far from the threshold"
+        text = "x and 2x, beyond the threshold"
     return erasing("predicate", f"{leaf.packet} is boolean-valued: it keeps one bit of each element",
                    witness, text, None, "a step function: its Jacobian is 0 almost everywhere")
 
@@ -2169,7 +2184,10 @@ def _operator_verdict(leaf: Leaf) -> Verdict:
         scale = x.abs().max().clamp(min=1)
         return (x + (v * scale).reshape(t.shape).to(x.dtype),)
     del out_shape
-    return _linear_verdict(leaf, op, n, op.shape[0], 1, inverse, shift)
+    v = _linear_verdict(leaf, op, n, op.shape[0], 1, inverse, shift)
+    if v.rank is not None:
+        v.rank["operator"] = "the matrix of the map on the whole input, from basis vectors"
+    return v
 
 
 @rule("aten.einsum")
