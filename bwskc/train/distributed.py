@@ -104,7 +104,7 @@ def launch(config_path: str, nproc: int, name: str, timeout_s: float) -> None:
             raise
         if failure is not None:
             _stop(workers, signal.SIGTERM)
-            raise _error(failure, nproc)
+            raise _error(failure, nproc, name)
 
 
 def _start(config_path: str, rank: int, nproc: int, port: int, tmp: Path) -> _Worker:
@@ -237,10 +237,12 @@ def _error_text(w: _Worker) -> str:
     return text[len("bwskc: "):] if text.startswith("bwskc: ") else text
 
 
-def _error(failure: _Failure, nproc: int) -> BwskError:
+def _error(failure: _Failure, nproc: int, name: str) -> BwskError:
     message = failure.message
     if nproc > 1:
-        message += "; the other ranks were stopped"
+        message = f"{name}: {message}; the other ranks were stopped"
+    elif failure.worker.code is None or failure.worker.code < 0:
+        message = f"{name}: {message}"
     exc = BwskError(message)
     exc.exit_code = failure.exit_code
     return exc
