@@ -57,7 +57,8 @@ def run_passes(program: Program, passes, *, axes: str | None = None, print_after
 
 
 def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str = "conventional",
-            store_activations: bool = False, seed: int = 0, checkpoint_rest: bool = True):
+            store_activations: bool = False, seed: int = 0, checkpoint_rest: bool = True,
+            check: bool = False):
     """A trainable ``nn.Module`` running the model's lowered program (parameters keep their state-dict
     names; the weights are copied, so the model itself is left alone).
 
@@ -73,6 +74,11 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     In reversible mode the layers the rewrite left (post-norm BERT and post-activation ResNet blocks,
     stride-2 stages) are checkpointed unless ``checkpoint_rest=False``: their inputs are stored, their
     interiors recomputed. A ``Program`` (with weights bound) may be given instead of a model.
+
+    ``check=True`` (reversible mode) compares the reversible gradients with the plain-autograd reference
+    on the example inputs in float64, dropout on, before returning; ``module.check_report`` has the
+    relative error per chain, and a chain above the tolerance raises ``BwskError`` naming it
+    (``bwskc.runtime.check``).
     """
     from bwskc.runtime.compiled import compile_program
     if mode not in MODES:
@@ -98,8 +104,25 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     module = compile_program(program, reversible=reversible, seed=seed,
                              checkpoint=reversible and checkpoint_rest, eval_program=eval_program)
     module.program, module.mode = program, mode
+    if check:
+        if mode != "reversible" or store_activations:
+            raise BwskError("check=True checks the reversible gradients: use it with mode='reversible'")
+        from bwskc.runtime.check import check_reversible
+        given = example_args not in ((), None) or bool(example_kwargs)
+        inputs = _entry_inputs(program, example_args, example_kwargs) if given else None
+        module.check_report = check_reversible(program, inputs, seed=seed)
     module.analyses = dict(program.analyses)
     return module
+
+
+def _entry_inputs(program: Program, args, kwargs) -> list | None:
+    """The example inputs in the entry's order (positional, then keyword by name), or None (made up)."""
+    args = args if isinstance(args, tuple) else (args,)
+    values = dict(zip(program.entry.input_names, args))
+    values.update({k: v for k, v in (kwargs or {}).items() if isinstance(v, torch.Tensor)})
+    if set(values) != set(program.entry.input_names):
+        return None
+    return [values[n] for n in program.entry.input_names]
 
 
 def _lower_both_modes(model, example_args, example_kwargs):

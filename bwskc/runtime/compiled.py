@@ -106,6 +106,7 @@ class _TrainBackend(_FxBackend):
             branches.append(gm)
             index.append(tuple(mine))
         spec = ChainSpec(branches, index, k)
+        spec.tensor_names = [key[1] for key in keys if key[0] == "tensor"]  # what the chain's branches read
         self.chains[chain_id] = spec
         pair = self.graph.call_function(_ChainCall(spec), (self.seed, x, *shared, *inputs))
         a = self.graph.call_function(_getitem, (pair, 0))
