@@ -1645,9 +1645,12 @@ def rms_verdict(x_type: TensorType, d: int, eps: float, weight, leaf=None) -> Ve
         s = (yd * yd).sum(-1, keepdim=True)
         u = eps / (1 - s / d)
         return ((yd * torch.sqrt(u)).to(y.dtype),)
+    # the inverse divides by 1 - |y|^2/d = eps / (mean(x^2) + eps): well conditioned for |x| ~ sqrt(eps),
+    # where its round trip is sampled (at |x| >> sqrt(eps) the map is injective but flat in |x|)
     return injective("RMSNorm, eps > 0", "y = x / sqrt(|x|^2/d + eps) keeps x's direction, and |y| is "
                      "strictly increasing in |x| when eps > 0: |x|^2/d + eps = eps / (1 - |y|^2/d)",
-                     inverse, "x = y sqrt(eps / (1 - |y|^2/d))")
+                     inverse, "x = y sqrt(eps / (1 - |y|^2/d))",
+                     sample=lambda g: (random_value(x_type, g, math.sqrt(eps)),))
 
 
 @rule("aten._softmax", "aten.softmax", "aten._log_softmax", "aten.log_softmax")
