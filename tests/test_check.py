@@ -67,3 +67,14 @@ def test_promotion_to_float64_keeps_the_program_meaning():
     p64 = check_mod.promote_to_float64(program)
     bwskc.verify(p64)
     torch.testing.assert_close(p64(x.double()).float(), program(x), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_check_gradients_prints_each_chain(capsys):
+    from pathlib import Path
+
+    from bwskc.cli import main
+    config = Path(__file__).resolve().parents[1] / "examples" / "gpt2-tiny" / "config.json"
+    assert main(["check-gradients", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "chain 0: 4 blocks" in out and "ok: every gradient within 1e-08" in out
+    assert main(["check-gradients", "/nonexistent/config.json"]) == 2
