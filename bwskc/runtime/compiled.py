@@ -71,6 +71,13 @@ class _TrainBackend(_FxBackend):
             start = self.sites[self.where]
             gm, needed, used = _branch_module(denoter.program, Ref(d.name), n - 1, self.where, frozenset(),
                                               site_start=start)
+            if not checkpoint_pays(gm, d, [denoter.program.tensors[key[1]].type for key in needed]):
+                # storing the layer's inputs would cost more than its interior saves: run it as
+                # conventional does (its draws keep their sites, which the interior now numbers)
+                f = value
+                for v in got:
+                    f = f(v)
+                return f
             self.sites[self.where] = start + used
             tensors = [self.tensor(key[1]) for key in needed]
             return self.graph.call_function(_CheckpointCall(gm, n), (self.seed, *got, *tensors))
@@ -113,6 +120,37 @@ class _TrainBackend(_FxBackend):
         b = self.graph.call_function(_getitem, (pair, 1))
         add, sub = resolve_op("aten.add.Tensor"), resolve_op(sub_prim(t.args[0]).op)
         return self.graph.call_function(add, (a, self.graph.call_function(sub, (b, x))))
+
+
+def checkpoint_pays(gm: fx.GraphModule, d, tensor_types: list) -> bool:
+    """Whether checkpointing a layer saves memory: the bytes its interior saves for backward (counted on
+    the meta device, one storage once, parameters excluded) exceed the bytes of its activation inputs,
+    which a checkpoint stores instead. Counted per layer, ignoring that a neighbour may save the same
+    input anyway, so it errs towards storing, never above conventional. A layer the meta device cannot
+    run is checkpointed, as before the count existed."""
+    def meta(t, grad):
+        x = torch.empty(t.shape, dtype=t.torch_dtype, device="meta")
+        return x.requires_grad_() if grad and x.is_floating_point() else x
+    try:
+        inputs = [meta(t, True) for t in d.inputs]
+        tensors = [meta(t, True) for t in tensor_types]
+    except (AttributeError, TypeError):
+        return True  # tuple-typed inputs and the like: not counted
+    skip = {t.untyped_storage()._cdata for t in tensors}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st._cdata not in skip:
+            saved[st._cdata] = st.nbytes()
+        return t
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            gm(*inputs, (0, 0), *tensors)
+    except Exception:  # an op without a meta kernel: keep the checkpoint
+        return True
+    stored = sum(x.untyped_storage().nbytes() for x in inputs)
+    return sum(saved.values()) > stored
 
 
 class _RandomCall:

@@ -1,0 +1,80 @@
+"""``mode="reversible"`` never stores more for backward than ``mode="conventional"``.
+
+Layers the rewrite leaves are checkpointed only where that pays: a checkpoint stores the layer's
+inputs, so a layer whose interior saves less than its inputs (a U-Net stage that concatenates its
+skip, a cheap elementwise layer) runs as conventional does (``compiled.checkpoint_pays``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import bwskc
+from bwskc.frontend import default_inputs
+from bwskc.runtime.memory import saved_bytes
+from conftest import ZOO_NAMES, build_zoo_model
+
+
+def _loss(out):
+    out = out if isinstance(out, tuple) else (out,)
+    return sum(t.float().sum() for t in out if t.is_floating_point())
+
+
+def _bytes(program, inputs, mode):
+    module = bwskc.compile(program, mode=mode)
+    return saved_bytes(module, *inputs, loss=_loss)[0]
+
+
+class Cheap(nn.Module):
+    """Saves nothing for backward (a scale and a shift): checkpointing it would only store its input."""
+
+    def forward(self, x):
+        return x * 0.5 + 1.0
+
+
+class Stage(nn.Module):
+    """A U-Net stage: upsample, concatenate the skip, convolve (the input is what a checkpoint keeps)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(2 * c, c, 1)
+
+    def forward(self, x, skip):
+        x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+        return torch.relu(self.conv(torch.cat([x, skip], 1)))
+
+
+class Net(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.cheap = nn.ModuleList([Cheap() for _ in range(3)])
+        self.down = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.up = nn.ModuleList([Stage(c)])
+        self.head = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        for layer in self.cheap:
+            x = layer(x)
+        skip = x
+        x = self.down(x)
+        for stage in self.up:
+            x = stage(x, skip)
+        return self.head(x)
+
+
+def test_a_net_with_nothing_to_couple_stores_no_more_than_conventional():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    program = bwskc.lower(Net(), (x,), train=True)
+    rev, conv = _bytes(program, [x], "reversible"), _bytes(program, [x], "conventional")
+    assert rev <= conv, (rev, conv)
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_reversible_stores_no_more_than_conventional_on_the_zoo(name):
+    model = build_zoo_model(name)
+    args, kwargs = default_inputs(model)
+    program = bwskc.lower(model, args, kwargs, train=True)
+    inputs = bwskc._entry_inputs(program, args, kwargs)
+    rev, conv = _bytes(program, inputs, "reversible"), _bytes(program, inputs, "conventional")
+    assert rev <= conv, (rev, conv)
