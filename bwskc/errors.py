@@ -13,8 +13,17 @@ class IRSyntaxError(BwskError):
         self.reason = message
         super().__init__(f"{file}:{line}:{column}: {message}")
 
-    def caret_display(self) -> str:
-        return f"{self.source_line}\n{' ' * (self.column - 1)}^"
+    def caret_display(self, width: int = 120) -> str:
+        """The line and a caret under the column; a longer line is shown as the window around the
+        column (hostile or minified text can hold a line of megabytes)."""
+        line, column = self.source_line, self.column
+        if len(line) > width:
+            start = max(0, min(column - 1 - width // 2, len(line) - width))
+            head = "..." if start else ""
+            tail = "..." if start + width < len(line) else ""
+            line = head + line[start:start + width] + tail
+            column = column - start + len(head)
+        return f"{line}\n{' ' * (column - 1)}^"
 
 
 class VerifyError(BwskError):

@@ -319,18 +319,61 @@ def _flat(values):
             yield v
 
 
-def _may_make_many(schema, prim: Prim, operands) -> bool:
-    """A list-returning op (split, unbind, chunk) makes at most as many results as the largest
-    dimension or integer it is given; refuse to run it when that could far exceed the declared count
-    (a [10**9] input unbound on meta would make 10**9 tensors)."""
+def _call_values(schema, args: list, kwargs: dict) -> dict:
+    """Argument name -> value of a call, defaults included."""
+    values = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    values.update({a.name: v for a, v in zip(schema.arguments, args)})
+    values.update(kwargs)
+    return values
+
+
+def _split_count(v):
+    size, step = v["self"].shape[v["dim"]], v["split_size"]
+    return -(-size // step) if step > 0 and size else 1
+
+
+def _chunk_count(v):
+    size, chunks = v["self"].shape[v["dim"]], v["chunks"]
+    return -(-size // -(-size // chunks)) if chunks > 0 and size else max(min(chunks, 1), 1)
+
+
+# how many results a list-returning op makes, from its arguments (without running it)
+_RESULT_COUNTS = {
+    **dict.fromkeys(["aten.split.Tensor", "aten.unsafe_split.Tensor", "aten.split_copy.Tensor"],
+                    _split_count),
+    **dict.fromkeys(["aten.split_with_sizes.default", "aten.unsafe_split_with_sizes.default",
+                     "aten.split_with_sizes_copy.default"], lambda v: len(v["split_sizes"])),
+    **dict.fromkeys(["aten.unbind.int", "aten.unbind_copy.int"],
+                    lambda v: v["self"].shape[v["dim"]]),
+    "aten.chunk.default": _chunk_count,
+    "aten.tensor_split.sections": lambda v: max(v["sections"], 1),
+    "aten.tensor_split.indices": lambda v: len(v["indices"]) + 1,
+}
+
+
+def _runs_bounded(schema, prim: Prim, args: list, kwargs: dict) -> bool:
+    """Whether a list-returning op (split, unbind, chunk) can run on meta: it must not make far more
+    results than the declared ones (a [10**9] input unbound on meta makes 10**9 tensors). A known
+    op's count is computed, and refused when it is out of bounds; another's is bounded by the
+    largest dimension or integer it is given, and it does not run when that bound is too large."""
     if not any("Tensor[]" in str(r.type) or "List[Tensor]" in str(r.type) for r in schema.returns):
-        return False
+        return True
     declared = len(prim.type.items) if isinstance(prim.type, TupleType) else 1
-    dims = [d for t in _flat(operands) if isinstance(t, torch.Tensor) for d in t.shape]
-    ints = [abs(a) for a in iter_args(prim.args + tuple(v for _, v in prim.kwargs))
+    limit = max(_MAX_LIST_RESULTS, 2 * declared)
+    count = _RESULT_COUNTS.get(prim.op)
+    if count is not None:
+        try:
+            n = count(_call_values(schema, args, kwargs))
+        except (KeyError, IndexError, TypeError, ZeroDivisionError):
+            return True  # arguments the op itself rejects, with its own message
+        if n > limit:
+            raise _Refused(f"makes {n} results, {declared} declared")
+        return True
+    dims = [d for t in _flat(args + list(kwargs.values())) if isinstance(t, torch.Tensor)
+            for d in t.shape]
+    ints = [abs(a) for a in _flat(args + list(kwargs.values()))
             if isinstance(a, int) and not isinstance(a, bool)]
-    bound = max(dims + ints + [len(prim.args)] + [0])
-    return bound > max(_MAX_LIST_RESULTS, 2 * declared)
+    return max(dims + ints + [0]) <= limit
 
 
 class _Refused(Exception):
@@ -359,7 +402,7 @@ def _check_prim(program: Program, prim: Prim, holes: list, where):
                           fill(tuple(v for _, v in prim.kwargs), unfilled, bound_value)))
         if schema is not None:
             _check_literal_sizes(schema, args, kwargs)
-            if not _on_meta(schema, args, kwargs) or _may_make_many(schema, prim, operands):
+            if not (_on_meta(schema, args, kwargs) and _runs_bounded(schema, prim, args, kwargs)):
                 return
         with torch.no_grad():
             out = op(*args, **kwargs)
