@@ -331,7 +331,10 @@ def _expression_problem(node: ast.AST, *, power: int) -> str | None:
         if problem := _literal_problem(keyword.value.value):
             return problem
     if node.func.id in _POWER_CONSTRUCTORS and len(node.args) == 2:
-        power *= _literal_exponent(node.args[1])
+        exponent = _literal_exponent(node.args[1])
+        if exponent is None:
+            return "a power whose exponent is a constant expression rather than a literal"
+        power *= exponent
         if power > MAX_POWER:
             return f"powers nest to an exponent over {MAX_POWER}"
     for arg in node.args:
@@ -340,13 +343,24 @@ def _expression_problem(node: ast.AST, *, power: int) -> str | None:
     return None
 
 
-def _literal_exponent(node: ast.AST) -> int:
-    """|n| for an ``Integer(n)`` exponent, 1 for a symbolic one (it is never evaluated on a literal)."""
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Integer"
-            and node.args and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, int)):
-        return max(abs(node.args[0].value), 1)
-    return 1
+def _literal_exponent(node: ast.AST) -> int | None:
+    """How much a power with this exponent can grow a literal base: |p| for ``Integer(p)`` or
+    ``Rational(p, q)``, 1 for a float or a symbolic exponent (a symbol is never evaluated on a literal
+    here), None for a constant expression, whose value is unbounded (``Pow(2, Pow(2, 100))``)."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        if node.func.id in ("Integer", "Rational"):
+            first = node.args[0] if node.args else None
+            if isinstance(first, ast.Constant) and isinstance(first.value, int):
+                return max(abs(first.value), 1)
+            return None
+        if node.func.id == "Float":
+            return 1
+    return 1 if _mentions_symbol(node) else None
+
+
+def _mentions_symbol(node: ast.AST) -> bool:
+    return any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "Symbol"
+               for n in ast.walk(node))
 
 
 def _literal_problem(value: Any) -> str | None:
