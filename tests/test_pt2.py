@@ -165,26 +165,32 @@ def gpt2_archive(tmp_path_factory):
 
 def test_hugging_face_archive_loads_in_a_fresh_process(gpt2_archive, tmp_path):
     """In a process that has not imported transformers, the output class must be registered from the
-    archive's own spec (before the fix, this failed with 'not a readable ExportedProgram')."""
+    archive's own spec (before the fix, this failed with 'not a readable ExportedProgram'). The loaded
+    program computes the eager logits, and so does its lowering."""
     path, args, logits = gpt2_archive
-    out = tmp_path / "logits.pt"
+    loaded_out, lowered_out = tmp_path / "loaded.pt", tmp_path / "lowered.pt"
     script = textwrap.dedent(f"""
         import sys, torch, bwskc
         from bwskc.frontend import load_model
         assert "transformers.modeling_outputs" not in sys.modules
         loaded = load_model({str(path)!r})
+        with torch.no_grad():
+            out = loaded.exported.module()(*loaded.args, **loaded.kwargs)
+        torch.save((loaded.args, type(out).__module__, out.logits), {str(loaded_out)!r})
         program = bwskc.lower(loaded.exported)
         tensors = {{k: v for k, v in loaded.kwargs.items() if isinstance(v, torch.Tensor)}}
         with torch.no_grad():
             result = program(*loaded.args, **tensors)
-        torch.save((loaded.args, result), {str(out)!r})
+        torch.save(result[0] if isinstance(result, (tuple, list)) else result, {str(lowered_out)!r})
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    got_args, result = torch.load(out, weights_only=True)
+    assert loaded_out.exists(), r.stderr
+    got_args, out_module, got = torch.load(loaded_out, weights_only=True)
+    assert out_module == "transformers.modeling_outputs"
     torch.testing.assert_close(got_args[0], args[0], rtol=0, atol=0)
-    got = result[0] if isinstance(result, (tuple, list)) else result
-    torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, logits, rtol=0, atol=0)
+    assert r.returncode == 0, r.stderr  # lowering and running the lowered program
+    torch.testing.assert_close(torch.load(lowered_out, weights_only=True), logits, rtol=1e-5, atol=1e-5)
 
 
 # -------------------------------------------------------------------------------- pickled members
