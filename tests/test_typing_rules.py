@@ -185,8 +185,11 @@ def test_softplus_family(beta, threshold, seed):
 
 @settings(max_examples=25, **SETTINGS)
 @given(kind=st.sampled_from(["leaky_relu", "celu", "hardtanh", "clamp_min", "clamp_max", "threshold"]),
-       p=st.floats(-3.0, 3.0), q=st.floats(-3.0, 3.0), seed=st.integers(0, 2 ** 16))
+       p=st.floats(-3.0, 3.0).filter(lambda v: v == 0 or abs(v) >= 1e-3), q=st.floats(-3.0, 3.0),
+       seed=st.integers(0, 2 ** 16))
 def test_piecewise_family(kind, p, q, seed):
+    # (|p| < 1e-3 left out: a slope of 1e-78 underflows float32, where x * slope is 0: injective in the
+    # reals, with no float32 round trip)
     """Witnesses past the op's own bounds; leaky ReLU and CELU by the sign of their parameter."""
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(seed)) * 3
     if kind == "celu" and abs(p) < 1e-2:
