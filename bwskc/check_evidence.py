@@ -37,6 +37,7 @@ RTOL, ATOL = 1e-5, 1e-6
 ROUND_TRIP_TOL = {"f64": 1e-6, "f32": 1e-3, "f16": 3e-2, "bf16": 3e-2}
 MAX_ELEMENTS = 1 << 24  # per rebuilt tensor: a hostile file cannot make this allocate without bound
 CODE_BASE = float(2 ** 40)
+OPERATOR_LIMIT = 1024  # columns of a linear operator rebuilt from basis vectors (its SVD stays cheap)
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64, "f16": torch.float16, "bf16": torch.bfloat16,
           "i64": torch.int64, "i32": torch.int32, "i16": torch.int16, "i8": torch.int8, "u8": torch.uint8,
@@ -510,8 +511,9 @@ def _matrix(node: dict, matrix: dict, env: Env) -> torch.Tensor:
         (t,) = leaves(call["holes"])
         shape = shape_of(t["shape"])
         per = math.prod(shape[1:])
-        if per > 4096:
-            raise EvidenceError(f"the operator has {per} columns: too large to rebuild here")
+        if per > OPERATOR_LIMIT:
+            raise EvidenceError(f"the operator has {per} columns: more than the {OPERATOR_LIMIT} rebuilt "
+                                "here (its SVD would take seconds)")
         basis = torch.eye(per, dtype=torch.float64).reshape((per,) + shape[1:])
         f = lambda x: call_op(node["op"], call, [x], env, cast=lambda w: w.double())
         y = f(basis) - f(torch.zeros_like(basis))
