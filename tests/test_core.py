@@ -136,7 +136,7 @@ def test_emit_json_and_dot(tmp_path, emit):
     assert r.returncode == 0
     if emit == "json":
         doc = json.loads(r.stdout)
-        assert doc["schema"] == "bwskc.ir/1"
+        assert doc["schema"] == "bwskc.ir/2"
         ops = [n["op"] for n in doc["nodes"]]
         assert ops.count("aten.layer_norm.default") == 1 and "aten.linear.default" in ops
         ln = next(n for n in doc["nodes"] if n["op"] == "aten.layer_norm.default")

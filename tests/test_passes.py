@@ -124,7 +124,7 @@ def block_file(tmp_path_factory):
 def test_cli_json_has_type_and_evidence(block_file, capsys):
     assert main(["lower", block_file, "--passes", "typing", "--emit", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["schema"] == "bwskc.ir/1"
+    assert doc["schema"] == "bwskc.ir/2"
     assert all(n["type"] in ("S", "K", "GRAY") for n in doc["nodes"])
     assert all(n["evidence"]["rule"] and n["evidence"]["claim"] for n in doc["nodes"])
     ln = next(n for n in doc["nodes"] if n["op"] == "aten.layer_norm.default")
