@@ -45,7 +45,7 @@ MAX_MEMBERS = 65_536
 MAX_INFLATED_BYTES = 4 << 30       # total of the compressed members' declared sizes
 MAX_COMPRESSION_RATIO = 200        # for compressed members above RATIO_FLOOR_BYTES
 RATIO_FLOOR_BYTES = 1 << 20
-MAX_JSON_BYTES = 512 << 20         # one JSON member (the graph of a large model is tens of MB)
+MAX_JSON_BYTES = 256 << 20         # one JSON member (the graph of a large model is tens of MB)
 MAX_ZERO_FILLED_BYTES = 16 << 30   # weights saved without data (fake or meta tensors) become zeros
 MAX_EXPRESSION_CHARS = 10_000
 MAX_LITERAL = 1 << 64              # integer literals in a symbolic expression (shapes are int64)
@@ -190,6 +190,7 @@ class _ArchiveView:
                             "(its members are not under one folder)")
         self.root = roots.pop() + "/"
         self.members = {name[len(self.root):]: info for name, info in members.items()}
+        self._parsed: dict[str, Any] = {}
 
     def has(self, name: str) -> bool:
         return name in self.members
@@ -205,10 +206,13 @@ class _ArchiveView:
             raise BwskError(f"{self.label}: member {name!r} is corrupt ({exc})") from None
 
     def read_json(self, name: str) -> Any:
-        try:
-            return json.loads(self.read(name, limit=MAX_JSON_BYTES))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-            raise BwskError(f"{self.label}: member {name!r} is not valid JSON ({exc})") from None
+        """The parsed member, once per member: the graph of a large model is tens of MB of JSON."""
+        if name not in self._parsed:
+            try:
+                self._parsed[name] = json.loads(self.read(name, limit=MAX_JSON_BYTES))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                raise BwskError(f"{self.label}: member {name!r} is not valid JSON ({exc})") from None
+        return self._parsed[name]
 
     def model_jsons(self) -> Iterator[Any]:
         for name in self.members:
