@@ -110,7 +110,8 @@ def _torch_load(path: Path, new_format: bool) -> torch.export.ExportedProgram:
     if not new_format:
         return torch.export.load(str(path))
     from torch.export.pt2_archive._package import load_pt2
-    programs = load_pt2(str(path)).exported_programs
+    with open(path, "rb") as f:  # a file object: a path not ending in .pt2 makes torch log a warning
+        programs = load_pt2(f).exported_programs
     if "model" not in programs:
         raise BwskError(f"{path}: the archive holds no program named 'model' "
                         f"(it has: {', '.join(sorted(programs)) or 'none'})")
