@@ -59,6 +59,7 @@ def report(program: Program) -> str:
     out.append("")
     if typing is not None:
         out += _ops_table(all_sites, typing)
+        out += _evidence_lines(all_sites, typing)
     if calm is not None:
         out += _calm_section(calm)
     if phases:
@@ -128,6 +129,23 @@ def _ops_table(all_sites, typing) -> list[str]:
         out.append(f"| `{op}` | {count} | {t} | {rule} | {claim.replace('|', '/')} |")
     out.append("")
     return out
+
+
+def _evidence_lines(all_sites, typing) -> list[str]:
+    """How many leaf verdicts had their evidence evaluated, and which were refused (GRAY) because it
+    failed: a false witness or inverse is never reported as K or S."""
+    checked = sum(1 for s in all_sites if "checked" in typing.verdicts[s.id].extra)
+    rejected = [(s, typing.verdicts[s.id]) for s in all_sites if "rejected" in typing.verdicts[s.id].extra]
+    out = [f"Evidence: {checked} of {len(all_sites)} leaf verdicts had their witness or inverse evaluated "
+           f"on the op before being reported; {len(rejected)} whose evidence failed are GRAY "
+           "(`bwskc check-evidence` re-verifies the JSON).", ""]
+    seen = set()
+    for s, v in rejected:
+        key = (s.prim.op, v.extra["rejected"]["why"])
+        if key not in seen:
+            seen.add(key)
+            out.append(f"* `{s.prim.op}` ({v.extra['rejected']['type']} refused): {key[1]}")
+    return out + ([""] if seen else [])
 
 
 def _calm_section(calm) -> list[str]:

@@ -252,3 +252,14 @@ def test_schema_v2_fields():
     assert s["rank"]["sigma_min"] > s["rank"]["tolerance"]
     rt = node_of(doc, "aten.tanh.default", S)["evidence"]["round_trip"]
     assert rt["passed"] and rt["relative_error"] <= 1e-3 and rt["checks"]["f32"]["passed"]
+
+
+def test_report_counts_refused_evidence():
+    from bwskc.report import report
+    with mock.patch.dict(leaf_rules.RULES, {"aten.tanh": _false_witness_rule,
+                                            "aten.tanh.default": _false_witness_rule}):
+        q = bwskc.run_passes(bwskc.lower(Small(), (torch.randn(3, 4),)), ["typing"])
+    text = report(q)
+    line = next(x for x in text.splitlines() if x.startswith("Evidence: "))
+    assert "; 1 whose evidence failed are GRAY" in line
+    assert "* `aten.tanh.default` (K refused): witness did not collide" in text
