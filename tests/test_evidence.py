@@ -263,3 +263,18 @@ def test_report_counts_refused_evidence():
     line = next(x for x in text.splitlines() if x.startswith("Evidence: "))
     assert "; 1 whose evidence failed are GRAY" in line
     assert "* `aten.tanh.default` (K refused): witness did not collide" in text
+
+
+def test_dropout_witness_replays_its_seed(tmp_path):
+    """A random op is a function once its seed is fixed: the file records the seed, check-evidence
+    replays it, and without it the same inputs do not collide."""
+    torch.manual_seed(0)
+    q = bwskc.run_passes(bwskc.lower(nn.Dropout(0.5), (torch.randn(4, 8),), train=True), ["typing"])
+    doc = json.loads(emit.to_json(q))
+    node = node_of(doc, "aten.native_dropout.default", K)
+    assert isinstance(node["evidence"]["collision"]["replay_seed"], int)
+    code, lines = check(tmp_path, doc)
+    assert code == 0 and " 0 failed" in lines[0]
+    node["evidence"]["collision"]["replay_seed"] += 1  # another mask: the pair need not collide
+    outcome = [o for o in check_document(doc) if o.node == node["id"]]
+    assert outcome[0].status == "failed"
