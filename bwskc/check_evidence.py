@@ -139,13 +139,23 @@ def nest(types, flat: list):
     return build(types)
 
 
+def _bounded_leaves(types) -> list[dict]:
+    out = leaves(types)
+    total = sum(math.prod(shape_of(t.get("shape"))) for t in out)
+    if total > MAX_ELEMENTS:
+        raise EvidenceError(f"the inputs have {total} elements, more than {MAX_ELEMENTS}")
+    return out
+
+
 def random_inputs(types, seed: int, scale: float = 1.0) -> list[torch.Tensor]:
     """bwskc's documented random construction: one ``torch.Generator().manual_seed(seed)`` draws each
     input in order; floating: ``(randn(shape, float64) * scale).to(dtype)``; integer:
     ``randint(0, 8, shape)``; bool: ``rand(shape) < 0.5``."""
-    g = torch.Generator().manual_seed(int(seed))
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+        raise EvidenceError(f"bad seed {seed!r}")
+    g = torch.Generator().manual_seed(seed)
     out = []
-    for t in leaves(types):
+    for t in _bounded_leaves(types):
         dt, shape = dtype_of(t["dtype"]), shape_of(t["shape"])
         if dt == torch.bool:
             out.append(torch.rand(shape, generator=g) < 0.5)
@@ -163,7 +173,7 @@ def rebuild_pair(types, collision: dict) -> tuple[list, list]:
         raise EvidenceError("no a/b record")
     if "random" in a_rec:
         r = a_rec["random"]
-        a = random_inputs(types, r.get("seed"), float(r.get("scale", 1.0)))
+        a = random_inputs(types, r.get("seed"), float(_from_number(r.get("scale", 1.0))))
     elif "values" in a_rec:
         a = [decode_tensor(s) for s in a_rec["values"]]
     else:
@@ -305,7 +315,35 @@ def call_op(op: str, call: dict, operands: list, env: Env, cast=None):
     args = [decode_arg(a, ops, env, cast) for a in call.get("args", [])]
     kwargs = {str(k): decode_arg(v, ops, env, cast) for k, v in (call.get("kwargs") or {}).items()}
     with torch.no_grad():
+        if isinstance(fn, torch._ops.OpOverload):
+            _bound_output(fn, args, kwargs)
         return fn(*args, **kwargs)
+
+
+def _meta(v):
+    if isinstance(v, torch.Tensor):
+        return v.to("meta")
+    if isinstance(v, torch.device):
+        return torch.device("meta")
+    if isinstance(v, (list, tuple)):
+        return type(v)(_meta(x) for x in v)
+    return v
+
+
+def _bound_output(fn, args, kwargs) -> None:
+    """Run the op on the meta device first: an output above ``MAX_ELEMENTS`` (``repeat`` by 10**12 in a
+    hostile file) is refused before anything is allocated, and so is an op whose output size cannot be
+    known beforehand."""
+    meta_kwargs = {k: _meta(v) for k, v in kwargs.items()}
+    if any(a.name == "device" for a in fn._schema.arguments) and "device" not in meta_kwargs:
+        meta_kwargs["device"] = torch.device("meta")  # a factory op: build on meta, not on the CPU
+    try:
+        out = fn(*_meta(args), **meta_kwargs)
+    except Exception as exc:  # no meta kernel, or a data-dependent size: the size is unknown
+        raise EvidenceError(f"{fn}: its output size cannot be bounded beforehand ({_first(exc)})") from None
+    total = sum(t.numel() for t in tensors_of(out))
+    if total > MAX_ELEMENTS:
+        raise EvidenceError(f"{fn}: its output would have {total} elements, more than {MAX_ELEMENTS}")
 
 
 def run_seeded(fn, seed):
@@ -380,12 +418,19 @@ def check_collision(node: dict, env: Env) -> Outcome:
         return Outcome(nid, "collision", "not re-checkable", ev.get("witness_note") or "no witness recorded")
     if not isinstance(call, dict):
         return Outcome(nid, "collision", "not re-checkable", "the call is not recorded")
+    seed = col.get("replay_seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63):
+        return Outcome(nid, "collision", "failed", f"bad replay seed {seed!r}")
     try:
         a, b = rebuild_pair(call.get("holes", []), col)
-        if not differ(a, b):
-            return Outcome(nid, "collision", "failed", "the two inputs are equal")
+    except EvidenceError as exc:
+        return Outcome(nid, "collision", "not re-checkable", str(exc))
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:  # a malformed record
+        return Outcome(nid, "collision", "failed", f"malformed witness record: {_first(exc)}")
+    if not differ(a, b):
+        return Outcome(nid, "collision", "failed", "the two inputs are equal")
+    try:
         holes = call.get("holes", [])
-        seed = col.get("replay_seed")
         ya = run_seeded(lambda: call_op(node["op"], call, list(nest(holes, a)), env), seed)
         yb = run_seeded(lambda: call_op(node["op"], call, list(nest(holes, b)), env), seed)
     except Missing as m:
@@ -422,7 +467,7 @@ def check_round_trip(node: dict, env: Env) -> Outcome:
 def _coded_check(node: dict, env: Env) -> Outcome | None:
     """Data movement: every input element, coded 2**40 + k in float64, appears in the output."""
     call, nid = node["call"], node.get("id")
-    types = leaves(call.get("holes", []))
+    types = _bounded_leaves(call.get("holes", []))
     n = sum(math.prod(shape_of(t["shape"])) for t in types)
     if not types or n > MAX_ELEMENTS:
         return None

@@ -278,3 +278,18 @@ def test_dropout_witness_replays_its_seed(tmp_path):
     node["evidence"]["collision"]["replay_seed"] += 1  # another mask: the pair need not collide
     outcome = [o for o in check_document(doc) if o.node == node["id"]]
     assert outcome[0].status == "failed"
+
+
+def test_hostile_allocation_is_refused_before_it_happens(tmp_path):
+    """A constant node asking for 10**12 elements: bounded on the meta device, never allocated."""
+    _, doc = small()
+    doc = copy.deepcopy(doc)
+    node = node_of(doc, "aten.relu.default", "K")
+    node["op"] = "aten.repeat.default"
+    node["call"]["args"] = [{"hole": 0}, [10 ** 6, 10 ** 6]]
+    outcome = [o for o in check_document(doc) if o.node == node["id"]][0]
+    assert outcome.status == "not re-checkable" and "more than" in outcome.why
+    col = node_of(doc, "aten.layer_norm.default", "K")["evidence"]["collision"]
+    col["a"] = {"random": {"seed": "x", "scale": 1.0}}
+    outcome = [o for o in check_document(doc) if o.claim == "collision" and o.why.startswith("bad seed")]
+    assert outcome and outcome[0].status == "not re-checkable"
