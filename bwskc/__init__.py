@@ -92,13 +92,10 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
         program = run_passes(program, ["typing", "calm"])
     elif mode == "reversible" and not any(
             isinstance(t, ir.Comb) and t.kind in ir.REV_KINDS for t in _all_subterms(program)):
-        # The chains are all the rewrite needs: fusion without the typing analysis (every term
-        # GRAY, so no S-phase is outlined) finds them at a fraction of the cost of the full pipeline.
-        from bwskc.passes.fusion import fuse
-        from bwskc.passes.reversible import to_reversible
-        from bwskc.verify import verify_program
-        program = to_reversible(fuse(program, lambda term: "GRAY"))
-        verify_program(program, filename="<after reversible>")
+        program = _reversible_rewrite(program)
+        if eval_program is not None:
+            # evaluation runs the same coupling architecture, from the evaluation capture
+            eval_program = _matching_eval_rewrite(program, _reversible_rewrite(eval_program))
     program = program.with_weights({k: v.detach().clone() for k, v in program.weights.items()})
     reversible = mode == "reversible" and not store_activations
     module = compile_program(program, reversible=reversible, seed=seed,
@@ -113,6 +110,26 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
         module.check_report = check_reversible(program, inputs, seed=seed)
     module.analyses = dict(program.analyses)
     return module
+
+
+def _reversible_rewrite(program: Program) -> Program:
+    """The chains are all the rewrite needs: fusion without the typing analysis (every term GRAY, so
+    no S-phase is outlined) finds them at a fraction of the cost of the full pipeline."""
+    from bwskc.passes.fusion import fuse
+    from bwskc.passes.reversible import to_reversible
+    from bwskc.verify import verify_program
+    program = to_reversible(fuse(program, lambda term: "GRAY"))
+    verify_program(program, filename="<after reversible>")
+    return program
+
+
+def _matching_eval_rewrite(train: Program, evaluation: Program) -> Program | None:
+    """The rewritten evaluation capture if its chains are the training capture's (the same blocks
+    coupled: an architecture, not only a program, is what was trained); otherwise None, and
+    evaluation runs the training capture with its dropout off."""
+    def chains(p):
+        return [(c["name"], c["blocks"]) for c in p.analyses["reversible"].chains]
+    return evaluation if chains(train) == chains(evaluation) else None
 
 
 def _entry_inputs(program: Program, args, kwargs) -> list | None:
