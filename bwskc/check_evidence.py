@@ -38,6 +38,7 @@ ROUND_TRIP_TOL = {"f64": 1e-6, "f32": 1e-3, "f16": 3e-2, "bf16": 3e-2}
 MAX_ELEMENTS = 1 << 24  # per rebuilt tensor: a hostile file cannot make this allocate without bound
 CODE_BASE = float(2 ** 40)
 OPERATOR_LIMIT = 1024  # columns of a linear operator rebuilt from basis vectors (its SVD stays cheap)
+SVD_LIMIT = 1 << 22  # elements of a matrix whose singular values are recomputed (a second or so)
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64, "f16": torch.float16, "bf16": torch.bfloat16,
           "i64": torch.int64, "i32": torch.int32, "i16": torch.int16, "i8": torch.int8, "u8": torch.uint8,
@@ -511,6 +512,8 @@ def check_rank(node: dict, env: Env) -> Outcome:
             why = str(exc)
     else:
         why = "the matrix is not named"
+    if m is not None and m.numel() > SVD_LIMIT:
+        m, why = None, f"the matrix has {m.numel()} elements, more than the {SVD_LIMIT} decomposed here"
     if m is not None:
         s = torch.linalg.svdvals(m.double())
         if len(s) < cols:
@@ -559,6 +562,9 @@ def _matrix(node: dict, matrix: dict, env: Env) -> torch.Tensor:
         if per > OPERATOR_LIMIT:
             raise EvidenceError(f"the operator has {per} columns: more than the {OPERATOR_LIMIT} rebuilt "
                                 "here (its SVD would take seconds)")
+        out_per = math.prod(shape_of(node.get("shape") or [])[1:]) if node.get("shape") else 0
+        if per * out_per > SVD_LIMIT // 4:
+            raise EvidenceError(f"the operator is {out_per}x{per}: too large to rebuild here")
         basis = torch.eye(per, dtype=torch.float64).reshape((per,) + shape[1:])
         f = lambda x: call_op(node["op"], call, [x], env, cast=lambda w: w.double())
         y = f(basis) - f(torch.zeros_like(basis))
