@@ -591,7 +591,8 @@ def claims_of(node: dict, env: Env) -> list[Outcome]:
     if isinstance(ev.get("rank"), dict):
         out.append(check_rank(node, env))
     if not out:
-        out.append(Outcome(node.get("id"), "S", "not re-checkable", "no inverse or certificate recorded"))
+        out.append(Outcome(node.get("id"), "S", "not re-checkable",
+                           ev.get("not_checked") or "no inverse or certificate recorded"))
     return out
 
 

@@ -68,13 +68,16 @@ class Verdict:
         """What the typing pass measured when it evaluated this verdict (``evaluate``), schema /2."""
         checked = self.extra.get("checked")
         out: dict[str, Any] = {"checked": checked is not None}
+        if "unchecked" in self.extra:
+            out["not_checked"] = self.extra["unchecked"]
         if self.type == K:
             if checked is not None:
                 out["collision"] = {k: v for k, v in checked.items()}
             else:
-                out["witness_note"] = ("no concrete witness: the claim follows from the shapes alone "
-                                       "(the weights are not known)" if self.witness is None else
-                                       "the witness was not evaluated (a composite verdict)")
+                out["witness_note"] = self.extra.get("unchecked") or (
+                    "no concrete witness: the claim follows from the shapes alone (the weights are not "
+                    "known)" if self.witness is None else "the witness was not evaluated (a composite "
+                    "verdict)")
         elif self.type == S and checked is not None:
             if "rank" in checked and self.rank is not None:
                 out["rank"] = {**self.rank, **checked["rank"]}
@@ -185,6 +188,12 @@ ROUND_TRIP_WEIGHT_LIMIT = 1 << 16  # a pseudo-inverse of a larger weight costs m
 
 def evaluate(leaf, verdict: Verdict, seed: int = WITNESS_SEED) -> Verdict:
     """The verdict if its evidence holds on ``leaf`` (with what was measured), else GRAY saying why."""
+    if verdict.type in (K, S) and verdict.rule != "nullary" and not leaf.bound_known():
+        # lowered on the meta device, or parsed from text: the op cannot run, so its evidence cannot
+        # be evaluated; the verdict stands on its proof and says that it is unchecked
+        verdict.extra["unchecked"] = "the values of its bound tensors are not known (meta device or IR " \
+            "text): its evidence was not evaluated"
+        return verdict
     try:
         if verdict.type == K and verdict.witness is not None:
             return _evaluate_witness(leaf, verdict, seed)

@@ -293,3 +293,24 @@ def test_hostile_allocation_is_refused_before_it_happens(tmp_path):
     col["a"] = {"random": {"seed": "x", "scale": 1.0}}
     outcome = [o for o in check_document(doc) if o.claim == "collision" and o.why.startswith("bad seed")]
     assert outcome and outcome[0].status == "not re-checkable"
+
+
+def test_without_weights_verdicts_stand_unchecked(tmp_path):
+    """IR text has no weights: the op cannot run, so evidence is not evaluated, and says so; the
+    verdicts stay what their proofs give (not GRAY for want of a run) and nothing is claimed verified."""
+    program, doc = small()
+    bare = bwskc.run_passes(bwskc.parse(program.text()), ["typing"])
+    result, full = bare.analyses["typing"], program.analyses["typing"]
+    ln = next(s for s in result.sites if s.prim.op == "aten.layer_norm.default")
+    assert result.verdicts[ln.id].type == K and "unchecked" in result.verdicts[ln.id].extra
+    assert not any("rejected" in v.extra for v in result.verdicts.values())
+    bare_doc = json.loads(emit.to_json(bare))
+    ev = node_of(bare_doc, "aten.layer_norm.default", K)["evidence"]
+    assert ev["checked"] is False and "not evaluated" in ev["not_checked"]
+    code, lines = check(tmp_path, bare_doc)
+    assert code == 0
+    by_node = {o.node: o for o in check_document(bare_doc)}
+    ln_node = node_of(bare_doc, "aten.layer_norm.default", K)["id"]
+    assert by_node[ln_node].status == "not re-checkable"  # reads ln.weight, which the text lacks
+    relu = node_of(bare_doc, "aten.relu.default", K)["id"]
+    assert by_node[relu].status == "verified"  # no bound tensor: evaluated and re-checked anyway
