@@ -314,3 +314,16 @@ def test_without_weights_verdicts_stand_unchecked(tmp_path):
     assert by_node[ln_node].status == "not re-checkable"  # reads ln.weight, which the text lacks
     relu = node_of(bare_doc, "aten.relu.default", K)["id"]
     assert by_node[relu].status == "verified"  # no bound tensor: evaluated and re-checked anyway
+
+
+def test_float64_op_round_trip():
+    """An op already in float64 is checked once, in float64 (RMSNorm with eps = 1e-6: S)."""
+    torch.manual_seed(0)
+    q = bwskc.run_passes(bwskc.lower(nn.RMSNorm(5, eps=1e-6).double(), (torch.randn(3, 5).double(),)),
+                         ["typing"])
+    result = q.analyses["typing"]
+    (site,) = [s for s in result.sites if s.prim.op == "aten.rms_norm.default"]
+    v = result.verdicts[site.id]
+    assert v.type == S, v.extra.get("rejected")
+    rt = v.extra["checked"]["round_trip"]
+    assert list(rt["checks"]) == ["f64"] and rt["passed"] and rt["relative_error"] < 1e-6
