@@ -93,13 +93,10 @@ def launch(config_path: str, nproc: int, name: str, timeout_s: float) -> None:
                 port = free_port()
                 workers = [_start(config_path, rank, nproc, port, Path(tmp)) for rank in range(nproc)]
                 failure = _watch(workers, nproc, timeout_s)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # passed on as it came: each worker stops as if interrupted itself
             _stop(workers, signal.SIGINT)
             raise
-        except Terminated as exc:
-            _stop(workers, signal.SIGTERM)
-            raise exc from None
-        except BaseException:
+        except BaseException:  # SIGTERM or SIGHUP (Terminated), or the launcher's own failure
             _stop(workers, signal.SIGTERM)
             raise
         if failure is not None:
@@ -209,7 +206,7 @@ def _culprit(failed: list[_Worker], nproc: int) -> _Failure:
     failure of the rank's own (bad input, divergence), then a collective that failed; the earliest."""
     def order(w: _Worker):
         text = _error_text(w)
-        kind = 0 if w.code < 0 else (2 if text.startswith(PEER_FAILED) or PEER_FAILED in text else 1)
+        kind = 0 if w.code < 0 else (2 if PEER_FAILED in text else 1)
         return kind, w.ended
     w = min(failed, key=order)
     if w.code < 0:

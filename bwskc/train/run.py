@@ -179,29 +179,32 @@ def _variants(args) -> list[tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------------- data
-def existing_data(args, out: Path, splits) -> Path | None:
+ABSENT = "absent"
+
+
+def data_state(out: Path) -> str | None:
+    """None when ``DIR/data`` is whole; else why not (``ABSENT``, or what is incomplete or damaged).
+    Computed once: it reads every file's digest."""
+    where = out / ckpt.DATA
+    return ckpt.data_problem(where) if where.exists() else ABSENT
+
+
+def existing_data(args, out: Path, splits, state: str | None) -> Path | None:
     """``DIR/data`` when an earlier command prepared it, whole, from the same text at the same --seq-len
     (reused, so every variant in DIR sees the same tokens); a mismatch is refused rather than
     overwritten; an incomplete one (a kill while it was written) is None: prepared again."""
     where = out / ckpt.DATA
-    if not where.exists():
+    if state is not None:
+        if state != ABSENT:
+            print(f"{where}: {state}; preparing it again")
         return None
-    problem = ckpt.data_problem(where)
-    if problem is not None:
-        print(f"{where}: {problem}; preparing it again")
-        return None
-    info = ckpt.load_data_info(where)
+    info = json.loads((where / ckpt.DATA_JSON).read_text())
     if info.get("seq_len") != args.seq_len:
         raise BwskError(f"{where}: prepared with --seq-len {info.get('seq_len')}, not {args.seq_len}; "
                         f"use another --out")
     if splits is not None and info.get("source") != splits.source:
         raise BwskError(f"{where}: prepared from other text ({info.get('source')}); use another --out")
     return where
-
-
-def _data_is_whole(out: Path) -> bool:
-    where = out / ckpt.DATA
-    return where.exists() and ckpt.data_problem(where) is None
 
 
 def tokenize(args, src, splits, batch_size: int):
@@ -248,8 +251,9 @@ def run_training(args) -> dict:
     if limit is not None and args.seq_len > limit:
         raise BwskError(f"--seq-len {args.seq_len} exceeds the model's {limit} positions")
     finetune_from = _finetune_source(args, src, out, variants)
-    splits = None if args.resume and _data_is_whole(out) else load_text(args.data)
-    data = existing_data(args, out, splits)
+    state = data_state(out)
+    splits = None if args.resume and state is None else load_text(args.data)
+    data = existing_data(args, out, splits, state)
     prepared = None if data is not None else tokenize(args, src, splits, args.batch_size)
     try:  # every check has passed: now write, and a failing write is one line naming the path
         return _write_runs(args, out, variants, data, prepared, finetune_from)
