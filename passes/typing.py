@@ -16,6 +16,11 @@ proven and K only when a collision lifts to it:
 * ``K c``: ignores its argument (K). ``I``: S.
 * A term whose leaves are all jointly injective and which uses no ``K`` is injective whatever its arity
   (each combinator passes an injective image of the inputs on), so it is S.
+
+Where these leave a unary composite GRAY, ``_decide`` reads it as an expression DAG and tries the
+families of docs/typing.md, "Composites": data movement, shift / scale / sign invariance, piecewise
+strictly monotone scalar maps, linear maps. Their witnesses and inverses are evaluated on the term
+itself before they are emitted (``_checked``); evidence that fails makes the verdict GRAY.
 """
 from __future__ import annotations
 
@@ -222,9 +227,13 @@ def _pointwise_fold(term: Term, result: TypingResult) -> Verdict | None:
 
     def witness(g):
         return (torch.full(x_type.shape, a, dtype=dt),), (torch.full(x_type.shape, b, dtype=dt),)
-    return erasing("pointwise fold", f"the composite applies one scalar map to every element, and that "
-                   f"map has an interior minimum: phi({a:.6g}) = phi({b:.6g})", witness,
-                   f"{a:.6g} and {b:.6g} (every element)", 0, "a fold")
+    v = erasing("pointwise fold", f"the composite applies one scalar map to every element, and that "
+                f"map has an interior minimum: phi({a:.6g}) = phi({b:.6g})", witness,
+                f"{a:.6g} and {b:.6g} (every element)", 0, "a fold")
+    v.extra["domain"] = "reals"  # bisection to 1e-9 in float64; checked on the term in float64 below
+    x = _Var()
+    x.type = x_type
+    return _checked(_Dag(term, None, x, []), v, result)  # evaluated on the term before it is emitted
 
 
 def _structural(term: Term, result: TypingResult) -> Verdict:
