@@ -84,10 +84,11 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     if mode not in MODES:
         raise BwskError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
     eval_program = None  # a Program alone has one capture: eval() then only switches dropout off
+    eval_note = "not used: a Program has one capture, so eval runs it with dropout off"
     if isinstance(model_or_program, Program):
         program = model_or_program
     else:
-        program, eval_program = _lower_both_modes(model_or_program, example_args, example_kwargs)
+        program, eval_program, eval_note = _lower_both_modes(model_or_program, example_args, example_kwargs)
     if mode == "analyzed":
         program = run_passes(program, ["typing", "calm"])
     elif mode == "reversible" and not any(
@@ -96,6 +97,9 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
         if eval_program is not None:
             # evaluation runs the same coupling architecture, from the evaluation capture
             eval_program = _matching_eval_rewrite(program, _reversible_rewrite(eval_program))
+            if eval_program is None:
+                eval_note = ("not used: the evaluation capture's residual chains differ from the training "
+                             "capture's, so eval runs the training capture with dropout off")
     program = program.with_weights({k: v.detach().clone() for k, v in program.weights.items()})
     reversible = mode == "reversible" and not store_activations
     module = compile_program(program, reversible=reversible, seed=seed,
@@ -107,8 +111,9 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
         from bwskc.runtime.check import check_reversible
         given = example_args not in ((), None) or bool(example_kwargs)
         inputs = _entry_inputs(program, example_args, example_kwargs) if given else None
-        module.check_report = check_reversible(program, inputs, seed=seed)
+        module.check_report = check_reversible(program, inputs, seed=seed, checkpoint=checkpoint_rest)
     module.analyses = dict(program.analyses)
+    module.eval_capture = eval_note  # what eval() runs, and why
     return module
 
 
@@ -144,15 +149,27 @@ def _entry_inputs(program: Program, args, kwargs) -> list | None:
 
 def _lower_both_modes(model, example_args, example_kwargs):
     """The model captured in training mode and in evaluation mode (``module.train()``/``eval()`` switch
-    between them); the model's own train/eval flags are left as they were."""
+    between them), or None for the latter where it cannot be trusted after training: the training
+    capture leaves buffer updates out (batch-norm running statistics), so an evaluation capture that
+    reads those buffers would read their initial values forever. The model's own train/eval flags are
+    left as they were."""
+    from bwskc.frontend import export_module
+    from bwskc.lowering import lower_exported
     flags = [(m, m.training) for m in model.modules()]
+    args = example_args if isinstance(example_args, tuple) else (example_args,)
     try:
-        train = lower(model, example_args, example_kwargs, train=True)
-        evaluation = lower(model, example_args, example_kwargs, train=False)
+        loaded = export_module(model, args, example_kwargs, train=True)
+        functional = loaded.exported.run_decompositions({})  # where buffer updates become outputs
+        train = lower_exported(functional, loaded.name, decompose=False)
+        mutated = sorted(functional.graph_signature.buffers_to_mutate.values())
+        evaluation = None if mutated else lower(model, args, example_kwargs, train=False)
     finally:
         for m, flag in flags:
             m.training = flag
-    return train, evaluation
+    note = (f"not used: training updates {len(mutated)} buffers ({mutated[0]}, ...) that bwskc does not "
+            "update yet, so eval runs the training capture with dropout off (batch statistics)"
+            ) if mutated else "the model's evaluation capture"
+    return train, evaluation, note
 
 
 def load_trained(path, *, device: str = "cpu", batch_size: int | None = None, seq_len: int | None = None):

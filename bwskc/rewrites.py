@@ -4,7 +4,7 @@
 src)``, which has no derivative ("derivative for aten::copy is not implemented": RWKV's CPU time loop
 fails in backward in every mode). Its value is ``src`` broadcast to ``dst``'s shape and converted to
 its dtype and device; ``dst``'s values are not read. So it becomes ``expand`` (where the shapes differ)
-and ``_to_copy`` (where the dtype or device differs), or ``clone``, each differentiable, with the same
+and ``_to_copy`` (where the dtype or device differs) or ``clone``, each differentiable, with the same
 value and type. ``dst`` no longer feeds it; the lowering drops it if nothing else uses it.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def differentiable(ep: ExportedProgram, *, owned: bool) -> ExportedProgram:
             if have.dtype != want.dtype or have.device != want.device:
                 value = _call(graph, node, aten._to_copy.default, (value,),
                               node.meta["val"], {"dtype": want.dtype, "device": want.device})
-            elif value is src:
+            else:  # a fresh tensor, as copy_'s destination is (not a stride-0 view of the source)
                 value = _call(graph, node, aten.clone.default, (value,), node.meta["val"])
         node.replace_all_uses_with(value)
         graph.erase_node(node)

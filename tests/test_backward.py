@@ -96,3 +96,14 @@ def test_random_programs_have_eager_gradients(steps, outputs, seed):
         assert (want is None) == (got is None)
         return
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_broadcast_copy_is_a_fresh_tensor_not_a_view():
+    class Fill(nn.Module):
+        def forward(self, x):
+            out = torch.empty(3, 4)
+            out.copy_(x)  # x: [4], broadcast
+            out += 1  # in place on the copy: a stride-0 view of x would refuse this
+            return out
+    x = torch.randn(4)
+    torch.testing.assert_close(bwskc.lower(Fill(), (x,))(x), Fill()(x))

@@ -78,3 +78,25 @@ def test_reversible_stores_no_more_than_conventional_on_the_zoo(name):
     inputs = bwskc._entry_inputs(program, args, kwargs)
     rev, conv = _bytes(program, inputs, "reversible"), _bytes(program, inputs, "conventional")
     assert rev <= conv, (rev, conv)
+
+
+class DrawingCheap(nn.Module):
+    """A cheap layer with a factory draw (BEiT's drop path): counted on meta, draw included."""
+
+    def forward(self, x):
+        keep = 0.7 + torch.rand((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device)
+        return x * 0.5 + keep.floor() * x / 0.7
+
+
+class DrawingNet(Net):
+    def __init__(self, c=4):
+        super().__init__(c)
+        self.cheap = nn.ModuleList([DrawingCheap() for _ in range(3)])
+
+
+def test_layers_with_factory_draws_are_counted_too():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    program = bwskc.lower(DrawingNet(), (x,), train=True)
+    rev, conv = _bytes(program, [x], "reversible"), _bytes(program, [x], "conventional")
+    assert rev <= conv, (rev, conv)

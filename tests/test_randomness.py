@@ -156,24 +156,23 @@ def test_eval_runs_the_evaluation_capture_over_the_same_parameters(mode):
     assert module(x).shape == x.shape
 
 
-def test_train_mode_batch_norm_uses_batch_statistics_and_eval_the_running_ones():
+def test_batch_norm_models_keep_batch_statistics_in_eval_until_running_ones_are_updated():
+    """The training capture leaves batch norm's running-statistics updates out, so an evaluation
+    capture would read their initial values after any amount of training: it is not used, and says
+    so; eval runs the training capture with dropout off (batch statistics), the same after training."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                           nn.Dropout(0.2), nn.Linear(4 * 6 * 6, 3))
-    with torch.no_grad():
-        model[1].running_mean.uniform_(-1, 1)
-        model[1].running_var.uniform_(0.5, 2)
     x = torch.randn(4, 3, 6, 6)
     module = bwskc.compile(model, (x,), mode="conventional")
+    assert module.eval_capture.startswith("not used: training updates 3 buffers")
     module.eval()
-    with torch.no_grad():
-        assert torch.allclose(module(x), model.eval()(x), atol=1e-5, rtol=1e-5)
-    module.train()
     model.train()
-    model[4].p = 0.0  # compare the batch statistics without dropout's draws
-    without = bwskc.compile(model, (x,), mode="conventional")
+    model[4].p = 0.0  # eager training mode without dropout: batch statistics
     with torch.no_grad():
-        assert torch.allclose(without(x), model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(module(x), model(x), rtol=1e-5, atol=1e-5)
+    drop_path = bwskc.compile(Stack(), (torch.randn(3, 5, 8),), mode="conventional")
+    assert drop_path.eval_capture == "the model's evaluation capture"
 
 
 # ------------------------------------------------------------------------- the rules one by one
@@ -272,3 +271,46 @@ def test_a_draw_with_no_activation_operand_is_a_term_of_its_region():
              and t.args[0].op == "aten.rand.default"]
     assert len(draws) == 1  # layers.0's drop path (layers.1 draws with bernoulli on an activation)
     assert bwskc.parse(program.text()) == program
+
+
+def test_a_deep_copy_still_switches_to_its_evaluation_capture():
+    import copy
+    torch.manual_seed(0)
+    model, x = Stack(), torch.randn(3, 5, 8)
+    for mode in ("conventional", "reversible"):
+        module = bwskc.compile(model, (x,), mode=mode)
+        twin = copy.deepcopy(module).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), module.eval()(x))
+            assert not torch.equal(twin.train()(x), twin.eval()(x))
+        assert twin.mode == mode and twin.eval_capture == module.eval_capture
+        assert twin.get_parameter("layers.0.fc.weight") is not module.get_parameter("layers.0.fc.weight")
+        module.train()
+
+
+def test_a_module_with_two_captures_refuses_to_pickle_and_says_what_to_do(tmp_path):
+    torch.manual_seed(0)
+    model, x = Stack(), torch.randn(3, 5, 8)
+    with pytest.raises(TypeError, match="cannot be pickled whole: save module.state_dict"):
+        torch.save(bwskc.compile(model, (x,), mode="conventional"), tmp_path / "two.pt")
+    assert not (tmp_path / "two.pt").exists() or (tmp_path / "two.pt").stat().st_size < 1024
+
+
+def test_rules_follow_aten_where_it_is_specific():
+    seed, where = (3, 0), (0, 0, 0)
+    # a sample's mean and std get no gradient (ATen's derivative is zero)
+    mean, std = torch.zeros(4, requires_grad=True), torch.ones(4, requires_grad=True)
+    assert not _draw("aten.normal.Tensor_Tensor", (mean, std), {}, seed, where).requires_grad
+    # random_() ranges: [0, 2**24] for float32, [0, 127] for int8, [from, top] with to=None
+    f = _draw("aten.random.default", (torch.zeros(50000),), {}, seed, where)
+    assert f.min() >= 0 and f.max() <= 2 ** 24 and f.max() > 2 ** 23 and torch.equal(f, f.round())
+    i8 = _draw("aten.random.from", (torch.zeros(5000, dtype=torch.int8), 100, None), {}, seed, where)
+    assert i8.min() >= 100 and i8.max() <= 127
+    # RReLU at 0 takes the slope, as ATen's x <= 0 branch does: its noise there is the slope
+    x = torch.tensor([-1.0, 0.0, 1.0])
+    _, noise = _draw("aten.rrelu_with_noise_functional.default", (x, torch.zeros(3), 0.1, 0.3, True), {},
+                     seed, where)
+    assert 0.1 <= noise[1] <= 0.3 and noise[2] == 1
+    # multinomial without replacement refuses more samples than categories it can draw
+    with pytest.raises(RuntimeError, match="without replacement"):
+        _draw("aten.multinomial.default", (torch.tensor([[0.5, 0.5, 0.0]]), 3, False), {}, seed, where)

@@ -51,8 +51,8 @@ class _TrainBackend(_FxBackend):
             # every draw is counter-based, keyed on its site: a recomputation draws the same numbers
             site = self.sites[self.where]
             self.sites[self.where] += 1
-            return self.graph.call_function(_RandomCall(prim.op), (tuple(args), dict(kwargs), self.seed,
-                                                                   self.where + (site,)))
+            return self.graph.call_function(random_ops.draw, (prim.op, tuple(args), dict(kwargs), self.seed,
+                                                              self.where + (site,)))
         return super().prim(prim, args, kwargs)
 
     def wrap_def(self, d, value, denoter: Denoter):
@@ -126,8 +126,8 @@ def checkpoint_pays(gm: fx.GraphModule, d, tensor_types: list) -> bool:
     """Whether checkpointing a layer saves memory: the bytes its interior saves for backward (counted on
     the meta device, one storage once, parameters excluded) exceed the bytes of its activation inputs,
     which a checkpoint stores instead. Counted per layer, ignoring that a neighbour may save the same
-    input anyway, so it errs towards storing, never above conventional. A layer the meta device cannot
-    run is checkpointed, as before the count existed."""
+    input anyway, so it errs towards storing, never above conventional; so does a layer the meta device
+    cannot run."""
     def meta(t, grad):
         x = torch.empty(t.shape, dtype=t.torch_dtype, device="meta")
         return x.requires_grad_() if grad and x.is_floating_point() else x
@@ -145,23 +145,12 @@ def checkpoint_pays(gm: fx.GraphModule, d, tensor_types: list) -> bool:
             saved[st._cdata] = st.nbytes()
         return t
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), random_ops.drawing_on("meta"):
             gm(*inputs, (0, 0), *tensors)
-    except Exception:  # an op without a meta kernel: keep the checkpoint
-        return True
+    except Exception:  # an op without a meta kernel: not counted, so stored (never above conventional)
+        return False
     stored = sum(x.untyped_storage().nbytes() for x in inputs)
     return sum(saved.values()) > stored
-
-
-class _RandomCall:
-    """The fx call target of one random op's counter-based rule (named after the op, for printing)."""
-
-    def __init__(self, op: str):
-        self.op = op
-        self.__name__ = self.__qualname__ = "draw_" + op.split(".")[1]
-
-    def __call__(self, args, kwargs, seed, where):
-        return random_ops.REPLAY[self.op](args, kwargs, seed, where)
 
 
 def _getitem(pair, i):
@@ -304,6 +293,33 @@ class CompiledModule(fx.GraphModule):
         if graphs is not None and self.graph is not graphs[bool(mode)]:
             self.graph = graphs[bool(mode)]  # the setter regenerates forward
         return self
+
+    _KEPT = ("chains", "program", "eval_program", "mode", "analyses", "check_report", "eval_capture")
+
+    def __deepcopy__(self, memo):
+        """fx's deepcopy rebuilds a GraphModule from its active graph only: the other capture and the
+        attributes ``bwskc.compile`` sets are carried over here (an EMA or teacher copy must still
+        switch to its evaluation capture)."""
+        import copy
+        res = super().__deepcopy__(memo)
+        for name in self._KEPT:
+            if name in self.__dict__:
+                res.__dict__[name] = self.__dict__[name]  # read-only descriptions: shared
+        graphs = self.__dict__.get("_graphs")
+        if graphs is not None:
+            active = next(mode for mode, g in graphs.items() if g is self.graph)
+            other = copy.deepcopy(graphs[not active], memo)
+            other.owning_module = res
+            res.__dict__["_graphs"] = {active: res.graph, not active: other}
+        return res
+
+    def __reduce__(self):
+        if "_graphs" in self.__dict__:
+            # fx pickles a GraphModule as the code of its one graph: the other capture would be lost,
+            # and eval() would silently run the training capture
+            raise TypeError("a bwskc module with training and evaluation captures cannot be pickled "
+                            "whole: save module.state_dict() and build it again with bwskc.compile")
+        return super().__reduce__()
 
     def reseed(self, seed: int, step: int = 0, shard: int = 0):
         """Restart the dropout stream: the masks of the next forward call are those of ``(seed, step)``;

@@ -23,6 +23,7 @@ module get an evaluation capture of their own (``bwskc.compile``), where these o
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -32,6 +33,22 @@ from bwskc.runtime import rng
 
 REPLAY: dict[str, Callable] = {}  # op name -> rule(args, kwargs, seed, where) -> value
 _EVAL_KEY = 0x5EED  # the key of pure draws run in evaluation mode (no step seed)
+_FORCED_DEVICE: list = []  # a device factory draws are made on, whatever their literal says
+
+
+def draw(op: str, args, kwargs, seed, where):
+    """The fx call target of every random op: its rule (one module-level function, picklable by name)."""
+    return REPLAY[op](args, kwargs, seed, where)
+
+
+@contextlib.contextmanager
+def drawing_on(device):
+    """Factory draws (``rand(shape, device=cpu)``) made on ``device``: the meta-device memory count."""
+    _FORCED_DEVICE.append(device)
+    try:
+        yield
+    finally:
+        _FORCED_DEVICE.pop()
 
 
 def replays(*ops: str):
@@ -146,7 +163,8 @@ def _like(x: torch.Tensor, kwargs) -> dict:
 
 
 def _factory(kwargs) -> dict:
-    return {"dtype": kwargs.get("dtype") or torch.get_default_dtype(), "device": kwargs.get("device") or "cpu"}
+    device = _FORCED_DEVICE[-1] if _FORCED_DEVICE else kwargs.get("device") or "cpu"
+    return {"dtype": kwargs.get("dtype") or torch.get_default_dtype(), "device": device}
 
 
 @replays("aten.rand.default", "aten.rand.generator")
@@ -195,6 +213,9 @@ def _normal_tensors(args, kwargs, seed, where):
     mean, std = _arg(args, kwargs, 0, "mean"), _arg(args, kwargs, 1, "std", 1.0)
     ref = mean if isinstance(mean, torch.Tensor) else std
     shape = torch.broadcast_shapes(*(t.shape for t in (mean, std) if isinstance(t, torch.Tensor)))
+    # detached: ATen defines no gradient through a sample's mean and std (its derivative is zero)
+    mean = mean.detach() if isinstance(mean, torch.Tensor) else mean
+    std = std.detach() if isinstance(std, torch.Tensor) else std
     return (mean + std * _normal(shape, seed, where, ref.device)).to(ref.dtype)
 
 
@@ -281,19 +302,27 @@ def _randint_like_low(args, kwargs, seed, where):
     return _integers(x.shape, low, high, seed, where, opts["device"]).to(opts["dtype"])
 
 
+def _random_top(dtype: torch.dtype) -> int:
+    """The largest value ``random_()`` draws for a dtype, inclusive: 2**digits for floating types (every
+    integer up to it exact), the maximum for integer types, 1 for bool."""
+    if dtype.is_floating_point:
+        return 2 ** (1 - int(math.log2(torch.finfo(dtype).eps)))
+    return 1 if dtype == torch.bool else torch.iinfo(dtype).max
+
+
 @replays("aten.random.default", "aten.random.from", "aten.random.to")
 def _random(args, kwargs, seed, where):
+    """``random_()``: [0, top]; ``random_(to)``: [0, to); ``random_(from, to)``: [from, to), with
+    ``to=None`` meaning [from, top] (``_random_top``), as ATen draws them."""
     x = args[0]
-    if len(args) >= 3 or "to" in kwargs and "from" in kwargs:
+    if len(args) >= 3 or ("from" in kwargs and "to" in kwargs):
         low, high = _arg(args, kwargs, 1, "from"), _arg(args, kwargs, 2, "to")
     elif len(args) == 2 or "to" in kwargs:
         low, high = 0, _arg(args, kwargs, 1, "to")
-    else:  # the dtype's whole non-negative range (to 2**mantissa for floating types)
-        low = 0
-        high = 2 ** (torch.finfo(x.dtype).nmant + 1) if x.dtype.is_floating_point else \
-            (2 if x.dtype == torch.bool else torch.iinfo(x.dtype).max + 1)
+    else:
+        low, high = 0, None
     if high is None:
-        high = torch.iinfo(torch.int64).max
+        high = _random_top(x.dtype) + 1
     return _integers(x.shape, int(low), int(high), seed, where, x.device).to(x.dtype)
 
 
@@ -315,6 +344,9 @@ def _multinomial(args, kwargs, seed, where):
         u = _uniform(p.shape[:-1] + (n,), seed, where, p.device, torch.float64)
         cdf = p.cumsum(-1)
         return torch.searchsorted(cdf, u.contiguous(), right=True).clamp(max=p.shape[-1] - 1)
+    if int((p > 0).sum(-1).min()) < n:  # ATen refuses this too
+        raise RuntimeError("multinomial: cannot sample n_sample > prob_dist.size(-1) samples without "
+                           "replacement (fewer categories with nonzero probability)")
     # without replacement: the top n of log p + Gumbel noise (the Gumbel-top-k trick)
     g = -torch.log(-torch.log(_open_uniform(p.shape, seed, where, p.device)))
     return torch.topk(torch.log(p) + g, n, dim=-1).indices
@@ -379,7 +411,7 @@ def _rrelu(args, kwargs, seed, where):
     x = args[0]
     lower, upper = _arg(args, kwargs, 1, "lower", 1 / 8), _arg(args, kwargs, 2, "upper", 1 / 3)
     slopes = _rrelu_slopes(x, lower, upper, _arg(args, kwargs, 3, "training", False), seed, where)
-    return torch.where(x >= 0, x, x * slopes)
+    return torch.where(x > 0, x, x * slopes)  # ATen: x <= 0 takes the slope (its gradient at 0)
 
 
 @replays("aten.rrelu_with_noise.default")
@@ -394,8 +426,8 @@ def _rrelu_with_noise_functional(args, kwargs, seed, where):
     training = _arg(args, kwargs, 4, "training", False)
     slopes = _rrelu_slopes(x, lower, upper, training, seed, where)
     if training and seed is not None:  # ATen's noise: the slope where x < 0, 1 elsewhere
-        noise = torch.where(x >= 0, torch.ones_like(slopes), slopes).to(noise.dtype)
-    return torch.where(x >= 0, x, x * slopes), noise
+        noise = torch.where(x > 0, torch.ones_like(slopes), slopes).to(noise.dtype)
+    return torch.where(x > 0, x, x * slopes), noise
 
 
 @replays("aten.scaled_dot_product_attention.default")
