@@ -1188,7 +1188,8 @@ def _gram_certificate(w64: torch.Tensor) -> dict | None:
 
     The computed Gram G' = fl(W^T W) satisfies ||G' - W^T W||_2 <= e1 = gamma_k ||W||_F^2. A Cholesky
     of H = G' - s I that runs to completion in floating point factors H + E exactly with
-    ||E||_2 <= e2 = d gamma_{d+1} (||G'||_2 + s) (Demmel), so H + E is positive definite and
+    ||E||_2 <= e2 = c (||G'||_2 + s), c = d gamma_{d+1} / (1 - d gamma_{d+1}) (Demmel; Higham 10.5),
+    so H + E is positive definite and
     lambda_min(W^T W) >= s - e1 - e2. With s = e1 + e2 + t, sigma_min(W) >= sqrt(t). The target t is
     tried from a tenth of the mean eigenvalue down; the last Cholesky pivot alone would bound sigma_min
     from above, not below, which is why the shift carries the bound. None when no shift succeeds (the
@@ -1203,15 +1204,19 @@ def _gram_certificate(w64: torch.Tensor) -> dict | None:
     e1 = gamma(k) * fro2
     mean = fro2 / d
     eye = torch.eye(d, dtype=torch.float64)
+    c = d * gamma(d + 1) / (1 - d * gamma(d + 1))  # Higham, Theorem 10.5, with its 1/(1 - d gamma)
     for t in (mean * 1e-1, mean * 1e-3, mean * 1e-6, mean * 1e-10):
-        shift = e1 + d * gamma(d + 1) * (fro2 * (1 + gamma(k)) + 2 * (e1 + t)) + t
+        # s = e1 + t + c (||G'|| + s), solved for s; then a relative 1e-6 and 8 u ||W||_F^2 more for the
+        # rounding of fro2 itself and of forming G' - s I
+        shift = (e1 + t + c * fro2 * (1 + gamma(k))) / (1 - c) * (1 + 1e-6) + 8 * u * fro2
         _, info = torch.linalg.cholesky_ex(g - shift * eye)
         if int(info) == 0:
             tol = (shift - t) ** 0.5
             return {"method": "float64 Gram matrix, Cholesky of a shifted copy (verified bound)",
                     "sigma_min": t ** 0.5, "sigma_min_is": "a verified lower bound",
                     "sigma_max_upper_bound": fro2 ** 0.5, "tolerance": tol,
-                    "tolerance_rule": "sqrt(gamma_k ||W||_F^2 + d gamma_(d+1) (||W||_F^2 + 2 s))",
+                    "tolerance_rule": "sqrt(s - t): gamma_k ||W||_F^2 + c (||W||_F^2 + s), "
+                                      "c = d gamma_(d+1) / (1 - d gamma_(d+1)), plus rounding slack",
                     "margin": t ** 0.5 / tol if tol > 0 else float("inf"), "numerical_rank": d, "rank": d}
     return None
 
