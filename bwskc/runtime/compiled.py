@@ -71,7 +71,8 @@ class _TrainBackend(_FxBackend):
             start = self.sites[self.where]
             gm, needed, used = _branch_module(denoter.program, Ref(d.name), n - 1, self.where, frozenset(),
                                               site_start=start)
-            if not checkpoint_pays(gm, d, [denoter.program.tensors[key[1]].type for key in needed]):
+            decls = [denoter.program.tensors[key[1]] for key in needed]
+            if not checkpoint_pays(gm, d, [(t.type, t.kind == "param") for t in decls]):
                 # storing the layer's inputs would cost more than its interior saves: run it as
                 # conventional does (its draws keep their sites, which the interior now numbers)
                 f = value
@@ -122,18 +123,18 @@ class _TrainBackend(_FxBackend):
         return self.graph.call_function(add, (a, self.graph.call_function(sub, (b, x))))
 
 
-def checkpoint_pays(gm: fx.GraphModule, d, tensor_types: list) -> bool:
+def checkpoint_pays(gm: fx.GraphModule, d, tensors: list) -> bool:
     """Whether checkpointing a layer saves memory: the bytes its interior saves for backward (counted on
     the meta device, one storage once, parameters excluded) exceed the bytes of its activation inputs,
     which a checkpoint stores instead. Counted per layer, ignoring that a neighbour may save the same
     input anyway, so it errs towards storing, never above conventional; so does a layer the meta device
-    cannot run."""
+    cannot run. ``tensors``: (type, whether a parameter) of what it reads besides its inputs."""
     def meta(t, grad):
         x = torch.empty(t.shape, dtype=t.torch_dtype, device="meta")
         return x.requires_grad_() if grad and x.is_floating_point() else x
     try:
         inputs = [meta(t, True) for t in d.inputs]
-        tensors = [meta(t, True) for t in tensor_types]
+        tensors = [meta(t, is_param) for t, is_param in tensors]  # buffers take no gradient
     except (AttributeError, TypeError):
         return True  # tuple-typed inputs and the like: not counted
     skip = {t.untyped_storage()._cdata for t in tensors}
