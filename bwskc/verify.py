@@ -459,16 +459,17 @@ def _verify(program: Program, filename, lines, check_shapes):
     if program.entry.pos:
         scope_pos["entry"] = program.entry.pos
     _check_consts(program, where, check_shapes)
-    calls = nx.DiGraph()
-    bodies = [(d.name, d.body) for d in program.defs.values()] + [("entry", program.entry.body)]
-    for scope, body in bodies:
-        calls.add_node(scope)
+    calls = nx.DiGraph()  # the entry's node is a tuple: a definition may be called "entry" too
+    bodies = [(d.name, d.name, d.body) for d in program.defs.values()] + [(("entry",), "entry",
+                                                                          program.entry.body)]
+    for node, scope, body in bodies:
+        calls.add_node(node)
         for t in subterms(body):
             if isinstance(t, Prim):
                 _check_bound_args(program, t, lambda m, t=t, s=scope: where(m, t, s))
             elif isinstance(t, Ref):
                 if t.name in program.defs:
-                    calls.add_edge(scope, t.name)
+                    calls.add_edge(node, t.name)
                 elif t.name not in program.tensors:
                     raise where(f"unbound name {t.name!r}", t, scope)
     if not nx.is_directed_acyclic_graph(calls):

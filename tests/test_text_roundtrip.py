@@ -489,3 +489,14 @@ def test_to_fx_with_unusual_names(name):
     p = bwskc.parse(text).with_weights({name: w})
     torch.testing.assert_close(p(x), x + w)
     torch.testing.assert_close(p.to_fx()(x), x + w)
+
+
+def test_a_definition_named_entry_is_not_the_entry():
+    """The call graph keys the entry apart from the definitions: a definition called ``entry`` (found by
+    the random programs above) is not a recursive call of the entry."""
+    from bwskc.ir import HOLE, Def, Entry, Prim, Program, Ref, TensorType
+    t = TensorType("f32", (2,))
+    neg = Prim("aten.neg.default", (HOLE,), (), t)
+    p = Program("p", {}, [], {"entry": Def("entry", (t,), t, neg)}, Entry(("x",), (t,), ("y",), (t,), Ref("entry")))
+    verify_program(p)
+    _check_round_trip(p)
