@@ -34,20 +34,25 @@ class _FxBackend:
 def _module_tree(program: Program) -> torch.nn.Module:
     root = torch.nn.Module()
     for name, decl in program.tensors.items():
-        *path, leaf = name.split(".")
-        mod = root
-        for part in path:
-            if not hasattr(mod, part):
-                mod.add_module(part, torch.nn.Module())
-            mod = getattr(mod, part)
-        value = program.weights.get(name)
-        if value is None:
-            value = torch.empty(decl.type.shape, dtype=decl.type.torch_dtype, device="meta")
-        if decl.kind == "param":
-            mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
-        else:
-            mod.register_buffer(leaf, value, persistent=decl.kind == "buffer")
+        register_tensor(root, name, decl, program.weights.get(name))
     return root
+
+
+def register_tensor(root: torch.nn.Module, name: str, decl, value) -> None:
+    """``value`` (a meta placeholder when None) as parameter or buffer ``name`` of ``root``, its
+    submodules created along the dotted path."""
+    *path, leaf = name.split(".")
+    mod = root
+    for part in path:
+        if not hasattr(mod, part):
+            mod.add_module(part, torch.nn.Module())
+        mod = getattr(mod, part)
+    if value is None:
+        value = torch.empty(decl.type.shape, dtype=decl.type.torch_dtype, device="meta")
+    if decl.kind == "param":
+        mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
+    else:
+        mod.register_buffer(leaf, value, persistent=decl.kind == "buffer")
 
 
 def _placeholder_name(name: str, index: int) -> str:

@@ -23,7 +23,7 @@ from bwskc._deep import run_deep
 from bwskc.errors import BwskError
 from bwskc.ir import Comb, Const, Prim, Program, Ref, rev_shared, subterms
 from bwskc.runtime import random_ops, rng
-from bwskc.runtime.codegen import _FxBackend, _module_tree, _placeholder_name
+from bwskc.runtime.codegen import _FxBackend, _module_tree, _placeholder_name, register_tensor
 from bwskc.runtime.coupling import ChainSpec, CouplingFunction
 from bwskc.runtime.denote import Denoter, resolve_op, sub_prim
 from bwskc.passes.reversible import unreplayable_draw
@@ -381,18 +381,6 @@ def _check_same_signature(train: Program, eval_: Program) -> None:
 def _add_missing_tensors(gm: fx.GraphModule, program: Program, eval_program: Program) -> None:
     """Tensors only the evaluation capture reads become attributes too (shared ones already are)."""
     for name, decl in eval_program.tensors.items():
-        if name in program.tensors:
-            continue
-        *path, leaf = name.split(".")
-        mod = gm
-        for part in path:
-            if not hasattr(mod, part):
-                mod.add_module(part, torch.nn.Module())
-            mod = getattr(mod, part)
-        value = eval_program.weights.get(name)
-        value = torch.empty(decl.type.shape, dtype=decl.type.torch_dtype, device="meta") \
-            if value is None else value.detach().clone()
-        if decl.kind == "param":
-            mod.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=value.is_floating_point()))
-        else:
-            mod.register_buffer(leaf, value, persistent=decl.kind == "buffer")
+        if name not in program.tensors:
+            value = eval_program.weights.get(name)
+            register_tensor(gm, name, decl, None if value is None else value.detach().clone())
