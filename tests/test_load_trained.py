@@ -29,6 +29,9 @@ def _configs():
     return {
         "gpt2": transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=MAX_POS,
                                         bos_token_id=1, eos_token_id=2),
+        "neox": transformers.GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                           intermediate_size=64, vocab_size=64, max_position_embeddings=MAX_POS,
+                                           bos_token_id=0, eos_token_id=0),
         "t5": transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
         "switch": transformers.SwitchTransformersConfig(
@@ -130,6 +133,15 @@ def test_causal_padding_is_exact_within_a_bucket(zoo, rows, length, seed):
         out = lm(ids).logits
     torch.testing.assert_close(out, zoo.reference("gpt2", "conventional", {"input_ids": ids})["logits"], **TOL)
     assert (4, 16) in lm._bwskc_programs
+
+
+def test_neox_checkpoint_conversions_apply(zoo):
+    """GPT-NeoX saves ``embed_out``; the library renames it to ``lm_head`` only for its own class name,
+    so the bwskc subclass must load through the library class (a random lm_head otherwise)."""
+    ids = _ids(3, 17)
+    with torch.no_grad():
+        out = zoo.load("neox", "conventional")(ids).logits
+    torch.testing.assert_close(out, zoo.reference("neox", "conventional", {"input_ids": ids})["logits"], **TOL)
 
 
 def test_causal_reversible_is_not_the_class_function(zoo):

@@ -112,7 +112,15 @@ class BwskcCompiledMixin:
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+        """The library class's own ``from_pretrained`` (its checkpoint conversions are keyed by its class
+        name, and skipped for classes outside transformers: GPT-NeoX's ``embed_out`` -> ``lm_head``),
+        then the instance becomes this class."""
+        from transformers import PreTrainedModel
+        library = next(b for b in cls.__mro__
+                       if issubclass(b, PreTrainedModel) and not issubclass(b, BwskcCompiledMixin))
+        model = library.from_pretrained(*args, **kwargs)
+        model.__class__ = cls
+        model._bwskc_programs, model._bwskc_tracing = {}, False
         model.config.use_cache = False
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.use_cache = False  # a program has no KV cache: every step recomputes
