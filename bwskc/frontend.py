@@ -182,10 +182,10 @@ def load_hf(config_path: Path, specs: list[InputSpec], *, meta: bool = False,
     try:
         if has_weights and not meta:
             model = model_cls.from_pretrained(str(config_path.parent), local_files_only=True,
-                                              attn_implementation="sdpa")
+                                              **model_kwargs(model_cls))
         else:
             with ctx:
-                model = model_cls._from_config(config, attn_implementation="sdpa")
+                model = model_cls._from_config(config, **model_kwargs(model_cls))
     except Exception as exc:
         raise BwskError(f"{config_path}: cannot build {model_cls.__name__} ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -195,6 +195,12 @@ def load_hf(config_path: Path, specs: list[InputSpec], *, meta: bool = False,
     else:
         args, kwargs = default_inputs(model, device=device)
     return export_module(model, args, kwargs, name=type(model).__name__, train=train)
+
+
+def model_kwargs(model_class) -> dict:
+    """``attn_implementation="sdpa"`` where the class supports it (one fused op for the IR to type),
+    nothing where it does not (Switch Transformers, ResNet: asking would fail)."""
+    return {"attn_implementation": "sdpa"} if getattr(model_class, "_supports_sdpa", False) else {}
 
 
 def _model_class(config):

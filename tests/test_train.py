@@ -282,6 +282,7 @@ def test_padded_loss_is_the_unpadded_mean(n, t, v, pad, seed):
 def test_data_order_partitions_each_epoch(blocks, per_rank, nproc, seed):
     """Within an epoch no block is drawn twice, and the ranks' slices make up the global batch."""
     from bwskc.train.loop import Trainer, World
+    from bwskc.train.objectives import CausalLM
     batch = per_rank * nproc
     if blocks < batch:
         return
@@ -292,13 +293,14 @@ def test_data_order_partitions_each_epoch(blocks, per_rank, nproc, seed):
         t.cfg = type("C", (), {"seed": seed, "batch_size": batch})()
         t.world, t.local, t.blocks = World(rank, nproc), per_rank, data
         t.per_epoch, t.device = blocks // batch, torch.device("cpu")
+        t.objective = CausalLM(None, data, {}, seed=seed, global_batch=batch)
         return t
     ranks = [trainer(r) for r in range(nproc)]
     for epoch in range(2):
         seen = []
         for i in range(ranks[0].per_epoch):
             step = epoch * ranks[0].per_epoch + i
-            seen += [int(x) for r in ranks for x in r.batch(step).flatten()]
+            seen += [int(x) for r in ranks for x in r.batch(step)["input_ids"].flatten()]
         assert len(seen) == len(set(seen)) == ranks[0].per_epoch * batch
 
 

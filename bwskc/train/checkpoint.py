@@ -8,7 +8,7 @@ not a silently different run. Nothing stores an absolute path, so a run director
 
 ``DIR/<variant>/``: ``model.safetensors`` and ``config.json`` (``save_pretrained`` of the model class
 with the best weights: a conventional variant loads with ``AutoModelForCausalLM.from_pretrained``),
-``bwskc.json`` (how it was compiled, for ``bwskc.load_trained``), ``checkpoint/`` (the last state, for
+``bwskc.json`` (how it was compiled, its task, for ``bwskc.load_trained``), ``checkpoint/`` (the last state, for
 ``--resume``), ``metrics.jsonl``.
 """
 from __future__ import annotations
@@ -72,7 +72,8 @@ def save_data(out: Path, tokenizer, blocks: dict[str, torch.Tensor], info: dict)
     final, tmp = out / DATA, out / (DATA + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tokenizer.save_pretrained(str(tmp / TOKENIZER))
+    if tokenizer is not None:  # images have none
+        tokenizer.save_pretrained(str(tmp / TOKENIZER))
     (tmp / BLOCKS).write_bytes(blocks_bytes(blocks))
     if os.environ.get(FAULT_KILL_IN_DATA):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -130,7 +131,7 @@ def _module_state(module) -> dict[str, torch.Tensor]:
 
 
 def _bwskc_json(cfg, **extra) -> str:
-    return json.dumps({"mode": cfg.mode, "experiment": cfg.experiment,
+    return json.dumps({"mode": cfg.mode, "experiment": cfg.experiment, "task": cfg.task,
                        "batch_size": cfg.batch_size // max(1, cfg.nproc), "seq_len": cfg.seq_len,
                        "seed": cfg.seed, "model": cfg.model, **extra}, indent=1) + "\n"
 
@@ -143,7 +144,10 @@ def save_model(out: Path, module, hf_model, cfg, source_program=None) -> None:
         return
     state = _module_state(module)
     own = hf_model.state_dict()
-    missing = [k for k in state if k not in own]
+    # buffers the class does not save (non-persistent: rotary tables, BERT's position ids) are
+    # constants of the program, not trained state
+    unsaved = {name for name, _ in hf_model.named_buffers()} - set(own)
+    missing = [k for k in state if k not in own and k not in unsaved]
     if missing and any(not k.endswith("inv_freq") for k in missing):
         raise BwskError(f"{cfg.name}: parameters the model class does not have: {missing[:3]}")
     with torch.no_grad():
@@ -178,20 +182,23 @@ def _save_ir_model(out: Path, module, cfg, program) -> None:
     tmp.rmdir()
 
 
-def load_best(out: Path, module) -> None:
-    """Load the published (best) weights back into the module, through ``from_pretrained`` (or, for
-    an IR model, from ``model.safetensors``)."""
-    import transformers
+def load_best(out: Path, module, task: str = "causal") -> None:
+    """Load the published (best) weights back into the module, through the task's ``from_pretrained``
+    (or, for an IR model, from ``model.safetensors``)."""
+    from bwskc.train.tasks import auto_class
     if (out / "model.bwsk").is_file():
         load_into(module, load_file(str(out / "model.safetensors")), str(out / "model.safetensors"))
         return
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    hf = auto_class(task).from_pretrained(str(out), local_files_only=True)
     load_into(module, hf.state_dict(), str(out / "model.safetensors"))
 
 
 def load_into(module, state: dict, where: str) -> None:
+    """Parameters and buffers from ``state``; a buffer it lacks (a constant the model class does not
+    save, e.g. position ids) keeps the program's value, a parameter it lacks is refused."""
     own = module.state_dict()
-    absent = [k for k, v in own.items() if k not in state and not k.endswith("inv_freq")]
+    params = {name for name, _ in module.named_parameters()}
+    absent = [k for k, v in own.items() if k not in state and k in params]
     if absent:
         raise BwskError(f"{where}: missing weights {absent[:3]}")
     with torch.no_grad():

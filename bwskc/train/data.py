@@ -55,6 +55,7 @@ __all__ = ["TextSplits", "load_text", "build_tokenizer", "token_blocks", "STDLIB
 STDLIB_MAX_CHARS = 4_000_000
 EOT = "<|endoftext|>"
 UNK = "<unk>"
+MASK = "[MASK]"
 LOCAL_EXAMPLE = "../shared/data/wikitext-2"
 HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -424,8 +425,9 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vo
 
 
 def build_tokenizer(splits: TextSplits, *, model_dir: str | Path | None, vocab_size: int,
-                    save_to: str | Path | None = None):
-    """The model's tokenizer if ``model_dir`` holds one, else one trained on ``splits.train`` (every id < vocab_size)."""
+                    save_to: str | Path | None = None, mask: bool = False):
+    """The model's tokenizer if ``model_dir`` holds one, else one trained on ``splits.train`` (every id < vocab_size).
+    ``mask``: the tokenizer must have a mask token (a masked LM): a trained one gets ``[MASK]`` (id 1)."""
     import transformers
 
     if not isinstance(vocab_size, int) or vocab_size < 4:
@@ -438,12 +440,19 @@ def build_tokenizer(splits: TextSplits, *, model_dir: str | Path | None, vocab_s
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BwskError(f"the tokenizer in {model_dir} could not be loaded: {first}") from None
         top = max(tokenizer.get_vocab().values(), default=-1)
+        if mask and tokenizer.mask_token_id is None:
+            raise BwskError(f"the tokenizer in {model_dir} has no mask token, which a masked LM needs")
         if top >= vocab_size:
             raise BwskError(f"the tokenizer in {model_dir} has ids up to {top} but the model's vocabulary has "
                             f"{vocab_size} entries")
     else:
-        backend = _train_byte_bpe(splits.train, vocab_size) if vocab_size >= 257 else _train_chars(splits.train, vocab_size)
-        kwargs = dict(eos_token=EOT, bos_token=EOT) if vocab_size >= 257 else dict(eos_token=EOT, bos_token=EOT, unk_token=UNK)
+        special = [MASK] if mask else []
+        backend = (_train_byte_bpe(splits.train, vocab_size, special) if vocab_size >= 257 + len(special)
+                   else _train_chars(splits.train, vocab_size, special))
+        kwargs = dict(eos_token=EOT, bos_token=EOT) if vocab_size >= 257 + len(special) else dict(
+            eos_token=EOT, bos_token=EOT, unk_token=UNK)
+        if mask:
+            kwargs["mask_token"] = MASK
         tokenizer = transformers.PreTrainedTokenizerFast(
             tokenizer_object=backend, clean_up_tokenization_spaces=False, **kwargs)
         top = max(tokenizer.get_vocab().values())
@@ -453,33 +462,37 @@ def build_tokenizer(splits: TextSplits, *, model_dir: str | Path | None, vocab_s
     return tokenizer
 
 
-def _train_byte_bpe(texts: list[str], vocab_size: int):
+def _train_byte_bpe(texts: list[str], vocab_size: int, special: list[str] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOT, *special],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     backend.train_from_iterator(texts, trainer=trainer, length=len(texts))
     assert backend.get_vocab_size() <= vocab_size, (backend.get_vocab_size(), vocab_size)
     return backend
 
 
-def _train_chars(texts: list[str], vocab_size: int):
-    """Characters by frequency in the train split (ties by code point); ids 0 and 1 are EOT and UNK."""
+def _train_chars(texts: list[str], vocab_size: int, special: list[str] = ()):
+    """Characters by frequency in the train split (ties by code point); ids 0 and 1 are EOT and UNK,
+    the ``special`` tokens (``[MASK]``) follow."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     counts: Counter[str] = Counter()
     for text in texts:
         counts.update(text)
     counts.pop(EOT, None)
-    chars = sorted(counts, key=lambda c: (-counts[c], c))[: vocab_size - 2]
-    vocab = {EOT: 0, UNK: 1, **{c: i + 2 for i, c in enumerate(sorted(chars))}}
+    for token in special:
+        counts.pop(token, None)
+    fixed = [EOT, UNK, *special]
+    chars = sorted(counts, key=lambda c: (-counts[c], c))[: vocab_size - len(fixed)]
+    vocab = {**{t: i for i, t in enumerate(fixed)}, **{c: i + len(fixed) for i, c in enumerate(sorted(chars))}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    backend.add_special_tokens([EOT, UNK])
+    backend.add_special_tokens(fixed)
     return backend
 
 

@@ -1,13 +1,15 @@
-"""One training run: a model compiled in one mode, trained on token blocks, evaluated, checkpointed.
+"""One training run: a model compiled in one mode, trained on its task's data, evaluated, checkpointed.
 
 Everything a run does is a function of ``(seed, step)``: the data order of an epoch is a permutation
 seeded with ``(seed, epoch)``, the dropout masks are counter-based and keyed on ``(seed, step)`` (the
-compiled module is re-seeded before each step), so a run resumed from a checkpoint at step k takes the
+compiled module is re-seeded before each step), as are the masked LM's masks and the images'
+augmentations (``bwskc.train.objectives``), so a run resumed from a checkpoint at step k takes the
 same steps k+1.. as a run that never stopped, and its metrics match record for record.
 
-The loss is next-token cross entropy over the block (mean over tokens). Evaluation runs the compiled
-module in eval mode (dropout off) over every block of a split; the last batch is padded with copies
-whose tokens carry weight zero, so every block counts exactly once.
+The loss is the task's (``objectives``: next-token, decoder-token or masked-token cross entropy, image
+cross entropy). Evaluation runs the compiled module in eval mode (its evaluation capture) over every
+row of a split; the last batch is padded with copies whose rows carry weight zero, so every row counts
+exactly once.
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ import torch.nn.functional as F
 
 from bwskc.errors import BwskError
 from bwskc.train import checkpoint as ckpt
+from bwskc.train import tasks
 from bwskc.train.models import ModelSource, build_model, ir_program, resolve_model
+from bwskc.train.objectives import objective, outputs_by_name
 
 MODE_DIRS = {"conventional": "conventional", "analyzed": "bwsk-analyzed", "reversible": "bwsk-reversible"}
 DEFAULT_LR = {"scratch": 6e-4, "finetune": 1e-4}
@@ -62,6 +66,7 @@ class RunConfig:
     resume: bool = False
     nproc: int = 1
     ddp_timeout: float = 300.0      # seconds a rank waits for the others in a collective
+    task: str = "causal"            # causal | seq2seq | masked | image (bwskc.train.tasks)
 
     @property
     def name(self) -> str:
@@ -70,7 +75,7 @@ class RunConfig:
     def hyperparameters(self) -> dict:
         # no paths: a moved run directory resumes (the data is named by its digest, see Trainer)
         keep = ("epochs", "max_steps", "batch_size", "seq_len", "lr", "warmup", "weight_decay",
-                "grad_clip", "precision", "patience", "seed", "eval_every", "nproc")
+                "grad_clip", "precision", "patience", "seed", "eval_every", "nproc", "task")
         return {k: getattr(self, k) for k in keep} | {"optimizer": "AdamW", "schedule": "cosine-warmup"}
 
 
@@ -95,6 +100,9 @@ class State:
     elapsed_s: float = 0.0
     last_train: float | None = None  # mean training loss over the last evaluation interval
     losses: list = field(default_factory=list)  # training losses since the last evaluation
+    parts: dict = field(default_factory=dict)  # the loss's reported parts (router losses), summed since then
+    last_parts: dict = field(default_factory=dict)  # their means over the last evaluation interval
+    best_metrics: dict = field(default_factory=dict)  # the validation metrics of the best evaluation
 
 
 def lm_loss(logits, ids, weight=None):
@@ -133,12 +141,15 @@ class Trainer:
         self.blocks, self.data_info = ckpt.load_blocks(cfg.data)
         if cfg.batch_size % world.size:
             raise BwskError(f"--batch-size {cfg.batch_size} is not a multiple of --nproc {world.size}")
+        if self.data_info.get("task", "causal") != cfg.task:
+            raise BwskError(f"{cfg.data}: prepared for --task {self.data_info.get('task', 'causal')}, not "
+                            f"{cfg.task}; use another --out")
         self.local = cfg.batch_size // world.size
         n_train = self.blocks["train"].shape[0]
         self.per_epoch = n_train // cfg.batch_size
         if self.per_epoch == 0:
-            raise BwskError(f"{cfg.data}: {n_train} training blocks of {cfg.seq_len} tokens, fewer than one "
-                            f"batch of {cfg.batch_size}: lower --batch-size or --seq-len")
+            raise BwskError(f"{cfg.data}: {n_train} training rows, fewer than one batch of {cfg.batch_size}: "
+                            f"lower --batch-size" + (" or --seq-len" if cfg.task != "image" else ""))
         self.total = self.per_epoch * cfg.epochs if cfg.max_steps is None else min(
             cfg.max_steps, self.per_epoch * cfg.epochs)
         self.eval_every = cfg.eval_every or self.per_epoch
@@ -152,15 +163,22 @@ class Trainer:
         if self.device.type == "cuda" and world.size > 1:  # one GPU per rank
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", world.rank)))
         pretrained = cfg.experiment == "finetune"
+        config = self.src.program if self.src.program is not None else self.src.config
+        self.objective = objective(cfg.task, config, self.blocks, self.data_info, seed=cfg.seed,
+                                   global_batch=cfg.batch_size)
         if self.src.program is not None:  # an IR file: the program itself, no model class
             self.hf = None
             program = ir_program(self.src, pretrained=pretrained, seed=cfg.seed)
             self.module = bwskc.compile(program, mode=cfg.mode, seed=cfg.seed).to(self.device)
         else:
-            self.hf = build_model(self.src, pretrained=pretrained, seed=cfg.seed).to(self.device)
-            example = self.blocks["train"][:self.local].to(self.device)
-            self.module = bwskc.compile(self.hf, (example,), mode=cfg.mode, seed=cfg.seed)
+            self.hf = build_model(self.src, pretrained=pretrained, seed=cfg.seed, task=cfg.task,
+                                  classes=self.data_info.get("classes"),
+                                  image_size=self.data_info.get("image_size")).to(self.device)
+            args, kwargs = tasks.example_inputs(cfg.task, self.hf.config, self.batch(0))
+            self.module = bwskc.compile(self.hf, args, kwargs, mode=cfg.mode, seed=cfg.seed)
             self.hf.to("cpu")  # kept only as the layout save_pretrained writes; the module has its own copy
+        # the order the compiled program takes its inputs in (the export's, not necessarily the task's)
+        self.input_names = tuple(self.module.program.entry.input_names)
         self.model = self.module
         if world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -178,46 +196,51 @@ class Trainer:
         return self.cfg.hyperparameters() | {"data_sha256": self.data_info.get("sha256")}
 
     # ------------------------------------------------------------------ data order
-    def batch(self, step: int) -> torch.Tensor:
+    def batch(self, step: int) -> dict:
+        """This rank's rows of step ``step``'s global batch, as the task's inputs and labels."""
         epoch, i = divmod(step, self.per_epoch)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
         order = torch.randperm(self.blocks["train"].shape[0], generator=gen)
         rows = order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
-        rows = rows[self.world.rank * self.local:(self.world.rank + 1) * self.local]
-        return self.blocks["train"][rows].to(self.device)
+        offset = self.world.rank * self.local
+        batch = self.objective.batch("train", rows[offset:offset + self.local], step=step, offset=offset)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def forward(self, model, batch: dict) -> dict:
+        with _autocast(self.cfg):
+            out = model(*[batch[n] for n in self.input_names])
+        return outputs_by_name(self.module, out)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, split: str) -> float:
-        """Mean token loss over every block of ``split`` (the group's shards all-reduced)."""
-        data = self.blocks[split]
-        n = data.shape[0]
+    def evaluate(self, split: str) -> dict:
+        """The task's metrics over every row of ``split`` (``loss``, and perplexity or accuracy), the
+        group's shards all-reduced."""
+        n = self.objective.rows(split)
         span = self.local * self.world.size
         padded = -(-n // span) * span
         self.module.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)  # nccl reduces device tensors
+        total = torch.zeros(3, dtype=torch.float64, device=self.device)  # nccl reduces device tensors
         for start in range(self.world.rank * self.local, padded, span):
             rows = torch.arange(start, start + self.local)
-            weight = (rows < n).to(torch.float32)
-            ids = data[rows.clamp(max=n - 1)].to(self.device)
-            with _autocast(self.cfg):
-                logits = self.module(ids)
-            loss_sum, count = lm_loss(logits, ids, weight.to(self.device))
-            total += torch.stack([loss_sum.double(), count.double()])
+            weight = (rows < n).to(torch.float32).to(self.device)
+            batch = {k: v.to(self.device) for k, v in
+                     self.objective.batch(split, rows.clamp(max=n - 1), step=None).items()}
+            total += self.objective.sums(self.forward(self.module, batch), batch, weight)
         self.module.train()
         if self.world.size > 1:
             import torch.distributed as dist
             dist.all_reduce(total)
-        return float(total[0] / total[1])
+        return self.objective.metrics(total)
 
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> tuple[float, float]:
-        ids = self.batch(step)
+        batch = self.batch(step)
         # the same seed on every rank, each drawing its rows' slice of the global batch's masks
         self.module.reseed(self.cfg.seed, step, shard=self.world.rank)
-        with _autocast(self.cfg):
-            logits = self.model(ids)
-        loss = lm_loss(logits, ids)
+        loss, parts = self.objective.loss(self.forward(self.model, batch), batch)
+        for name, value in parts.items():  # this rank's parts: logged, not judged
+            self.state.parts[name] = self.state.parts.get(name, 0.0) + value
         seen = loss.detach()
         if self.world.size > 1:  # the global batch's loss, so every rank logs and judges the same value
             import torch.distributed as dist
@@ -260,10 +283,15 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             _reset_peak_rss()
+        first = self.batch(0)
         with _autocast(cfg):  # activation bytes of one training forward (deterministic; rng re-seeded)
-            act_bytes, _ = saved_bytes(self.module, self.batch(0), loss=lambda out: lm_loss(out, self.batch(0)))
+            act_bytes, _ = saved_bytes(
+                self.module, *[first[n] for n in self.input_names],
+                loss=lambda out: self.objective.loss(outputs_by_name(self.module, out), first)[0])
         bar = _progress(self.total, state.step, cfg.name, disable=not self.world.main)
-        tokens = self.local * cfg.seq_len * self.world.size
+        # throughput in the task's unit: tokens the model reads (images for an image task)
+        tokens = self.local * self.world.size * (1 if cfg.task == "image" else
+                                                 cfg.seq_len * (2 if cfg.task == "seq2seq" else 1))
         kill_at = int(os.environ.get(FAULT_KILL, "0"))
         try:
             while state.step < self.total and not state.stopped:
@@ -275,10 +303,10 @@ class Trainer:
                 state.losses.append(loss)
                 self.record({"step": state.step, "epoch": state.step / self.per_epoch, "loss": loss,
                              "lr": self.sched.get_last_lr()[0], "grad_norm": norm,
-                             "tokens_per_s": tokens / dt})
+                             ("images_per_s" if cfg.task == "image" else "tokens_per_s"): tokens / dt})
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(min(loss, 50)):.1f}",
-                                tok_s=f"{tokens / dt:.0f}", mem=_mem_text(self.device))
+                rate = {"tok_s" if cfg.task != "image" else "img_s": f"{tokens / dt:.0f}"}
+                bar.set_postfix(loss=f"{loss:.3f}", **rate, mem=_mem_text(self.device))
                 if kill_at and state.step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if state.step % self.eval_every == 0 or state.step == self.total:
@@ -287,18 +315,19 @@ class Trainer:
                     ckpt.save(self.out, self.module, self.opt, self.sched, self.scaler, state, self.hyperparameters())
         finally:
             bar.close()
-        test_loss = self.final_test()
-        return self.results(act_bytes, test_loss)
+        return self.results(act_bytes, self.final_test())
 
     def evaluate_and_save(self):
         state = self.state
-        val = self.evaluate("valid")
+        metrics = self.evaluate("valid")
+        val = metrics["loss"]
         if not math.isfinite(val):
             raise self.diverged("validation loss", val, state.step - 1)
         train_loss = sum(state.losses) / max(1, len(state.losses))
         improved = val < state.best_val
         if improved:
             state.best_val, state.best_step, state.bad_evals = val, state.step, 0
+            state.best_metrics = metrics
             if self.world.main:
                 ckpt.save_model(self.out, self.module, self.hf, self.cfg, self.src.program)
         else:
@@ -306,23 +335,25 @@ class Trainer:
             if state.bad_evals >= self.cfg.patience:
                 state.stopped = "early_stopping"
         state.last_train = train_loss
-        state.losses = []
+        state.last_parts = {k: v / max(1, len(state.losses)) for k, v in state.parts.items()}
+        state.losses, state.parts = [], {}
         self.record({"step": state.step, "epoch": state.step / self.per_epoch, "train_loss": train_loss,
-                     "val_loss": val, "val_perplexity": _ppl(val), "best": improved})
+                     **{f"train_{k}": v for k, v in state.last_parts.items()},
+                     **{f"val_{k.replace('-', '_')}": v for k, v in metrics.items()}, "best": improved})
         if self.world.main:
             ckpt.save(self.out, self.module, self.opt, self.sched, self.scaler, state, self.hyperparameters())
         self.barrier()  # the other ranks read the best weights only once they are written
         self.log(f"{self.cfg.name}: step {state.step}/{self.total} train loss {train_loss:.4f} "
-                 f"val ppl {_ppl(val):.2f}{' (best)' if improved else ''}")
+                 f"val {self.objective.headline(metrics)}{' (best)' if improved else ''}")
 
     def barrier(self):
         if self.world.size > 1:
             import torch.distributed as dist
             dist.barrier()
 
-    def final_test(self) -> float:
-        """Test loss of the best checkpoint (the weights saved at the best validation)."""
-        ckpt.load_best(self.out, self.module)
+    def final_test(self) -> dict:
+        """Test metrics of the best checkpoint (the weights saved at the best validation)."""
+        ckpt.load_best(self.out, self.module, self.cfg.task)
         return self.evaluate("test")
 
     def record(self, row: dict):
@@ -330,16 +361,18 @@ class Trainer:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def results(self, act_bytes: int, test_loss: float) -> dict:
+    def results(self, act_bytes: int, test: dict) -> dict:
         cfg, state = self.cfg, self.state
         peak_rss = _peak_rss()
         cuda = self.device.type == "cuda"
         out = {
             "mode": cfg.mode, "experiment": cfg.experiment, "model": cfg.model, "variant": cfg.name,
             "init_from": cfg.init_from,
+            "task": cfg.task, "metric": self.objective.metric,
             "final_loss": state.last_train,
-            "val_loss": state.best_val, "val_perplexity": _ppl(state.best_val),
-            "test_loss": test_loss, "test_perplexity": _ppl(test_loss),
+            **_split_metrics("val", state.best_metrics or {"loss": state.best_val}, cfg.task),
+            **_split_metrics("test", test, cfg.task),
+            **({"final_" + k: v for k, v in state.last_parts.items()}),
             "peak_memory_bytes": torch.cuda.max_memory_allocated(self.device) if cuda else peak_rss,
             "peak_memory_kind": "cuda.max_memory_allocated" if cuda else
             "peak resident memory of the process during training (VmHWM, reset after compiling)",
@@ -358,6 +391,14 @@ class Trainer:
         if cfg.mode == "analyzed":
             out["typing"] = {k: v for k, v in self.module.analyses["typing"].summary().items() if k != "defs"}
         return out
+
+
+def _split_metrics(split: str, metrics: dict, task: str) -> dict:
+    """``val_loss``/``val_perplexity`` (text: the seeds' keys; a masked LM's pseudo-perplexity under the
+    same key, ``metric`` names it) or ``val_loss``/``val_accuracy`` (images)."""
+    if task == "image":
+        return {f"{split}_loss": metrics["loss"], f"{split}_accuracy": metrics.get("accuracy", math.nan)}
+    return {f"{split}_loss": metrics["loss"], f"{split}_perplexity": _ppl(metrics["loss"])}
 
 
 def _ppl(loss: float) -> float:

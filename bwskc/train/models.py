@@ -1,4 +1,4 @@
-"""What ``bwskc train --model M`` names, built as a causal language model.
+"""What ``bwskc train --model M`` names, built with the head of its task (``bwskc.train.tasks``).
 
 ``M`` is a Hugging Face model directory (config.json, maybe weights and a tokenizer), a ``config.json``
 alone (random weights), a hub id where the hub is reachable, a directory ``bwskc train`` wrote, or a
@@ -8,6 +8,7 @@ own initialisation, seeded); ``finetune`` starts from the weights the model has.
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import dataclass
@@ -55,7 +56,6 @@ def resolve_model(spec: str) -> ModelSource:
     except Exception as exc:
         raise BwskError(f"{spec}: unknown model (not a local path, and not reachable on the hub: "
                         f"{type(exc).__name__})") from None
-    _check_causal(spec, config)
     return ModelSource(spec, config, None, None)  # hub weights: from_pretrained(spec) in build_model
 
 
@@ -118,7 +118,6 @@ def _from_config_file(spec: str, path: Path) -> ModelSource:
         config = transformers.AutoConfig.for_model(**raw)
     except Exception as exc:
         raise BwskError(f"{spec}: not a Hugging Face config ({type(exc).__name__}: {exc})") from None
-    _check_causal(spec, config)
     return ModelSource(spec, config, None, None)
 
 
@@ -130,37 +129,48 @@ def _from_dir(spec: str, directory: Path) -> ModelSource:
         config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
     except Exception:
         return _from_config_file(spec, directory / "config.json")
-    _check_causal(spec, config)
     has_weights = any((directory / f).exists() for f in WEIGHT_FILES)
     has_tokenizer = any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
     return ModelSource(spec, config, directory if has_weights else None,
                        directory if has_tokenizer else None)
 
 
-def _check_causal(spec: str, config) -> None:
-    import transformers
-    if type(config) not in transformers.AutoModelForCausalLM._model_mapping:
-        raise BwskError(f"{spec}: bwskc train trains causal language models; a "
-                        f"{type(config).__name__} has no causal-LM class")
-
-
-def build_model(src: ModelSource, *, pretrained: bool, seed: int) -> torch.nn.Module:
-    """The model in training mode with ``use_cache`` off: its own weights when ``pretrained``
-    (``finetune``), the class's initialisation seeded with ``seed`` otherwise (``scratch``)."""
-    import transformers
+def build_model(src: ModelSource, *, pretrained: bool, seed: int, task: str = "causal",
+                classes: list | None = None, image_size: int | None = None) -> torch.nn.Module:
+    """The model with its task's head, in training mode with ``use_cache`` off: its own weights when
+    ``pretrained`` (``finetune``), the class's initialisation seeded with ``seed`` otherwise
+    (``scratch``). An image classifier's head gets one output per class of the data (``classes``),
+    re-initialised when the pretrained head has another number of them; ``image_size`` (``--image-size``)
+    replaces the config's where it has one (position embeddings are sized by it)."""
+    from bwskc.train.tasks import auto_class, model_kwargs
     torch.manual_seed(seed)
-    kwargs = dict(attn_implementation="sdpa")
+    auto = auto_class(task)
+    try:
+        model_class = auto._model_mapping[type(src.config)]
+    except KeyError:
+        raise BwskError(f"{src.name}: a {type(src.config).__name__} has no {auto.__name__} class") from None
+    kwargs = model_kwargs(model_class)
+    if classes is not None:
+        kwargs.update(num_labels=len(classes), id2label=dict(enumerate(classes)),
+                      label2id={c: i for i, c in enumerate(classes)})
+        if pretrained:
+            kwargs["ignore_mismatched_sizes"] = True
     try:
         if pretrained and src.weights_dir is not None:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(src.weights_dir), local_files_only=True, **kwargs)
+            model = auto.from_pretrained(str(src.weights_dir), local_files_only=True, **kwargs)
         elif pretrained and src.weights_dir is None and not Path(src.name).exists():
-            model = transformers.AutoModelForCausalLM.from_pretrained(src.name, **kwargs)
+            model = auto.from_pretrained(src.name, **kwargs)
         elif pretrained:
             raise BwskError(f"{src.name}: has no weights to fine-tune (a config alone); give a model "
                             f"directory with weights, or --experiment all to fine-tune from the scratch run")
         else:
-            model = transformers.AutoModelForCausalLM.from_config(src.config, **kwargs)
+            config = copy.deepcopy(src.config)
+            if image_size is not None and hasattr(config, "image_size"):
+                config.image_size = image_size
+            for key in ("num_labels", "id2label", "label2id"):
+                if key in kwargs:
+                    setattr(config, key, kwargs.pop(key))
+            model = auto.from_config(config, **kwargs)
     except BwskError:
         raise
     except Exception as exc:

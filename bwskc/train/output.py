@@ -12,6 +12,13 @@ from bwskc.train.loop import MODE_DIRS
 
 SCHEMA = "bwskc.train/1"
 MODE_NAMES = {"conventional": "Conventional", "analyzed": "BWSK analyzed", "reversible": "BWSK reversible"}
+TASK_NAMES = {"causal": "causal language modelling (next-token cross entropy; perplexity)",
+              "seq2seq": "sequence-to-sequence language modelling (the decoder, teacher-forced, predicts the "
+                         "block after the encoder's; perplexity over decoder tokens; a mixture of experts' "
+                         "router losses added as its config says, reported apart)",
+              "masked": "masked language modelling (15% of tokens chosen, 80/10/10 mask/random/keep; "
+                        "pseudo-perplexity over the chosen tokens, fixed evaluation masks)",
+              "image": "image classification (cross entropy; top-1 accuracy)"}
 
 
 def write_summary(out: Path, results: dict, args) -> dict:
@@ -50,20 +57,47 @@ def read_results(path: Path) -> dict:
 
 
 def memory_savings(results: dict) -> dict:
-    """Reversible against conventional, per experiment: activation bytes and peak memory."""
+    """Reversible against conventional, per experiment: activation bytes and peak memory, and the
+    metric's gap (perplexity: relative, in %; accuracy: in percentage points)."""
     out = {}
     for experiment in ("scratch", "finetune"):
         conv = results.get(f"{experiment}-{MODE_DIRS['conventional']}")
         rev = results.get(f"{experiment}-{MODE_DIRS['reversible']}")
         if conv and rev:
-            out[experiment] = {
+            row = {
                 "activation_ratio": rev["activation_bytes"] / max(1, conv["activation_bytes"]),
                 "activation_saved_pct": 100 * (1 - rev["activation_bytes"] / max(1, conv["activation_bytes"])),
                 "peak_ratio": rev["peak_memory_bytes"] / max(1, conv["peak_memory_bytes"]),
-                "val_perplexity_gap_pct": 100 * (rev["val_perplexity"] / conv["val_perplexity"] - 1),
-                "test_perplexity_gap_pct": 100 * (rev["test_perplexity"] / conv["test_perplexity"] - 1),
+                "peak_saved_pct": 100 * (1 - rev["peak_memory_bytes"] / max(1, conv["peak_memory_bytes"])),
             }
+            if "val_accuracy" in conv:
+                for split in ("val", "test"):
+                    row[f"{split}_accuracy_gap_pts"] = 100 * (rev[f"{split}_accuracy"] - conv[f"{split}_accuracy"])
+            else:
+                for split in ("val", "test"):
+                    row[f"{split}_perplexity_gap_pct"] = 100 * (rev[f"{split}_perplexity"]
+                                                                / conv[f"{split}_perplexity"] - 1)
+            out[experiment] = row
     return out
+
+
+def _metric_name(r: dict) -> str:
+    return {"pseudo-perplexity": "Pseudo-Perplexity", "accuracy": "Accuracy"}.get(r.get("metric"), "Perplexity")
+
+
+def _metric_columns(r: dict):
+    """The metric's columns for a task's table, and how a row fills them."""
+    if r.get("task") == "image":
+        return (["Val Loss", "Val Accuracy", "Test Loss", "Test Accuracy"],
+                lambda r: [f"{r['val_loss']:.4f}", f"{100 * r['val_accuracy']:.2f}%", f"{r['test_loss']:.4f}",
+                           f"{100 * r['test_accuracy']:.2f}%"])
+    name = _metric_name(r)
+    columns = [f"Val {name}", f"Test {name}"]
+    if "final_router_aux_loss" in r or "final_router_z_loss" in r:  # a mixture of experts
+        columns.append("Router Loss (z / aux)")
+    return columns, lambda r: [f"{r['val_perplexity']:.2f}", f"{r['test_perplexity']:.2f}"] + (
+        [f"{r.get('final_router_z_loss', 0):.4f} / {r.get('final_router_aux_loss', 0):.4f}"]
+        if len(columns) == 3 else [])
 
 
 def _mib(n) -> str:
@@ -72,9 +106,17 @@ def _mib(n) -> str:
 
 def readme(summary: dict) -> str:
     data = summary["data"]
-    lines = [f"# bwskc train results: {summary['model']}", "",
-             f"Data: {data.get('source', '?')}. Tokenizer: {data.get('tokenizer', '?')}; blocks of "
-             f"{data.get('seq_len')} tokens: {data.get('blocks')}."]
+    task = data.get("task", "causal")
+    lines = [f"# bwskc train results: {summary['model']}", "", f"Task: {TASK_NAMES.get(task, task)}."]
+    if task == "image":
+        lines += [f"Data: {data.get('source', '?')}; {len(data.get('classes', []))} classes, images cropped to "
+                  f"{data.get('image_size')}x{data.get('image_size')}: {data.get('blocks')}."]
+    else:
+        unit = (f"blocks of {data.get('seq_len')} tokens read by the encoder, each followed by the "
+                f"{data.get('seq_len')} its decoder predicts" if task == "seq2seq"
+                else f"blocks of {data.get('seq_len')} tokens")
+        lines += [f"Data: {data.get('source', '?')}. Tokenizer: {data.get('tokenizer', '?')}; {unit}: "
+                  f"{data.get('blocks')}."]
     if data.get("note"):
         lines += ["", f"**Split convention:** {data['note']}"]
     variants = summary["variants"]
@@ -87,25 +129,31 @@ def readme(summary: dict) -> str:
         rows = [(m, r) for m, r in rows if r]
         if not rows:
             continue
+        columns, cells = _metric_columns(rows[0][1])
         lines += [f"## {experiment.capitalize()}", "",
-                  "| Mode | Final Loss | Val Perplexity | Test Perplexity | Peak Memory | Activation Memory "
-                  "| Time | Epochs | Steps |", "|---|---|---|---|---|---|---|---|---|"]
+                  f"| Mode | Final Loss | {' | '.join(columns)} | Peak Memory | Activation Memory "
+                  "| Time | Epochs | Steps |", "|---" * (7 + len(columns)) + "|"]
         for mode, r in rows:
             final = f"{r['final_loss']:.4f}" if r.get("final_loss") is not None else "-"
-            lines.append(f"| {MODE_NAMES[mode]} | {final} | {r['val_perplexity']:.2f} | "
-                         f"{r['test_perplexity']:.2f} | {_mib(r['peak_memory_bytes'])} | "
+            lines.append(f"| {MODE_NAMES[mode]} | {final} | {' | '.join(cells(r))} | "
+                         f"{_mib(r['peak_memory_bytes'])} | "
                          f"{_mib(r['activation_bytes'])} | {r['time_s']:.1f} s | {r['epochs']:.2f} | "
                          f"{r['steps']} ({r['stopped']}) |")
         lines.append("")
     savings = summary["memory_savings"]
     if savings:
+        accuracy = any("val_accuracy_gap_pts" in s for s in savings.values())
+        gap = "accuracy gap (points)" if accuracy else f"{_metric_name(any_run)} gap"
         lines += ["## Memory savings (reversible against conventional)", "",
-                  "| Experiment | Activation memory | Activation saved | Peak memory ratio | Val ppl gap "
-                  "| Test ppl gap |", "|---|---|---|---|---|---|"]
+                  f"| Experiment | Activation memory | Activation saved | Peak memory ratio | Peak saved "
+                  f"| Val {gap} | Test {gap} |", "|---|---|---|---|---|---|---|"]
         for experiment, s in savings.items():
+            if accuracy:
+                gaps = f"{s['val_accuracy_gap_pts']:+.2f} | {s['test_accuracy_gap_pts']:+.2f}"
+            else:
+                gaps = f"{s['val_perplexity_gap_pct']:+.2f}% | {s['test_perplexity_gap_pct']:+.2f}%"
             lines.append(f"| {experiment} | {s['activation_ratio']:.3f}x | {s['activation_saved_pct']:.1f}% | "
-                         f"{s['peak_ratio']:.3f}x | {s['val_perplexity_gap_pct']:+.2f}% | "
-                         f"{s['test_perplexity_gap_pct']:+.2f}% |")
+                         f"{s['peak_ratio']:.3f}x | {s['peak_saved_pct']:.1f}% | {gaps} |")
         lines.append("")
     typed = [r for r in variants.values() if r.get("typing")]
     if typed:
@@ -156,7 +204,7 @@ def plot_run(directory: Path) -> None:
     ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, label="train loss")
     ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross entropy (nats/token)")
+    ax.set_ylabel("cross entropy (nats per target)")
     ax.set_title(directory.name)
     ax.legend()
     fig.tight_layout()
@@ -182,7 +230,7 @@ def plot_comparison(out: Path, results: dict) -> None:
                     label=f"{MODE_NAMES[mode]} (validation)")
         ax.set_title(experiment)
         ax.set_xlabel("step")
-        ax.set_ylabel("cross entropy (nats/token)")
+        ax.set_ylabel("cross entropy (nats per target)")
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "loss_curves.png", dpi=100)

@@ -1,9 +1,10 @@
 """``bwskc train``: the seeds' six variants (``{finetune,scratch}-{conventional,bwsk-analyzed,bwsk-reversible}``).
 
-Order of work: every input is checked before anything is written (model, data, output directory,
-options), so bad input is one line, exit 2, and nothing touched. Then the text is tokenized once into
-``DIR/data/`` (the tokenizer, trained offline when the model has none, and the token blocks), and the
-variants run, scratch before finetune: a model without weights is fine-tuned from the scratch
+Order of work: every input is checked before anything is written (model, task, data, output
+directory, options), so bad input is one line, exit 2, and nothing touched. The task follows from the
+model (``bwskc.train.tasks``; ``--task`` overrides it). Then the data is prepared once into ``DIR/data/``
+(text: the tokenizer, trained offline when the model has none, and the token blocks; images: the
+decoded, resized pixels and their labels), and the variants run, scratch before finetune: a model without weights is fine-tuned from the scratch
 conventional run's best checkpoint. Each variant runs in its own process when there are several (peak
 memory is then the variant's own). Finally ``DIR/results.json``, ``DIR/README.md`` and the plots.
 
@@ -27,6 +28,7 @@ from bwskc.errors import BwskError
 from bwskc.train import checkpoint as ckpt
 from bwskc.train.loop import MODE_DIRS, RunConfig
 from bwskc.train.models import max_positions, resolve_model, vocab_size
+from bwskc.train.tasks import TASKS, choose_task
 
 MODES = tuple(MODE_DIRS)
 EXPERIMENTS = ("scratch", "finetune")
@@ -40,12 +42,24 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="Hugging Face directory or config.json, a hub id where reachable, or a directory "
                    "bwskc train wrote; default: a small Pythia-style GPT-NeoX shipped with bwskc")
+    p.add_argument("--task", default=None, choices=TASKS,
+                   help="the objective (default: the model's own head: causal for GPT-style models, seq2seq "
+                   "for T5/BART/Switch, masked for BERT-style encoders, image for image classifiers)")
     p.add_argument("--mode", default="all", choices=MODES + ("all",))
     p.add_argument("--experiment", default="all", choices=EXPERIMENTS + ("all",))
-    p.add_argument("--data", default="stdlib",
-                   help="a text file, a directory with train/valid/test files (../shared/data/wikitext-2 "
-                   "follows its README's convention), a hub dataset id where reachable, or 'stdlib' "
-                   "(default: the Python standard library's own sources, on every machine)")
+    p.add_argument("--data", default=None,
+                   help="text tasks: a text file, a directory with train/valid/test files "
+                   "(../shared/data/wikitext-2 follows its README's convention), a hub dataset id where "
+                   "reachable, or 'stdlib' (default: the Python standard library's own sources, on every "
+                   "machine); image tasks: an image folder DIR/{train,valid,test}/CLASS/*.png (or "
+                   "DIR/CLASS/*.png, split 80/10/10), a hub dataset id where reachable, or 'digits' "
+                   "(default: scikit-learn's handwritten digits, shipped with it)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image tasks: the side images are cropped to (default: the config's image_size, "
+                   "else 224)")
+    p.add_argument("--augment", default="crop,flip",
+                   help="image tasks: training augmentations, a comma list of crop and flip, or none "
+                   "(default crop,flip; seeded per step and image)")
     p.add_argument("--out", default="runs/train",
                    help="output directory (default runs/train): new, empty, or one bwskc train wrote "
                    f"(it holds {RUN_MARKER}), which may gain the variants it lacks; any other non-empty "
@@ -86,7 +100,7 @@ def default_model_path() -> str:
 # ----------------------------------------------------------------------------------- checks
 # (option, smallest value, what the value is): every numeric option, finite and in range
 _INT_OPTIONS = (("epochs", 1), ("max_steps", 1), ("batch_size", 1), ("seq_len", 2), ("patience", 1),
-                ("nproc", 1), ("warmup", 0), ("eval_every", 0), ("save_every", 0))
+                ("nproc", 1), ("warmup", 0), ("eval_every", 0), ("save_every", 0), ("image_size", 8))
 _FLOAT_OPTIONS = (("lr", 0.0, False), ("weight_decay", 0.0, True), ("grad_clip", 0.0, True),
                   ("ddp_timeout", MIN_DDP_TIMEOUT_S, True))  # (name, bound, bound allowed)
 
@@ -119,6 +133,9 @@ def _check_options(args) -> None:
         raise BwskError(f"--device {args.device}: CUDA is not available on this machine")
     if args.precision == "fp16" and not args.device.startswith("cuda"):
         raise BwskError("--precision fp16 needs CUDA (loss scaling); use bf16 or fp32 on CPU")
+    augment = set(filter(None, args.augment.split(","))) - {"none"}
+    if augment - {"crop", "flip"}:
+        raise BwskError(f"--augment {args.augment}: choose from crop, flip (comma-separated) or none")
     if not 0 <= args.seed < 2**31:
         raise BwskError(f"--seed must be in [0, 2**31), got {args.seed}")
     try:
@@ -190,16 +207,26 @@ def data_state(out: Path) -> str | None:
 
 
 def existing_data(args, out: Path, splits, state: str | None) -> Path | None:
-    """``DIR/data`` when an earlier command prepared it, whole, from the same text at the same --seq-len
-    (reused, so every variant in DIR sees the same tokens); a mismatch is refused rather than
-    overwritten; an incomplete one (a kill while it was written) is None: prepared again."""
+    """``DIR/data`` when an earlier command prepared it, whole, for the same task from the same data at
+    the same --seq-len (--image-size) (reused, so every variant in DIR sees the same rows); a mismatch
+    is refused rather than overwritten; an incomplete one (a kill while it was written) is None:
+    prepared again."""
     where = out / ckpt.DATA
     if state is not None:
         if state != ABSENT:
             print(f"{where}: {state}; preparing it again")
         return None
     info = json.loads((where / ckpt.DATA_JSON).read_text())
-    if info.get("seq_len") != args.seq_len:
+    if info.get("task", "causal") != args.task:
+        raise BwskError(f"{where}: prepared for --task {info.get('task', 'causal')}, not {args.task}; use "
+                        f"another --out")
+    if args.task == "image":
+        if info.get("image_size") != args.image_size:
+            raise BwskError(f"{where}: prepared with --image-size {info.get('image_size')}, not "
+                            f"{args.image_size}; use another --out")
+        if not args.resume and info.get("spec") != (args.data or "digits"):
+            raise BwskError(f"{where}: prepared from other images ({info.get('spec')}); use another --out")
+    elif info.get("seq_len") != args.seq_len:
         raise BwskError(f"{where}: prepared with --seq-len {info.get('seq_len')}, not {args.seq_len}; "
                         f"use another --out")
     if splits is not None and info.get("source") != splits.source:
@@ -209,11 +236,14 @@ def existing_data(args, out: Path, splits, state: str | None) -> Path | None:
 
 def tokenize(args, src, splits, batch_size: int):
     """Tokenizer and token blocks, in memory, with every check that can fail done before anything is
-    written."""
+    written. A seq2seq block is two ``--seq-len`` halves: what the encoder reads, what the decoder
+    predicts."""
     from bwskc.train.data import build_tokenizer, token_blocks
     vocab = vocab_size(src.program or src.config)
-    tokenizer = build_tokenizer(splits, model_dir=src.tokenizer_dir, vocab_size=vocab, save_to=None)
-    blocks = {name: token_blocks(tokenizer, getattr(splits, name), args.seq_len, what=f"the {name} split")
+    tokenizer = build_tokenizer(splits, model_dir=src.tokenizer_dir, vocab_size=vocab, save_to=None,
+                                mask=args.task == "masked")
+    length = args.seq_len * (2 if args.task == "seq2seq" else 1)
+    blocks = {name: token_blocks(tokenizer, getattr(splits, name), length, what=f"the {name} split")
               for name in ("train", "valid", "test")}
     top = max(int(b.max()) for b in blocks.values())
     if top >= vocab:
@@ -221,11 +251,72 @@ def tokenize(args, src, splits, batch_size: int):
     if blocks["train"].shape[0] < batch_size:
         raise BwskError(f"{args.data}: {blocks['train'].shape[0]} training blocks of {args.seq_len} tokens, "
                         f"fewer than one batch of {batch_size}: lower --batch-size or --seq-len")
-    info = {"source": splits.source, "note": splits.note, "seq_len": args.seq_len,
+    info = {"task": args.task, "source": splits.source, "note": splits.note, "seq_len": args.seq_len,
             "tokenizer": "the model's" if src.tokenizer_dir else "trained offline (byte-level BPE)",
             "blocks": {k: int(v.shape[0]) for k, v in blocks.items()},
             "tokens": {k: int(v.numel()) for k, v in blocks.items()}}
+    if args.task == "masked":
+        info["mask_token_id"] = int(tokenizer.mask_token_id)
     return tokenizer, blocks, info
+
+
+def prepare_images(args, src, batch_size: int):
+    """Pixels and labels of the three splits, in memory, checked before anything is written."""
+    from bwskc.train import images
+    config = src.config
+    found = images.load_images(args.data or "digits", image_size=args.image_size,
+                               channels=int(getattr(config, "num_channels", 3)))
+    mean, std = images.image_stats(src.weights_dir, config)
+    blocks = {}
+    for name in ("train", "valid", "test"):
+        pixels, labels = getattr(found, name)
+        blocks[name], blocks[f"{name}_labels"] = pixels, labels
+    if blocks["train"].shape[0] < batch_size:
+        raise BwskError(f"{args.data or 'digits'}: {blocks['train'].shape[0]} training images, fewer than "
+                        f"one batch of {batch_size}: lower --batch-size")
+    augment = sorted(set(filter(None, args.augment.split(","))) - {"none"})
+    info = {"task": "image", "spec": args.data or "digits", "source": found.source, "note": found.note, "image_size": args.image_size,
+            "stored_size": found.stored_size, "classes": list(found.classes), "mean": list(mean),
+            "std": list(std), "crop": "crop" in augment, "flip": "flip" in augment,
+            "tokenizer": None, "blocks": {k: int(blocks[k].shape[0]) for k in ("train", "valid", "test")}}
+    return None, blocks, info
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def looks_like_images(path: Path, depth: int = 3) -> bool:
+    """A directory with image files within ``depth`` levels (CLASS/x.png, split/CLASS/x.png)."""
+    if not path.is_dir():
+        return False
+    level = [path]
+    for _ in range(depth):
+        nxt = []
+        for d in level:
+            try:
+                children = sorted(d.iterdir())[:1000]  # a look, not a walk of a user's whole disk
+            except OSError:
+                continue
+            if any(c.is_file() and c.suffix.lower() in IMAGE_SUFFIXES for c in children):
+                return True
+            nxt += [c for c in children if c.is_dir() and not c.name.startswith(".")]
+        level = nxt[:200]
+    return False
+
+
+def _check_data_kind(args, src) -> None:
+    """Text for a text task, images for an image task: a mix-up is one line, before anything is read
+    at length."""
+    if args.data is None:
+        return
+    path = Path(args.data)
+    kind = type(src.config).__name__ if src.config is not None else "an IR program"
+    if args.task == "image" and path.exists() and not looks_like_images(path):
+        raise BwskError(f"{args.data}: not an image folder (no CLASS/*.png|jpg images), and a {kind} is an "
+                        "image classifier: give --data DIR/{train,valid,test}/CLASS/*.png or 'digits'")
+    if args.task != "image" and path.is_dir() and looks_like_images(path):
+        raise BwskError(f"{args.data}: an image folder, and a {kind} trains on text (--task {args.task}): "
+                        "give a text file or directory, or an image classifier")
 
 
 # ----------------------------------------------------------------------------------- the command
@@ -242,19 +333,34 @@ def run_training(args) -> dict:
     if args.resume:
         _check_checkpoints(out, variants)
     src = resolve_model(args.model)
+    if src.program is not None:
+        if args.task not in (None, "causal"):
+            raise BwskError(f"{args.model}: an IR program trains as a causal LM (its one i64 input), not "
+                            f"--task {args.task}")
+        args.task = "causal"
+    else:
+        args.task = choose_task(args.model, src.config, args.task)
+    if args.task == "image":
+        from bwskc.train.images import image_size_of
+        args.image_size = args.image_size or image_size_of(src.config)
+    _check_data_kind(args, src)
     if src.program is not None:  # an IR program has fixed shapes: the run must use them
         batch, seq = src.program.entry.inputs[0].shape
         if (args.batch_size // args.nproc, args.seq_len) != (batch, seq):
             raise BwskError(f"{args.model}: the program takes i64[{batch},{seq}]: use --seq-len {seq} and "
                             f"--batch-size {batch * args.nproc} (per process {batch})")
     limit = max_positions(src.program or src.config)
-    if limit is not None and args.seq_len > limit:
+    if args.task != "image" and limit is not None and args.seq_len > limit:
         raise BwskError(f"--seq-len {args.seq_len} exceeds the model's {limit} positions")
     finetune_from = _finetune_source(args, src, out, variants)
     state = data_state(out)
-    splits = None if args.resume and state is None else load_text(args.data)
-    data = existing_data(args, out, splits, state)
-    prepared = None if data is not None else tokenize(args, src, splits, args.batch_size)
+    if args.task == "image":
+        data = existing_data(args, out, None, state) if state is None else None
+        prepared = None if data is not None else prepare_images(args, src, args.batch_size)
+    else:
+        splits = None if args.resume and state is None else load_text(args.data or "stdlib")
+        data = existing_data(args, out, splits, state)
+        prepared = None if data is not None else tokenize(args, src, splits, args.batch_size)
     try:  # every check has passed: now write, and a failing write is one line naming the path
         return _write_runs(args, out, variants, data, prepared, finetune_from)
     except OSError as exc:
@@ -310,7 +416,7 @@ def _config(args, experiment, mode, out, data, init_from) -> RunConfig:
                      grad_clip=args.grad_clip, precision=args.precision, patience=args.patience,
                      seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
                      device=args.device, resume=args.resume,
-                     nproc=args.nproc, ddp_timeout=args.ddp_timeout)
+                     nproc=args.nproc, ddp_timeout=args.ddp_timeout, task=args.task)
 
 
 def _run_one(cfg: RunConfig, data: Path, separate: bool) -> dict:

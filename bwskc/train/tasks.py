@@ -9,6 +9,7 @@ overrides it where the model has that head. The losses and batches live in ``bws
 from __future__ import annotations
 
 from bwskc.errors import BwskError
+from bwskc.frontend import model_kwargs  # noqa: F401  (re-exported: the trainer builds models with it)
 
 TASKS = ("causal", "seq2seq", "masked", "image")
 AUTO_CLASS = {"causal": "AutoModelForCausalLM", "seq2seq": "AutoModelForSeq2SeqLM",
@@ -74,12 +75,6 @@ def choose_task(spec: str, config, requested: str | None) -> str:
                         f"class, so it cannot train --task {requested}"
                         + (f" (its task: {detect_task(config)})" if detect_task(config) else ""))
     return requested
-
-
-def model_kwargs(model_class) -> dict:
-    """``attn_implementation="sdpa"`` where the class supports it (one fused op for the IR to type),
-    nothing where it does not (Switch Transformers, ResNet)."""
-    return {"attn_implementation": "sdpa"} if getattr(model_class, "_supports_sdpa", False) else {}
 
 
 def input_names(task: str, config) -> tuple[str, ...]:

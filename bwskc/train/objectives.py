@@ -1,0 +1,240 @@
+"""The training objective of each task family: its batches, its loss and its evaluation metric.
+
+Every batch is a function of ``(seed, step)`` and of the rows' global positions, never of the process
+that draws it: a data-parallel rank taking rows ``r*b .. (r+1)*b`` of the global batch gets exactly the
+single-process batch's rows (masks, augmentations included), and a resumed run repeats the steps of one
+that never stopped.
+
+* ``causal``: next-token cross entropy over the block (perplexity).
+* ``seq2seq``: a prepared block is ``2 * seq_len`` tokens; the encoder reads the first half, the decoder,
+  teacher-forced (its input the target shifted right by the decoder start token), predicts the second
+  half (perplexity over decoder tokens). A mixture-of-experts router's auxiliary losses (Switch: z-loss
+  and load balancing) are added with the config's coefficients and reported apart.
+* ``masked``: 15% of the tokens are chosen (at least one per block), of which 80% become the mask token,
+  10% a random token and 10% stay; the loss is cross entropy over the chosen tokens (pseudo-perplexity).
+  Training masks are drawn from ``(seed, step)``; evaluation masks are fixed per split and block.
+* ``image``: cross entropy and top-1 accuracy; training images are randomly cropped (and flipped) from
+  ``(seed, step, row)``, evaluation images centre-cropped.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from bwskc.errors import BwskError
+from bwskc.train import tasks
+
+MASK_RATE, MASK_SHARE, RANDOM_SHARE = 0.15, 0.8, 0.1
+EVAL_MASK_SEED = 20261202  # the same evaluation masks for every variant and every --seed
+IGNORE = -100
+
+
+def _generator(*key: int) -> torch.Generator:
+    value = 0
+    for k in key:  # a fixed mixing of the key (no Python hash: it is salted per process)
+        value = (value * 1_000_003 + int(k) + 0x9E3779B9) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)
+
+
+def outputs_by_name(module, out) -> dict:
+    """The compiled program's outputs keyed by their names (``logits``, ``encoder_z_loss``...)."""
+    names = module.program.entry.output_names
+    values = out if isinstance(out, (tuple, list)) else (out,)
+    return dict(zip(names, values))
+
+
+class Objective:
+    """What one task trains: ``batch`` builds the inputs (and ``labels``) of given rows of a split,
+    ``loss`` the training loss and its reported parts, ``sums`` what evaluation adds up."""
+    task = ""
+    metric = "perplexity"
+
+    def __init__(self, config, data: dict, info: dict, *, seed: int, global_batch: int):
+        self.config, self.data, self.info, self.seed = config, data, info, seed
+        self.global_batch = global_batch  # rows of one step over all ranks (random draws are per global row)
+        self.names = tasks.input_names(self.task, config)
+
+    def rows(self, split: str) -> int:
+        return int(self.data[split].shape[0])
+
+    def inputs(self, batch: dict) -> list:
+        return [batch[n] for n in self.names]
+
+    # per task ------------------------------------------------------------
+    def batch(self, split: str, rows: torch.Tensor, *, step: int | None, offset: int = 0) -> dict:
+        raise NotImplementedError
+
+    def token_losses(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-target cross entropy and the weight (1 or 0) of each, shaped ``[rows, targets]``."""
+        raise NotImplementedError
+
+    def loss(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+        losses, weight = self.token_losses(outputs, batch)
+        return (losses * weight).sum() / weight.sum().clamp(min=1), {}
+
+    def sums(self, outputs: dict, batch: dict, row_weight: torch.Tensor) -> torch.Tensor:
+        """(loss sum, target count, correct count) over the rows whose ``row_weight`` is 1."""
+        losses, weight = self.token_losses(outputs, batch)
+        weight = weight * row_weight[:, None]
+        return torch.stack([(losses.double() * weight).sum(), weight.double().sum(),
+                            torch.zeros((), dtype=torch.float64, device=losses.device)])
+
+    def metrics(self, sums: torch.Tensor) -> dict:
+        loss = float(sums[0] / sums[1])
+        return {"loss": loss, self.metric: _ppl(loss)}
+
+    def headline(self, metrics: dict) -> str:
+        return f"{self.metric} {metrics[self.metric]:.2f}"
+
+    def better(self, metrics: dict, best: dict | None) -> bool:
+        """Early stopping and the best checkpoint follow the validation loss."""
+        return best is None or metrics["loss"] < best["loss"]
+
+
+def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).clamp(min=0),
+                           reduction="none")
+    return flat.view(targets.shape)
+
+
+class CausalLM(Objective):
+    task = "causal"
+
+    def batch(self, split, rows, *, step, offset=0):
+        return {"input_ids": self.data[split][rows]}
+
+    def token_losses(self, outputs, batch):
+        ids = batch["input_ids"]
+        losses = _ce(outputs["logits"][:, :-1], ids[:, 1:])
+        return losses, torch.ones_like(losses)
+
+
+class Seq2SeqLM(Objective):
+    task = "seq2seq"
+
+    def __init__(self, config, data, info, *, seed, global_batch):
+        super().__init__(config, data, info, seed=seed, global_batch=global_batch)
+        start = getattr(config, "decoder_start_token_id", None)
+        self.start = int(start if start is not None else (getattr(config, "pad_token_id", None) or 0))
+
+    def batch(self, split, rows, *, step, offset=0):
+        block = self.data[split][rows]
+        half = block.shape[1] // 2
+        source, target = block[:, :half], block[:, half:]
+        decoder = torch.cat([torch.full_like(target[:, :1], self.start), target[:, :-1]], dim=1)
+        return {"input_ids": source, "attention_mask": torch.ones_like(source),
+                "decoder_input_ids": decoder, "labels": target}
+
+    def token_losses(self, outputs, batch):
+        losses = _ce(outputs["logits"], batch["labels"])
+        return losses, torch.ones_like(losses)
+
+    def router_losses(self, outputs: dict) -> dict:
+        """The router's auxiliary losses weighted as the config says (Switch Transformers: z-loss and
+        load balancing, encoder plus decoder), by name; empty for a dense model."""
+        parts = {}
+        for kind, coef in (("z", "router_z_loss_coef"), ("aux", "router_aux_loss_coef")):
+            values = [outputs[f"{side}_{kind}_loss"] for side in ("encoder", "decoder")
+                      if f"{side}_{kind}_loss" in outputs]
+            if values and getattr(self.config, coef, None) is not None:
+                parts[f"router_{kind}_loss"] = getattr(self.config, coef) * sum(v.float() for v in values)
+        return parts
+
+    def loss(self, outputs, batch):
+        ce, _ = super().loss(outputs, batch)
+        parts = self.router_losses(outputs)
+        return ce + sum(parts.values(), torch.zeros((), device=ce.device)), {
+            "lm_loss": float(ce.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
+
+
+class MaskedLM(Objective):
+    task = "masked"
+    metric = "pseudo-perplexity"
+
+    def __init__(self, config, data, info, *, seed, global_batch):
+        super().__init__(config, data, info, seed=seed, global_batch=global_batch)
+        if info.get("mask_token_id") is None:
+            raise BwskError("the prepared data has no mask token (prepared for another task): use another --out")
+        self.mask_id, self.vocab = int(info["mask_token_id"]), int(config.vocab_size)
+        self.fixed = {}  # evaluation masks, per split: drawn once for every block
+
+    def plan(self, shape, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Which positions are targets and what each becomes; it depends on the shape and the
+        generator only, never on the tokens, so rows can be drawn for the global batch and sliced."""
+        choice = torch.rand(shape, generator=gen)
+        chosen = choice < MASK_RATE
+        chosen[torch.arange(shape[0]), choice.argmin(dim=1)] = True  # at least one target per block
+        fate = torch.rand(shape, generator=gen)
+        random_ids = torch.randint(0, self.vocab, shape, generator=gen)
+        return chosen, chosen & (fate < MASK_SHARE), chosen & (fate >= 1 - RANDOM_SHARE), random_ids
+
+    def apply(self, ids: torch.Tensor, plan) -> dict:
+        chosen, to_mask, to_random, random_ids = plan
+        inputs = torch.where(to_mask, self.mask_id, torch.where(to_random, random_ids, ids))
+        return {"input_ids": inputs, "attention_mask": torch.ones_like(ids),
+                "labels": torch.where(chosen, ids, IGNORE)}
+
+    def batch(self, split, rows, *, step, offset=0):
+        data = self.data[split]
+        if step is None:  # evaluation: the split's fixed masks, drawn once for all its blocks
+            if split not in self.fixed:
+                self.fixed[split] = self.plan(data.shape, _generator(EVAL_MASK_SEED, *split.encode()))
+            return self.apply(data[rows], [p[rows] for p in self.fixed[split]])
+        # the global batch's plan drawn whole (cheap) and this rank's rows taken: the same on any world
+        plan = self.plan((self.global_batch, data.shape[1]), _generator(self.seed, step))
+        return self.apply(data[rows], [p[offset:offset + rows.shape[0]] for p in plan])
+
+    def token_losses(self, outputs, batch):
+        labels = batch["labels"]
+        return _ce(outputs["logits"], labels), (labels != IGNORE).float()
+
+
+class ImageClassification(Objective):
+    task = "image"
+    metric = "accuracy"
+
+    def __init__(self, config, data, info, *, seed, global_batch):
+        super().__init__(config, data, info, seed=seed, global_batch=global_batch)
+        self.size = int(info["image_size"])
+        self.mean, self.std = info["mean"], info["std"]
+        self.crop, self.flip = bool(info.get("crop", True)), bool(info.get("flip", True))
+
+    def batch(self, split, rows, *, step, offset=0):
+        from bwskc.train import images
+        raw = self.data[split][rows]
+        if step is None:
+            pixels = images.center(raw, self.size)
+        else:
+            pixels = images.augment(raw, image_size=self.size, seed=self.seed, step=step, row_offset=offset,
+                                    crop=self.crop, flip=self.flip)
+        return {"pixel_values": images.normalise(pixels, self.mean, self.std),
+                "labels": self.data[f"{split}_labels"][rows]}
+
+    def token_losses(self, outputs, batch):
+        losses = F.cross_entropy(outputs["logits"].float(), batch["labels"], reduction="none")[:, None]
+        return losses, torch.ones_like(losses)
+
+    def sums(self, outputs, batch, row_weight):
+        base = super().sums(outputs, batch, row_weight)
+        correct = ((outputs["logits"].argmax(-1) == batch["labels"]).double() * row_weight.double()).sum()
+        return torch.stack([base[0], base[1], correct])
+
+    def metrics(self, sums):
+        return {"loss": float(sums[0] / sums[1]), "accuracy": float(sums[2] / sums[1])}
+
+    def headline(self, metrics):
+        return f"accuracy {100 * metrics['accuracy']:.2f}%"
+
+
+OBJECTIVES = {o.task: o for o in (CausalLM, Seq2SeqLM, MaskedLM, ImageClassification)}
+
+
+def objective(task: str, config, data: dict, info: dict, *, seed: int, global_batch: int) -> Objective:
+    return OBJECTIVES[task](config, data, info, seed=seed, global_batch=global_batch)
+
+
+def _ppl(loss: float) -> float:
+    """Perplexity, inf rather than an OverflowError for a loss past exp's range."""
+    return math.exp(loss) if loss < 700 else math.inf
