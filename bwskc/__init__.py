@@ -69,8 +69,13 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     autograd: the reference its gradients are tested against. Dropout masks are counter-based, keyed on
     ``seed`` and a step counter (``module.reseed(seed)`` restarts them), as is every other random op. A
     model is captured twice, in training and in evaluation mode: ``module.eval()`` runs the evaluation
-    capture (no drop path, running batch-norm statistics), over the same parameters; a ``Program``
-    given alone has one capture, and ``eval()`` only turns its dropout off.
+    capture (no drop path, running batch-norm statistics), over the same parameters and buffers; a
+    ``Program`` given alone has one capture, and ``eval()`` only turns its dropout off.
+    A training-mode forward updates the buffers the model's own training forward mutates (batch norm's
+    running statistics and ``num_batches_tracked``), in place and once per call, also inside coupled
+    branches and checkpointed layers (never again in backward's recomputation); evaluation updates
+    nothing. ``module.state_dict()`` carries them under their state-dict names. In reversible mode they
+    are the statistics of the coupled architecture's activations, which is what its evaluation reads.
     In reversible mode the layers the rewrite left (post-norm BERT and post-activation ResNet blocks,
     stride-2 stages) are checkpointed unless ``checkpoint_rest=False``: their inputs are stored, their
     interiors recomputed. A ``Program`` (with weights bound) may be given instead of a model.
@@ -149,10 +154,11 @@ def _entry_inputs(program: Program, args, kwargs) -> list | None:
 
 def _lower_both_modes(model, example_args, example_kwargs):
     """The model captured in training mode and in evaluation mode (``module.train()``/``eval()`` switch
-    between them), or None for the latter where it cannot be trusted after training: the training
-    capture leaves buffer updates out (batch-norm running statistics), so an evaluation capture that
-    reads those buffers would read their initial values forever. The model's own train/eval flags are
-    left as they were."""
+    between them, over the same parameters and buffers), and a note on what eval runs. The training
+    capture keeps the buffer updates the model's training forward makes (batch norm's running
+    statistics, ``num_batches_tracked``), and the compiled module applies them to the buffers the
+    evaluation capture reads, so eval runs on the statistics training gathered, as the eager model does.
+    The model's own train/eval flags are left as they were."""
     from bwskc.frontend import export_module
     from bwskc.lowering import lower_exported
     flags = [(m, m.training) for m in model.modules()]
@@ -162,20 +168,22 @@ def _lower_both_modes(model, example_args, example_kwargs):
         functional = loaded.exported.run_decompositions({})  # where buffer updates become outputs
         train = lower_exported(functional, loaded.name, decompose=False)
         mutated = sorted(functional.graph_signature.buffers_to_mutate.values())
-        evaluation = None if mutated else lower(model, args, example_kwargs, train=False)
+        evaluation = lower(model, args, example_kwargs, train=False)
     finally:
         for m, flag in flags:
             m.training = flag
-    note = (f"not used: training updates {len(mutated)} buffers ({mutated[0]}, ...) that bwskc does not "
-            "update yet, so eval runs the training capture with dropout off (batch statistics)"
-            ) if mutated else "the model's evaluation capture"
+    note = "the model's evaluation capture"
+    if mutated:
+        note += (f", reading the {len(mutated)} buffers training updates ({mutated[0]}, ...) as the "
+                 "training capture leaves them")
     return train, evaluation, note
 
 
 def load_trained(path, *, device: str = "cpu", batch_size: int | None = None, seq_len: int | None = None):
     """A variant ``bwskc train`` wrote (``DIR/scratch-bwsk-reversible``...), rebuilt as the module it was
-    trained as, in evaluation mode. See ``bwskc.train.output.load_trained``."""
-    from bwskc.train.output import load_trained as _load
+    trained as, in evaluation mode: its Hugging Face class at any batch and length (``.logits``,
+    ``.loss``, ``generate()``). See ``bwskc.train.pretrained.load_trained``."""
+    from bwskc.train.pretrained import load_trained as _load
     return _load(path, device=device, batch_size=batch_size, seq_len=seq_len)
 
 

@@ -158,6 +158,9 @@ def save_model(out: Path, module, hf_model, cfg, source_program=None) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     hf_model.save_pretrained(str(tmp), safe_serialization=True)
     (tmp / BWSKC_JSON).write_text(_bwskc_json(cfg))
+    if cfg.mode == "reversible":  # loadable with the task's Auto class and trust_remote_code=True
+        from bwskc.train.pretrained import write_remote_code
+        write_remote_code(tmp, cfg.task)
     for f in tmp.iterdir():
         f.replace(out / f.name)
     tmp.rmdir()

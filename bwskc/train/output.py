@@ -238,38 +238,4 @@ def plot_comparison(out: Path, results: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------- loading back
-def load_trained(path, *, device: str = "cpu", batch_size: int | None = None, seq_len: int | None = None):
-    """A trained variant as the module it was trained as (evaluation mode), weights from ``path``.
-
-    The module is compiled for inputs ``[batch_size, seq_len]`` (default: the training shape; an IR
-    model's shape is fixed by its program).
-
-    A conventional or analyzed variant is also a plain Hugging Face model
-    (``AutoModelForCausalLM.from_pretrained(path)``). A reversible one is not: its weights were trained
-    inside coupling chains (``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``, merged as ``y1 + y2 - x``), a
-    different function of the same parameters; ``from_pretrained`` would wire them as the original
-    residual blocks. This rebuilds the rewired program from the model and ``bwskc.json``.
-    """
-    import torch
-    import transformers
-
-    import bwskc
-    from bwskc.errors import BwskError
-    from bwskc.train.checkpoint import BWSKC_JSON
-    path = Path(path)
-    try:
-        meta = json.loads((path / BWSKC_JSON).read_text())
-    except (OSError, ValueError) as exc:
-        raise BwskError(f"{path / BWSKC_JSON}: not a bwskc train output ({type(exc).__name__})") from None
-    if meta.get("ir"):  # an IR model: its program and weights
-        from safetensors.torch import load_file
-        program = bwskc.parse((path / meta["ir"]).read_text(), str(path / meta["ir"]))
-        program = program.with_weights(load_file(str(path / "model.safetensors")))
-        return bwskc.compile(program, mode=meta["mode"], seed=meta.get("seed", 0)).to(device).eval()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
-                                                           attn_implementation="sdpa").to(device)
-    hf.config.use_cache = False
-    example = torch.zeros(batch_size or meta["batch_size"], seq_len or meta["seq_len"], dtype=torch.long,
-                          device=device)
-    module = bwskc.compile(hf, (example,), mode=meta["mode"], seed=meta.get("seed", 0))
-    return module.eval()
+from bwskc.train.pretrained import load_trained  # noqa: E402,F401  (bwskc.load_trained's home)
