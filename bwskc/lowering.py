@@ -30,6 +30,7 @@ from bwskc import abstraction as ab
 from bwskc._deep import run_deep
 from bwskc.rewrites import differentiable
 from bwskc.errors import BwskError
+from bwskc.runtime.denote import IMPLIED_UPDATES, UPDATE_PREFIX
 from bwskc.runtime.random_ops import is_random_target
 from bwskc.ir import (
     HOLE,
@@ -93,8 +94,11 @@ class _Lowerer:
         sig = self.ep.graph_signature
         nodes = {n.name: n for n in self.graph.nodes if n.op == "placeholder"}
         state = {**self.ep.state_dict, **self.ep.constants}
+        placeholder_of: dict[str, Node] = {}
         for spec in sig.input_specs:
             node = nodes[spec.arg.name]
+            if spec.kind == InputKind.BUFFER:
+                placeholder_of[spec.target] = node
             if spec.kind in _KIND:
                 value = state.get(spec.target)
                 val = node.meta.get("val", value)
@@ -117,6 +121,13 @@ class _Lowerer:
         self.outputs = [flat[i] for i, spec in enumerate(sig.output_specs)
                         if spec.kind == OutputKind.USER_OUTPUT]
         self.output_names = _output_names(self.ep, len(self.outputs))
+        # buffer updates (batch norm in training mode): those a functional leaf implies need nothing
+        # more; the others become entry outputs ``update:<buffer>`` after the user outputs
+        for i, spec in enumerate(sig.output_specs):
+            if spec.kind == OutputKind.BUFFER_MUTATION \
+                    and not _implied_update(flat[i], placeholder_of.get(spec.target)):
+                self.outputs.append(flat[i])
+                self.output_names.append(UPDATE_PREFIX + spec.target)
 
     # -------------------------------------------------------------------------------------- leaves
     def _literal(self, value, node: Node | None = None):
@@ -392,6 +403,19 @@ class _Lowerer:
         return list(nx.lexicographical_topological_sort(g, key=lambda u: first[u]))
 
 
+def _implied_update(value, buffer: Node | None) -> bool:
+    """Whether a buffer's new value is a result of a functional leaf that read the buffer itself
+    (``getitem(_native_batch_norm_legit_functional(x, w, b, running_mean, ...), 3)``): the leaf then says
+    what the buffer becomes (``bwskc.runtime.denote.IMPLIED_UPDATES``), and no output carries it."""
+    if buffer is None or not isinstance(value, Node) or value.target is not operator.getitem:
+        return False
+    call, index = value.args[0], value.args[1]
+    if not isinstance(call, Node) or not isinstance(call.target, torch._ops.OpOverload):
+        return False
+    return any(result == index and arg < len(call.args) and call.args[arg] is buffer
+               for arg, result in IMPLIED_UPDATES.get(str(call.target), ()))
+
+
 def _model_name(ep: ExportedProgram) -> str:
     for n in ep.graph.nodes:
         stack = n.meta.get("nn_module_stack")
@@ -421,6 +445,6 @@ def _output_names(ep: ExportedProgram, count: int) -> list[str]:
         walk(spec, "")
     except Exception:
         names = []
-    if len(names) != count or len(set(names)) != count:
+    if len(names) != count or len(set(names)) != count or any(n.startswith(UPDATE_PREFIX) for n in names):
         names = [f"out{i}" for i in range(count)]
     return names

@@ -156,19 +156,23 @@ def test_eval_runs_the_evaluation_capture_over_the_same_parameters(mode):
     assert module(x).shape == x.shape
 
 
-def test_batch_norm_models_keep_batch_statistics_in_eval_until_running_ones_are_updated():
-    """The training capture leaves batch norm's running-statistics updates out, so an evaluation
-    capture would read their initial values after any amount of training: it is not used, and says
-    so; eval runs the training capture with dropout off (batch statistics), the same after training."""
+def test_batch_norm_models_evaluate_on_the_running_statistics_training_updates():
+    """The training capture keeps batch norm's running-statistics updates and the compiled module
+    applies them, so eval runs the evaluation capture (running statistics, no dropout) on what
+    training gathered, as the eager model does (tests/test_buffer_updates.py has the rest)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                           nn.Dropout(0.2), nn.Linear(4 * 6 * 6, 3))
     x = torch.randn(4, 3, 6, 6)
     module = bwskc.compile(model, (x,), mode="conventional")
-    assert module.eval_capture.startswith("not used: training updates 3 buffers")
-    module.eval()
+    assert module.eval_capture.startswith("the model's evaluation capture, reading the 3 buffers")
+    module.train()
     model.train()
-    model[4].p = 0.0  # eager training mode without dropout: batch statistics
+    with torch.no_grad():
+        module(x)
+        model(x)
+    module.eval()
+    model.eval()
     with torch.no_grad():
         torch.testing.assert_close(module(x), model(x), rtol=1e-5, atol=1e-5)
     drop_path = bwskc.compile(Stack(), (torch.randn(3, 5, 8),), mode="conventional")

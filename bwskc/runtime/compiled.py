@@ -5,6 +5,11 @@ The program becomes one ``torch.fx.GraphModule`` (parameters under their state-d
 
 * dropout runs through ``bwskc.runtime.rng`` (counter-based masks keyed on a per-call seed and the
   dropout's place), switched off by ``module.eval()``;
+* a training forward updates the buffers the model's own training forward mutates (batch norm's running
+  statistics and ``num_batches_tracked``), in place, once per call, with that call's values: the
+  updates a functional leaf implies where the leaf runs, the ``update:<buffer>`` entry outputs at the end
+  (``assign_buffer``); a region recomputed in backward (a coupled branch, a checkpointed layer) applies
+  its updates in the forward run only, never in the recomputation, and gradients do not depend on them;
 * in reversible mode each coupling chain ``Rk(add, f..)`` is one call of ``CouplingFunction`` whose
   branches are compiled to their own small graphs (taking the parameters they use as inputs), so the
   chain stores only its two final streams. With ``store_activations=True`` (the reference) the chain is
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 from collections import Counter
 
 import torch
@@ -25,18 +31,55 @@ from bwskc.ir import Comb, Const, Prim, Program, Ref, rev_shared, subterms
 from bwskc.runtime import random_ops, rng
 from bwskc.runtime.codegen import _FxBackend, _module_tree, _placeholder_name, register_tensor
 from bwskc.runtime.coupling import ChainSpec, CouplingFunction
-from bwskc.runtime.denote import Denoter, resolve_op, sub_prim
+from bwskc.runtime.denote import Denoter, implied_updates, resolve_op, sub_prim, update_target
 from bwskc.passes.reversible import unreplayable_draw
 
 RNG_BUFFER = "bwskc_rng_state"
 _LAYER = re.compile(r".+\.[0-9]+")  # a module-list element: one layer of a stack
 
 
-class _TrainBackend(_FxBackend):
-    """fx emission with counter-based dropout; ``reversible`` turns chains into CouplingFunction calls."""
+_FORWARD = threading.local()  # depth of forward runs of recomputed regions (chains, checkpointed layers)
 
-    def __init__(self, graph: fx.Graph, seed, reversible: bool, chains: list, checkpoint: bool = False):
+
+@contextlib.contextmanager
+def _forward_run():
+    """The forward run of a region backward recomputes: its buffer updates apply here, not in the
+    recomputation (which runs outside this scope, in backward)."""
+    _FORWARD.depth = getattr(_FORWARD, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _FORWARD.depth -= 1
+
+
+def assign_buffer(buffer: torch.Tensor, value: torch.Tensor, seed, when: str, statistics: bool = False) -> None:
+    """``buffer <- value`` in place, detached, under no_grad (a buffer update of a training forward).
+    ``when``: ``train`` (the training capture's graph: in training mode only, ``seed`` None meaning
+    evaluation), ``forward`` (inside a region backward recomputes: also only in its forward run),
+    ``always`` (the evaluation capture's own updates, which the model's eval forward makes too).
+
+    ``statistics``: the running statistics a functional batch norm implies. Autograd saves them (the
+    batch-norm backward's signature takes them; a checkpoint saves its inputs), and a training-mode
+    batch norm's value and gradients never read them, so they are written through ``.data``: the same
+    storage, without the version bump that would make backward refuse a saved tensor that changed.
+    Any other update is a plain in-place copy, which autograd checks: a buffer that a saved value
+    depends on and that is then overwritten is an error, as in eager mode, not a silent wrong gradient."""
+    if when != "always" and seed is None:
+        return
+    if when == "forward" and not getattr(_FORWARD, "depth", 0):
+        return
+    with torch.no_grad():
+        (buffer.data if statistics else buffer).copy_(value.detach())
+
+
+class _TrainBackend(_FxBackend):
+    """fx emission with counter-based dropout; ``reversible`` turns chains into CouplingFunction calls.
+    ``updates`` is how buffer updates apply in this graph (``assign_buffer``'s ``when``)."""
+
+    def __init__(self, graph: fx.Graph, seed, reversible: bool, chains: list, checkpoint: bool = False,
+                 updates: str = "train"):
         super().__init__(graph)
+        self.updates = updates
         self.checkpoint = checkpoint  # layers outside coupling chains: checkpointed, inputs stored
         self.seed = seed  # an fx node (the step's seed) or a placeholder in a branch graph
         self.reversible = reversible
@@ -53,7 +96,15 @@ class _TrainBackend(_FxBackend):
             self.sites[self.where] += 1
             return self.graph.call_function(random_ops.draw, (prim.op, tuple(args), dict(kwargs), self.seed,
                                                               self.where + (site,)))
-        return super().prim(prim, args, kwargs)
+        implied = implied_updates(prim)
+        if not implied:
+            return super().prim(prim, args, kwargs)
+        # a functional batch norm: its new running statistics are assigned to the buffers it read
+        node = super().prim(prim, args, kwargs)
+        for arg, result, _name in implied:
+            new = self.graph.call_function(_getitem, (node, result))
+            self.graph.call_function(assign_buffer, (args[arg], new, self.seed, self.updates, True))
+        return node
 
     def wrap_def(self, d, value, denoter: Denoter):
         """A layer the rewrite left (``bert.encoder.layer.3``: a module-list element) runs under
@@ -166,7 +217,8 @@ class _ChainCall:
         self.__name__ = self.__qualname__ = "coupling_chain"
 
     def __call__(self, seed, x, *rest):
-        return CouplingFunction.apply(self.spec, seed, x, *rest)
+        with _forward_run():
+            return CouplingFunction.apply(self.spec, seed, x, *rest)
 
 
 class _CheckpointCall:
@@ -179,15 +231,16 @@ class _CheckpointCall:
 
     def __call__(self, seed, *args):
         inputs, tensors = args[:self.n_inputs], args[self.n_inputs:]
-        return torch.utils.checkpoint.checkpoint(self.gm, *inputs, seed, *tensors, use_reentrant=False,
-                                                 preserve_rng_state=False)
+        with _forward_run():  # the recomputation in backward runs outside: no second update
+            return torch.utils.checkpoint.checkpoint(self.gm, *inputs, seed, *tensors, use_reentrant=False,
+                                                     preserve_rng_state=False)
 
 
 class _BranchBackend(_TrainBackend):
     """A branch graph: bound tensors and constants become placeholders (inputs of the Function)."""
 
     def __init__(self, graph, seed, where):
-        super().__init__(graph, seed, False, [])
+        super().__init__(graph, seed, False, [], updates="forward")
         self.where = where
         self.inputs: dict = {}  # ("tensor", name) | ("const", index) -> placeholder
 
@@ -303,6 +356,8 @@ class CompiledModule(fx.GraphModule):
         switch to its evaluation capture)."""
         import copy
         res = super().__deepcopy__(memo)
+        if RNG_BUFFER in res._buffers:  # fx's copy registers it persistent: not state, as in the original
+            res.register_buffer(RNG_BUFFER, res._buffers[RNG_BUFFER], persistent=False)
         for name in self._KEPT:
             if name in self.__dict__:
                 res.__dict__[name] = self.__dict__[name]  # read-only descriptions: shared
@@ -330,18 +385,35 @@ class CompiledModule(fx.GraphModule):
         state[0], state[1], state[3] = seed, step, shard
 
 
-def _program_graph(program: Program, *, reversible: bool, checkpoint: bool, chains: list) -> fx.Graph:
+def _program_graph(program: Program, *, reversible: bool, checkpoint: bool, chains: list,
+                   updates: str = "train") -> fx.Graph:
+    """The module's graph: the entry's user outputs, and the buffer updates (implied by leaves, where
+    they run; the ``update:<buffer>`` outputs, at the end) assigned to the module's buffers."""
     def build():
         graph = fx.Graph()
         placeholders = [graph.placeholder(_placeholder_name(n, i))
                         for i, n in enumerate(program.entry.input_names)]
         state = graph.get_attr(RNG_BUFFER)
         seed_node = graph.call_function(rng.step_seed, (state,))
-        backend = _TrainBackend(graph, seed_node, reversible, chains, checkpoint)
-        out = Denoter(program, backend).run_entry(placeholders)
+        backend = _TrainBackend(graph, seed_node, reversible, chains, checkpoint, updates)
+        out, assigned = Denoter(program, backend).run_entry(placeholders, updates=True)
+        for name, value in assigned:
+            graph.call_function(assign_buffer, (backend.tensor(name), value, seed_node, updates))
         graph.output(out)
         return graph
     return run_deep(build)
+
+
+def updated_buffers(program: Program) -> list[str]:
+    """The buffers a forward of ``program`` updates: those its functional leaves imply and those its
+    ``update:<buffer>`` outputs name, sorted."""
+    names = {t for t in (update_target(n) for n in program.entry.output_names) if t is not None}
+    bodies = [c for c in program.consts] + [d.body for d in program.defs.values()] + [program.entry.body]
+    for body in bodies:
+        for t in subterms(body):
+            if isinstance(t, Prim):
+                names.update(name for _a, _r, name in implied_updates(t))
+    return sorted(names)
 
 
 def compile_program(program: Program, *, reversible: bool, seed: int = 0, checkpoint: bool = False,
@@ -351,6 +423,11 @@ def compile_program(program: Program, *, reversible: bool, seed: int = 0, checkp
     chains: list = []
     graph = _program_graph(program, reversible=reversible, checkpoint=checkpoint, chains=chains)
     root = _module_tree(program)
+    updated = set(updated_buffers(program)) | (set() if eval_program is None else set(updated_buffers(eval_program)))
+    for name in sorted(updated & set(program.tensors)):
+        value = program.weights.get(name)
+        if value is not None:  # the module's own tensor: its updates touch no one else's (the program's)
+            register_tensor(root, name, program.tensors[name], value.detach().clone())
     root.register_buffer(RNG_BUFFER, torch.tensor([seed, 0, 1, 0], dtype=torch.int64), persistent=False)
     gm = CompiledModule(root, graph, class_name=program.name.replace("-", "_").replace(".", "_") or "Model")
     gm.register_buffer(RNG_BUFFER, getattr(gm, RNG_BUFFER), persistent=False)  # fx copied it as persistent
@@ -358,7 +435,8 @@ def compile_program(program: Program, *, reversible: bool, seed: int = 0, checkp
     if eval_program is not None:
         _check_same_signature(program, eval_program)
         _add_missing_tensors(gm, program, eval_program)
-        eval_graph = _program_graph(eval_program, reversible=False, checkpoint=False, chains=[])
+        eval_graph = _program_graph(eval_program, reversible=False, checkpoint=False, chains=[],
+                                    updates="always")
         eval_graph.owning_module = gm
         gm.__dict__["_graphs"] = {True: graph, False: eval_graph}
         # the IR it runs, without the weights it was lowered with (the module's own are the ones used)

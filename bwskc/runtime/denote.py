@@ -29,6 +29,38 @@ _COMB: dict[str, Callable] = {
 
 _AS_RESHAPE = ("aten.view.default", "aten._unsafe_view.default")
 
+# Buffer updates. A model exported in training mode mutates buffers (batch norm's running statistics and
+# ``num_batches_tracked``); torch.export's functional graph returns each buffer's new value. Two forms
+# reach the IR:
+# * implied by a functional leaf: the ATen ``*_functional`` variant of an op that mutates its inputs
+#   returns their new values, so a batch-norm leaf bound to ``bn.running_mean`` says by itself what the
+#   buffer becomes (``IMPLIED_UPDATES``: argument index -> result index); the term is unchanged, and a
+#   coupled branch or a checkpointed layer holding it stays what it was;
+# * any other update is an extra entry output named ``update:<buffer>`` (``num_batches_tracked + 1``, a
+#   constant of the step), after the user outputs, carried by the text form like any output.
+# ``run_entry`` returns the user outputs only (the program's value); ``bwskc.compile``'s module applies
+# the updates (``bwskc.runtime.compiled``).
+UPDATE_PREFIX = "update:"
+IMPLIED_UPDATES: dict[str, tuple[tuple[int, int], ...]] = {
+    "aten._native_batch_norm_legit_functional.default": ((3, 3), (4, 4)),
+    "aten._batch_norm_with_update_functional.default": ((3, 4), (4, 5)),
+}
+
+
+def update_target(output_name: str) -> str | None:
+    """The buffer an entry output updates (``update:bn.running_mean`` -> ``bn.running_mean``), or None
+    for a user output."""
+    return output_name[len(UPDATE_PREFIX):] if output_name.startswith(UPDATE_PREFIX) else None
+
+
+def implied_updates(prim: Prim) -> list[tuple[int, int, str]]:
+    """``(argument index, result index, buffer name)`` of each buffer a functional leaf updates."""
+    out = []
+    for arg, result in IMPLIED_UPDATES.get(prim.op, ()):
+        if arg < len(prim.args) and isinstance(prim.args[arg], TensorRef):
+            out.append((arg, result, prim.args[arg].name))
+    return out
+
 
 @cache
 def resolve_op(name: str) -> Callable:
@@ -181,8 +213,17 @@ class Denoter:
         scope = getattr(self.backend, "branch_scope", None)
         return scope(t, i) if scope is not None else contextlib.nullcontext()
 
-    def run_entry(self, inputs: list):
+    def run_entry(self, inputs: list, *, updates: bool = False):
+        """The entry applied to ``inputs``: its user outputs (one value, or a tuple when several), and
+        with ``updates=True`` also the explicit buffer updates as ``[(buffer name, value)]``."""
         f = self.term(self.program.entry.body)
         for x in inputs:
             f = f(x)
-        return f
+        names = self.program.entry.output_names
+        targets = [update_target(n) for n in names]
+        if not any(t is not None for t in targets) or (len(names) > 1 and not isinstance(f, (tuple, list))):
+            return (f, []) if updates else f  # (an analysis's abstract tuple is left whole)
+        values = list(f) if len(names) > 1 else [f]
+        user = [v for t, v in zip(targets, values) if t is None]
+        out = user[0] if len(user) == 1 else tuple(user)
+        return (out, [(t, v) for t, v in zip(targets, values) if t is not None]) if updates else out
