@@ -37,6 +37,24 @@ def test_check_covers_drop_path_in_a_beit():
     assert module.check_report["ok"]
 
 
+@pytest.mark.parametrize("drop", [(0.1, 0.0), (0.0, 0.1)], ids=["drop-path", "dropout"])
+def test_a_checkpointed_layer_holding_a_chain_draws_the_references_masks(drop):
+    """Swin's stage is a module-list layer (checkpointed) whose blocks form a chain: the chain's draws
+    inside the checkpoint keep the keys they have in the store-activations reference (the enclosing
+    graph's chain numbering), so forward and gradients equal it (they drew other masks once: 0.58)."""
+    cfg = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                  window_size=4, num_labels=4, drop_path_rate=drop[0],
+                                  hidden_dropout_prob=drop[1])
+    torch.manual_seed(0)
+    model = transformers.SwinForImageClassification(cfg).train()
+    x = torch.randn(2, 3, 32, 32)
+    module = bwskc.compile(model, (x,), mode="reversible", check=True)
+    assert module.check_report["ok"] and module.check_report["chains"]
+    reference = bwskc.compile(model, (x,), mode="reversible", store_activations=True)
+    module.reseed(3, 1), reference.reseed(3, 1)
+    assert torch.allclose(module(x), reference(x), atol=1e-6)
+
+
 def test_check_refuses_a_chain_whose_backward_is_wrong(monkeypatch):
     """Plant a bug: the reversible backward's reconstruction skips one branch's dropout replay (its
     draws come from another site). The check must name the chain."""

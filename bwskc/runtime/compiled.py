@@ -119,13 +119,15 @@ class _TrainBackend(_FxBackend):
         def collect(got):
             if len(got) < n:
                 return lambda v: collect(got + [v])
-            start = self.sites[self.where]
+            start, chained = self.sites[self.where], len(self.chains)
             gm, needed, used = _branch_module(denoter.program, Ref(d.name), n - 1, self.where, frozenset(),
-                                              site_start=start)
+                                              site_start=start, chains=self.chains)
             decls = [denoter.program.tensors[key[1]] for key in needed]
             if not checkpoint_pays(gm, d, [(t.type, t.kind == "param") for t in decls]):
                 # storing the layer's inputs would cost more than its interior saves: run it as
-                # conventional does (its draws keep their sites, which the interior now numbers)
+                # conventional does (its draws keep their sites, which the interior now numbers, and
+                # its chains their numbers, given again)
+                del self.chains[chained:]
                 f = value
                 for v in got:
                     f = f(v)
@@ -239,14 +241,22 @@ class _CheckpointCall:
 class _BranchBackend(_TrainBackend):
     """A branch graph: bound tensors and constants become placeholders (inputs of the Function)."""
 
-    def __init__(self, graph, seed, where):
-        super().__init__(graph, seed, False, [], updates="forward")
+    def __init__(self, graph, seed, where, chains: list | None = None):
+        super().__init__(graph, seed, False, [] if chains is None else chains, updates="forward")
         self.where = where
         self.inputs: dict = {}  # ("tensor", name) | ("const", index) -> placeholder
+        # a checkpointed layer numbers the chains inside it in the enclosing graph's sequence (the keys
+        # they have when nothing is checkpointed: the same masks as the store-activations reference);
+        # a coupling branch keys a chain nested in it under the branch itself
+        self.layer = chains is not None
 
     @contextlib.contextmanager
-    def branch_scope(self, t, i):  # a chain nested in a branch: keyed under this branch
-        yield
+    def branch_scope(self, t, i):
+        if self.layer:
+            with super().branch_scope(t, i):
+                yield
+        else:
+            yield
 
     def tensor(self, name):
         return self._input(("tensor", name))
@@ -307,14 +317,16 @@ def _reads_tensors(program: Program, index: int) -> bool:
     return memo[index]
 
 
-def _branch_module(program: Program, f, k: int, where: tuple, passed: frozenset, site_start=None):
+def _branch_module(program: Program, f, k: int, where: tuple, passed: frozenset, site_start=None,
+                   chains: list | None = None):
     """``f`` as a GraphModule ``(*shared, stream, seed, *inputs)`` and the keys of its inputs; with
-    ``site_start``, also how many dropout sites it used (numbered from ``site_start``)."""
+    ``site_start``, also how many dropout sites it used (numbered from ``site_start``). ``chains``: a
+    checkpointed layer's, the enclosing graph's chain list (chains inside continue its numbering)."""
     def build():
         graph = fx.Graph()
         args = [graph.placeholder(f"shared_{j}") for j in range(k)] + [graph.placeholder("stream")]
         seed = graph.placeholder("seed")
-        backend = _BranchBackend(graph, seed, where)
+        backend = _BranchBackend(graph, seed, where, chains)
         if site_start is not None:
             backend.sites[where] = site_start
         fn = _BranchDenoter(program, backend, passed).term(f)
