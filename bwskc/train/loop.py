@@ -34,6 +34,7 @@ from bwskc.train.objectives import objective, outputs_by_name
 MODE_DIRS = {"conventional": "conventional", "analyzed": "bwsk-analyzed", "reversible": "bwsk-reversible"}
 DEFAULT_LR = {"scratch": 6e-4, "finetune": 1e-4}
 FAULT_KILL = "BWSKC_FAULT_KILL_AT_STEP"  # tests: SIGKILL this process right after that step
+CHECK_AUTO_PARAMETERS = 50_000_000  # --check-gradients auto: the float64 check below this size
 
 
 class TrainingDiverged(BwskError):
@@ -67,6 +68,7 @@ class RunConfig:
     nproc: int = 1
     ddp_timeout: float = 300.0      # seconds a rank waits for the others in a collective
     task: str = "causal"            # causal | seq2seq | masked | image (bwskc.train.tasks)
+    check_gradients: str = "auto"   # reversible: compare with plain autograd first (auto: small models)
 
     @property
     def name(self) -> str:
@@ -169,13 +171,15 @@ class Trainer:
         if self.src.program is not None:  # an IR file: the program itself, no model class
             self.hf = None
             program = ir_program(self.src, pretrained=pretrained, seed=cfg.seed)
-            self.module = bwskc.compile(program, mode=cfg.mode, seed=cfg.seed).to(self.device)
+            check = self.will_check(sum(w.numel() for w in program.weights.values()))
+            self.module = bwskc.compile(program, mode=cfg.mode, seed=cfg.seed, check=check).to(self.device)
         else:
             self.hf = build_model(self.src, pretrained=pretrained, seed=cfg.seed, task=cfg.task,
                                   classes=self.data_info.get("classes"),
                                   image_size=self.data_info.get("image_size")).to(self.device)
             args, kwargs = tasks.example_inputs(cfg.task, self.hf.config, self.batch(0))
-            self.module = bwskc.compile(self.hf, args, kwargs, mode=cfg.mode, seed=cfg.seed)
+            check = self.will_check(sum(p.numel() for p in self.hf.parameters()))
+            self.module = bwskc.compile(self.hf, args, kwargs, mode=cfg.mode, seed=cfg.seed, check=check)
             self.hf.to("cpu")  # kept only as the layout save_pretrained writes; the module has its own copy
         # the order the compiled program takes its inputs in (the export's, not necessarily the task's)
         self.input_names = tuple(self.module.program.entry.input_names)
@@ -190,6 +194,21 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
         self.state = State()
         self.metrics_path = self.out / "metrics.jsonl"
+
+    def will_check(self, parameters: int) -> bool:
+        """Whether the reversible gradients are compared with plain autograd before training
+        (``bwskc.compile(check=True)``: float64, dropout on, the first batch; a chain above the
+        tolerance stops the run, named). ``auto``: below ``CHECK_AUTO_PARAMETERS`` parameters, where
+        the float64 copies cost little."""
+        cfg = self.cfg
+        self.check_note = None
+        if cfg.mode != "reversible" or cfg.check_gradients == "off":
+            return False
+        if cfg.check_gradients == "auto" and parameters > CHECK_AUTO_PARAMETERS:
+            self.check_note = (f"skipped: {parameters:,} parameters, above --check-gradients auto's "
+                               f"{CHECK_AUTO_PARAMETERS:,} (--check-gradients on runs it)")
+            return False
+        return True
 
     def hyperparameters(self) -> dict:
         """What a resumed run must share with the run it continues, the data's digest included."""
@@ -388,6 +407,12 @@ class Trainer:
         if cfg.mode == "reversible":
             rev = self.module.analyses.get("reversible")
             out["reversible"] = rev.summary() if hasattr(rev, "summary") else None
+            report = getattr(self.module, "check_report", None)
+            if report is not None:
+                out["gradient_check"] = {"max_rel_error": report["max_rel_error"], "tolerance": report["tolerance"],
+                                         "dtype": report["dtype"], "chains": len(report["chains"])}
+            else:
+                out["gradient_check"] = self.check_note or "off (--check-gradients off)"
         if cfg.mode == "analyzed":
             out["typing"] = {k: v for k, v in self.module.analyses["typing"].summary().items() if k != "defs"}
         return out

@@ -54,6 +54,10 @@ def add_arguments(p) -> None:
                    "machine); image tasks: an image folder DIR/{train,valid,test}/CLASS/*.png (or "
                    "DIR/CLASS/*.png, split 80/10/10), a hub dataset id where reachable, or 'digits' "
                    "(default: scikit-learn's handwritten digits, shipped with it)")
+    p.add_argument("--check-gradients", default="auto", choices=("auto", "on", "off"),
+                   help="reversible mode: before training, compare its gradients with plain autograd through "
+                   "the same architecture (float64, dropout on, the first batch) and stop, naming the chain, "
+                   "above 1e-8 relative; auto (default): for models up to 50M parameters")
     p.add_argument("--image-size", type=int, default=None,
                    help="image tasks: the side images are cropped to (default: the config's image_size, "
                    "else 224)")
@@ -416,7 +420,8 @@ def _config(args, experiment, mode, out, data, init_from) -> RunConfig:
                      grad_clip=args.grad_clip, precision=args.precision, patience=args.patience,
                      seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
                      device=args.device, resume=args.resume,
-                     nproc=args.nproc, ddp_timeout=args.ddp_timeout, task=args.task)
+                     nproc=args.nproc, ddp_timeout=args.ddp_timeout, task=args.task,
+                     check_gradients=args.check_gradients)
 
 
 def _run_one(cfg: RunConfig, data: Path, separate: bool) -> dict:
