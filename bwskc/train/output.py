@@ -168,6 +168,14 @@ def readme(summary: dict) -> str:
                   f"{100 * t['K_ratio']:.1f}% | {t['dof_lost']} (+{t['dof_data_dependent']} data-dependent) |",
                   ""]
     rev = [r for r in variants.values() if r.get("reversible")]
+    for r in rev:
+        check = r.get("gradient_check")
+        if isinstance(check, dict):
+            lines += [f"Gradient check ({r['variant']}): the reversible gradients against plain autograd through "
+                      f"the same architecture, {check['dtype']}, dropout on, first batch: largest relative "
+                      f"error {check['max_rel_error']:.1e} (tolerance {check['tolerance']:.0e}).", ""]
+        elif check:
+            lines += [f"Gradient check ({r['variant']}): {check}.", ""]
     if rev:
         s = rev[0]["reversible"]
         lines += [f"Reversible rewrite: {s['blocks']} residual blocks in {s['chains']} chain(s) became "
