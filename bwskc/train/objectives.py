@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from bwskc.errors import BwskError
-from bwskc.train import tasks
 
 MASK_RATE, MASK_SHARE, RANDOM_SHARE = 0.15, 0.8, 0.1
 EVAL_MASK_SEED = 20261202  # the same evaluation masks for every variant and every --seed
@@ -39,10 +38,13 @@ def _generator(*key: int) -> torch.Generator:
 
 
 def outputs_by_name(module, out) -> dict:
-    """The compiled program's outputs keyed by their names (``logits``, ``encoder_z_loss``...)."""
+    """The compiled program's outputs keyed by their names (``logits``, ``encoder_z_loss``...); a
+    program whose first output has another name (an IR file's ``out0``) has it as ``logits`` too."""
     names = module.program.entry.output_names
     values = out if isinstance(out, (tuple, list)) else (out,)
-    return dict(zip(names, values))
+    named = dict(zip(names, values))
+    named.setdefault("logits", values[0])
+    return named
 
 
 class Objective:
@@ -54,13 +56,9 @@ class Objective:
     def __init__(self, config, data: dict, info: dict, *, seed: int, global_batch: int):
         self.config, self.data, self.info, self.seed = config, data, info, seed
         self.global_batch = global_batch  # rows of one step over all ranks (random draws are per global row)
-        self.names = tasks.input_names(self.task, config)
 
     def rows(self, split: str) -> int:
         return int(self.data[split].shape[0])
-
-    def inputs(self, batch: dict) -> list:
-        return [batch[n] for n in self.names]
 
     # per task ------------------------------------------------------------
     def batch(self, split: str, rows: torch.Tensor, *, step: int | None, offset: int = 0) -> dict:
@@ -87,10 +85,6 @@ class Objective:
 
     def headline(self, metrics: dict) -> str:
         return f"{self.metric} {metrics[self.metric]:.2f}"
-
-    def better(self, metrics: dict, best: dict | None) -> bool:
-        """Early stopping and the best checkpoint follow the validation loss."""
-        return best is None or metrics["loss"] < best["loss"]
 
 
 def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
