@@ -54,6 +54,7 @@ from bwskc.ir import (
     Ref,
     Term,
     TensorType,
+    TupleType,
     subterms,
 )
 from bwskc.passes.fusion import (
@@ -265,8 +266,79 @@ def to_reversible(program: Program) -> Program:
             report.not_lowered.append({"where": n, "reason": (
                 "not a residual block in a chain (a projection or stride-2 block, a lone block, or "
                 "no skip connection): kept, and checkpointed in reversible mode")})
+    _explain_side_outputs(out, report, in_chains)
     out.analyses["reversible"] = report
     return out
+
+
+def side_outputs(program: Program, d: Def) -> list | None:
+    """The types of the values a residual block returns besides its stream, if ``d`` is one: applied to
+    fresh variables it reduces to ``tuple(.., a + t, ..)`` (through projections of tuples) where
+    ``a + t`` is a residual add on its last input (a mixture-of-experts layer returning its router's
+    logits: Switch Transformers exported with ``output_router_logits``); None otherwise."""
+    if not d.inputs or not isinstance(d.output, TupleType):
+        return None
+    reducer = _Reducer(program)
+    args = [_Var(t) for t in d.inputs]
+    x = args[-1]
+
+    def value(n):
+        v = reducer.whnf(n)
+        while isinstance(v, _Call) and v.prim.op == "getitem" and len(v.args) == 1 \
+                and len(v.prim.args) == 2 and isinstance(v.prim.args[1], int):
+            inner = reducer.whnf(v.args[0])
+            if not (isinstance(inner, _Call) and inner.prim.op == "tuple"):
+                break
+            v = reducer.whnf(inner.args[v.prim.args[1]])
+        return v
+    try:
+        v = value(_Thunk(Ref(d.name), args))
+        if not (isinstance(v, _Call) and v.prim.op == "tuple"):
+            return None
+        items = [value(a) for a in v.args]
+    except (_OutOfSteps, IndexError):
+        return None
+    for i, it in enumerate(items):
+        if isinstance(it, _Call) and _is_residual_add(it.prim) and it.prim.type == d.inputs[-1] \
+                and any(_depends(o, x, None) for o in it.args):
+            return [t for j, t in enumerate(d.output.items) if j != i]
+    return None
+
+
+def _explain_side_outputs(program: Program, report: ReversibleReport, in_chains: set) -> None:
+    """Residual blocks that return side outputs besides their stream are reported as such, and the
+    layers of their stacks left outside every chain say which blocks broke the chain."""
+    sides = {}
+    for n, d in program.defs.items():
+        if d.kind == "def" and n not in in_chains:
+            found = side_outputs(program, d)
+            if found is not None:
+                sides[n] = found
+    if not sides:
+        return
+    layers = sorted(n for n in sides if _LAYER.fullmatch(n) and not any(
+        n != o and n.startswith(o + ".") for o in sides))  # the outermost: the stack's layers
+    for r in report.not_lowered:
+        n = r["where"]
+        if n in sides:
+            types = ", ".join(str(t) for t in sides[n])
+            r["reason"] = (f"a residual block that also returns side outputs ({types}: a router's "
+                           "logits, say) besides its stream: a coupling chain's branches map the stream "
+                           "to the stream (Rk's s -> s), with no place for values that leave the chain, "
+                           "so the chain ends before it")
+            continue
+        stack = _stack(n)
+        breakers = [o for o in layers if stack is not None and _stack(o) == stack]
+        if breakers:
+            r["reason"] += ("; the chain of its stack is broken by the blocks that return side outputs "
+                            f"besides their stream ({', '.join(breakers)}): the stream between them reaches "
+                            "each next block through a tuple projection")
+
+
+def _stack(name: str) -> str | None:
+    """The module list a layer belongs to (``encoder.block`` for ``encoder.block.2.layer.1``)."""
+    m = re.match(r"(.+?)\.[0-9]+(\.|$)", name)
+    return m.group(1) if m else None
 
 
 def _coupling_body(program: Program, d: Def) -> Term:
