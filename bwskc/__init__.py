@@ -13,11 +13,15 @@ Public API (see README.md and docs/ARCHITECTURE.md):
 """
 from __future__ import annotations
 
-import torch
+import importlib
+import importlib.util
+import sys
+import types
 
 from bwskc.errors import BwskError, IRSyntaxError, VerifyError
-from bwskc import ir
-from bwskc.ir import Program
+
+# torch (and with it bwskc.ir, bwskc.verify, ...) is imported when first needed, not by ``import bwskc``:
+# ``bwskc --help`` and the CLI's argument checks start in a fraction of a second
 
 __version__ = "0.1.0"
 __all__ = ["BwskError", "IRSyntaxError", "Program", "VerifyError", "compile", "load_trained", "lower", "parse", "run_passes",
@@ -28,6 +32,8 @@ MODES = ("conventional", "analyzed", "reversible")
 def lower(model_or_exported_program, example_args=(), example_kwargs=None, *, name=None,
           train: bool = False) -> Program:
     """Lower an ``nn.Module`` (exported here with the example inputs) or an ExportedProgram."""
+    import torch
+
     from bwskc.frontend import export_module
     from bwskc.lowering import lower_exported
     if isinstance(model_or_exported_program, torch.export.ExportedProgram):
@@ -85,6 +91,8 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     relative error per chain, and a chain above the tolerance raises ``BwskError`` naming it
     (``bwskc.runtime.check``).
     """
+    from bwskc import ir
+    from bwskc.ir import Program
     from bwskc.runtime.compiled import compile_program
     if mode not in MODES:
         raise BwskError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
@@ -144,6 +152,7 @@ def _matching_eval_rewrite(train: Program, evaluation: Program) -> Program | Non
 
 def _entry_inputs(program: Program, args, kwargs) -> list | None:
     """The example inputs in the entry's order (positional, then keyword by name), or None (made up)."""
+    import torch
     args = args if isinstance(args, tuple) else (args,)
     values = dict(zip(program.entry.input_names, args))
     values.update({k: v for k, v in (kwargs or {}).items() if isinstance(v, torch.Tensor)})
@@ -160,12 +169,12 @@ def _lower_both_modes(model, example_args, example_kwargs):
     evaluation capture reads, so eval runs on the statistics training gathered, as the eager model does.
     The model's own train/eval flags are left as they were."""
     from bwskc.frontend import export_module
-    from bwskc.lowering import lower_exported
+    from bwskc.lowering import lower_exported, run_decompositions
     flags = [(m, m.training) for m in model.modules()]
     args = example_args if isinstance(example_args, tuple) else (example_args,)
     try:
         loaded = export_module(model, args, example_kwargs, train=True)
-        functional = loaded.exported.run_decompositions({})  # where buffer updates become outputs
+        functional = run_decompositions(loaded.exported)  # where buffer updates become outputs
         train = lower_exported(functional, loaded.name, decompose=False)
         mutated = sorted(functional.graph_signature.buffers_to_mutate.values())
         evaluation = lower(model, args, example_kwargs, train=False)
@@ -188,6 +197,7 @@ def load_trained(path, *, device: str = "cpu", batch_size: int | None = None, se
 
 
 def _all_subterms(program: Program):
+    from bwskc import ir
     for body in [d.body for d in program.defs.values()] + [program.entry.body]:
         yield from ir.subterms(body)
 
@@ -198,8 +208,24 @@ def verify(program: Program) -> None:
     verify_program(program)
 
 
-_verify_function = verify
+class _Package(types.ModuleType):
+    """``bwskc.verify`` is the function above, also once the submodule ``bwskc.verify`` is imported
+    (the import system would set the attribute to the module); the module is ``sys.modules["bwskc.verify"]``."""
 
-import bwskc.verify as _verify_module
+    def __setattr__(self, name, value):
+        if name == "verify" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
 
-verify = _verify_function
+
+def __getattr__(name: str):
+    """``bwskc.Program`` and the submodules (``bwskc.ir``, ``bwskc.text``, ...), imported on first use."""
+    if name == "Program":
+        from bwskc.ir import Program
+        return Program
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+sys.modules[__name__].__class__ = _Package

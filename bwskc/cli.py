@@ -2,6 +2,10 @@
 
 Exit status: 0 on success, 2 on bad input or usage (one line on stderr, no traceback, nothing written),
 1 on an internal error. ``BWSKC_DEBUG=1`` shows the traceback of internal errors.
+
+Importing this module (and building the parser) imports neither torch nor transformers nor triton:
+each command imports what it needs when it runs, so ``bwskc --help`` starts in a fraction of a second
+(``benchmarks/startup.py`` measures it).
 """
 from __future__ import annotations
 
@@ -23,48 +27,69 @@ class _Parser(argparse.ArgumentParser):
         raise BwskError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
+def pass_names() -> list[str]:
+    """The registered passes (``bwskc.passes.manager.REGISTRY``), read from the manager's source: importing
+    the manager imports torch, which ``--help`` should not wait for."""
+    import ast
+    import importlib.util
+    spec = importlib.util.find_spec("bwskc.passes.manager")
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    for node in tree.body:
+        target = getattr(node, "target", None) or (node.targets[0] if isinstance(node, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id == "REGISTRY":
+            return list(ast.literal_eval(node.value))
+    raise RuntimeError("bwskc.passes.manager has no REGISTRY")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="bwskc", description="Lower PyTorch models to BWSK combinator IR.")
+    p = _Parser(prog="bwskc", description="Lower PyTorch models to BWSK combinator IR, type and analyse "
+                "it, rewrite residual chains into reversible couplings, and train models in the three "
+                "modes (conventional, BWSK analyzed, BWSK reversible).")
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
 
     lower = sub.add_parser("lower", help="lower a model to BWSK IR")
     lower.add_argument("model", help="ExportedProgram file (torch.export.save), Hugging Face directory "
                        "or config.json, BWSK IR text (.bwsk), or a pickled nn.Module (--trust-pickle)")
-    lower.add_argument("--emit", default="ir", help="ir (text form, default), json (schema bwskc.ir/2), "
+    lower.add_argument("--emit", default="ir", help="ir (text form), json (schema bwskc.ir/2), "
                        "dot (graphviz; rendered to FILE.svg too when -o FILE and graphviz are there) "
-                       "or report (S/K, erasure, barriers and phases per layer)")
+                       "or report (S/K, erasure, barriers and phases per layer) (default: %(default)s)")
     lower.add_argument("--passes", default="", metavar="P1,P2",
-                       help="passes to run in order: typing, calm, fusion (prerequisites are added)")
+                       help=f"passes to run in order, comma-separated: {', '.join(pass_names())} "
+                       "(prerequisites are added; default: none, or typing,calm,fusion for --emit report)")
     lower.add_argument("--print-after", action="append", default=[], metavar="PASS",
-                       help="print the IR to stderr after this pass (repeatable)")
-    lower.add_argument("--axes", metavar="SPEC", help="CALM partition axes: batch,sequence (default) "
-                       "or AXIS=INPUT:DIM,... e.g. batch=input_ids:0,sequence=input_ids:1")
-    lower.add_argument("-o", "--output", help="write here instead of stdout (replaced atomically)")
+                       help="print the IR to stderr after this pass (repeatable; default: none)")
+    lower.add_argument("--axes", metavar="SPEC", help="CALM partition axes, with --passes calm: batch,sequence "
+                       "or AXIS=INPUT:DIM,... e.g. batch=input_ids:0,sequence=input_ids:1 (default: "
+                       "batch,sequence)")
+    lower.add_argument("-o", "--output", help="write here instead of stdout (replaced atomically; "
+                       "default: stdout)")
     lower.add_argument("--input", action="append", default=[], metavar="SPEC",
                        help="example input, repeatable: DTYPE[D0,...] or NAME=DTYPE[...], "
-                       "e.g. int64[2,128]")
+                       "e.g. int64[2,128] (default: made for the model, e.g. input_ids int64[2,16])")
     lower.add_argument("--trust-pickle", action="store_true",
-                       help="allow unpickling a pickled nn.Module (unpickling runs arbitrary code)")
+                       help="allow unpickling a pickled nn.Module (unpickling runs arbitrary code; default: off)")
     lower.add_argument("--meta", action="store_true",
-                       help="lower on the meta device: no weights are materialised")
+                       help="lower on the meta device: no weights are materialised (default: off)")
     lower.add_argument("--train", action="store_true",
-                       help="export in training mode (dropout and batch norm as in training)")
+                       help="export in training mode (dropout and batch norm as in training; default: off, "
+                       "evaluation mode)")
     lower.add_argument("--weights-out", metavar="FILE.safetensors",
                        help="also write the program's weights (by state-dict key): with the IR text, a "
-                       "model bwskc train can train")
+                       "model bwskc train can train (default: not written)")
 
     parse = sub.add_parser("parse", help="validate IR text and print its canonical form")
-    parse.add_argument("file")
-    parse.add_argument("-o", "--output", help="write here instead of stdout (replaced atomically)")
+    parse.add_argument("file", help="BWSK IR text (.bwsk), as bwskc lower prints it")
+    parse.add_argument("-o", "--output", help="write here instead of stdout (replaced atomically; "
+                       "default: stdout)")
     check = sub.add_parser("check-evidence", help="re-verify the S/K claims of a --emit json file with "
                            "torch alone (exit 1 if any fails)")
     check.add_argument("file", help="a bwskc lower --passes typing --emit json file (schema bwskc.ir/2)")
     check.add_argument("--weights", metavar="FILE.safetensors",
                        help="the program's weights (bwskc lower --weights-out), for claims on weights "
-                       "too large to embed")
+                       "too large to embed (default: only the weights embedded in FILE)")
     check.add_argument("-v", "--verbose", action="store_true", help="also say why each claim that "
-                       "cannot be re-checked cannot")
+                       "cannot be re-checked cannot (default: off)")
     grads = sub.add_parser("check-gradients", help="compare a model's reversible gradients with plain "
                            "autograd (float64, dropout on) and print the relative error per chain")
     grads.add_argument("model", help="as for lower: an ExportedProgram file, a Hugging Face directory or "
@@ -72,10 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     grads.add_argument("--input", action="append", default=[], metavar="SPEC",
                        help="example input, e.g. int64[2,16] (repeatable; default: made for the model)")
     grads.add_argument("--trust-pickle", action="store_true",
-                       help="allow loading a pickled module (unpickling runs code)")
-    grads.add_argument("--seed", type=int, default=0, help="dropout seed of the compared step (default 0)")
+                       help="allow loading a pickled module (unpickling runs code; default: off)")
+    grads.add_argument("--seed", type=int, default=0, help="dropout seed of the compared step (default: %(default)s)")
     from bwskc.train.run import add_arguments
-    add_arguments(sub.add_parser("train", help="train a model's program: conventional, analyzed, reversible"))
+    add_arguments(sub.add_parser("train", help="train a model in the seeds' variants (conventional, BWSK "
+                                 "analyzed, BWSK reversible; scratch and finetune) and publish their tables"))
     return p
 
 
@@ -102,11 +128,25 @@ def write_output(text: str, output: str | None) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, umask_mode())  # mkstemp makes 0600; the file is the user's, as open() would make it
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process's umask: what ``open(path, "w")`` gives a new file (0644 under 022)."""
+    try:  # Linux: read it, rather than set and restore it (which another thread could see)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return mode & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return mode & ~current
 
 
 def _read_text(path: str) -> str:
@@ -153,6 +193,7 @@ def cmd_lower(args) -> None:
         from safetensors.torch import save_file
         tmp = Path(args.weights_out).with_name(Path(args.weights_out).name + ".tmp")
         save_file({k: v.detach().contiguous().clone() for k, v in program.weights.items()}, str(tmp))
+        os.chmod(tmp, umask_mode())  # safetensors leaves its temporary file's 0600
         tmp.replace(args.weights_out)
     if args.emit == "dot" and args.output:
         from bwskc.emit import render_dot
@@ -187,10 +228,15 @@ def cmd_check_evidence(args) -> None:
         raise failed
 
 
-def _quiet():
+def _quiet(torch_logs: bool = True):
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if torch_logs:
+        _quiet_torch()
+
+
+def _quiet_torch():
     import torch._logging  # torch logs tracebacks of its own before our one-line error
     torch._logging.set_logs(all=logging.CRITICAL)
 
@@ -198,15 +244,17 @@ def _quiet():
 def main(argv=None) -> int:
     def body():
         args = build_parser().parse_args(argv)
+        _quiet_torch()  # a command runs: torch is imported now, not for --help or a usage error
         {"lower": cmd_lower, "parse": cmd_parse, "train": cmd_train,
          "check-evidence": cmd_check_evidence, "check-gradients": cmd_check_gradients}[args.command](args)
-    return guarded(body)
+    return guarded(body, torch_logs=False)
 
 
-def guarded(body) -> int:
+def guarded(body, torch_logs: bool = True) -> int:
     """Run ``body`` as a command: 0 on success, one line on stderr and 2 on bad input (1 where the
-    error says so, such as a diverged training run), 1 on an internal error; no traceback."""
-    _quiet()
+    error says so, such as a diverged training run), 1 on an internal error; no traceback.
+    ``torch_logs=False``: the body quiets torch's logs itself, once it knows it needs torch."""
+    _quiet(torch_logs)
     try:
         body()
         return 0

@@ -174,7 +174,7 @@ def to_dot(program: Program) -> str:
     for name, ins, out, body, kind in bodies:
         sig = f"({', '.join(type_text(t) for t in ins)}) -> {type_text(out)}"
         count = sum(1 for _ in prims(body))
-        label = [name, sig, f"{count} leaves"]
+        label = [name, sig, f"{count} {'leaf' if count == 1 else 'leaves'}"]
         attrs = []
         if typing is not None:
             c = typing.counts(by_scope.get(name, []))

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import operator
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -65,10 +66,21 @@ def op_name(target) -> str:
                     "only ATen operators and getitem are supported")
 
 
+def run_decompositions(ep: ExportedProgram) -> ExportedProgram:
+    """``ep.run_decompositions({})``, without torch's own FutureWarning from inside it: torch 2.13's
+    ``run_decompositions`` deep-copies the module call graph, whose specs ``torch.export`` itself built as
+    ``LeafSpec``, and unpickling each (``copyreg``) warns ``isinstance(treespec, LeafSpec) is
+    deprecated``. Nothing of bwskc's makes a LeafSpec; only that message is silenced, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        return ep.run_decompositions({})
+
+
 def lower_exported(ep: ExportedProgram, name: str | None = None, *, decompose: bool = True) -> Program:
     """Lower an ExportedProgram to a Program bound to the program's weights."""
     if decompose:
-        ep = ep.run_decompositions({})
+        ep = run_decompositions(ep)
     ep = differentiable(ep, owned=decompose)
     return run_deep(lambda: _Lowerer(ep, name).run())
 
@@ -438,7 +450,7 @@ def _output_names(ep: ExportedProgram, count: int) -> list[str]:
                 return
             ctx = s.context
             keys = list(ctx) if isinstance(ctx, (list, tuple)) and len(ctx) == s.num_children else None
-            for i, child in enumerate(s.children_specs):
+            for i, child in enumerate(s.children()):
                 k = str(keys[i]) if keys is not None else str(i)
                 walk(child, f"{prefix}.{k}" if prefix else k)
 

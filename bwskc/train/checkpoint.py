@@ -55,6 +55,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def honour_umask(*paths: Path) -> None:
+    """Give files the mode ``open()`` would (0644 under umask 022): safetensors writes through a
+    temporary file and leaves 0600, and the published model and checkpoints are the user's to share."""
+    from bwskc.cli import umask_mode
+    mode = umask_mode()
+    for path in paths:
+        os.chmod(path, mode)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
@@ -157,6 +166,7 @@ def save_model(out: Path, module, hf_model, cfg, source_program=None) -> None:
     tmp = out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     hf_model.save_pretrained(str(tmp), safe_serialization=True)
+    honour_umask(*(f for f in tmp.iterdir() if f.is_file()))
     (tmp / BWSKC_JSON).write_text(_bwskc_json(cfg))
     if cfg.mode == "reversible":  # loadable with the task's Auto class and trust_remote_code=True
         from bwskc.train.pretrained import write_remote_code
@@ -176,6 +186,7 @@ def _save_ir_model(out: Path, module, cfg, program) -> None:
     state = {k: (trained[k] if k in trained else module.program.weights[k].detach().cpu()).contiguous()
              for k in program.tensors}
     save_file(state, str(tmp / "model.safetensors"))
+    honour_umask(tmp / "model.safetensors")
     (tmp / "model.bwsk").write_text(program.text())
     (tmp / "config.json").write_text(json.dumps({"bwskc_program": "model.bwsk", "name": program.name,
                                                  "vocab_size": program.entry.outputs[0].shape[-1]}) + "\n")
@@ -243,6 +254,7 @@ def save(out: Path, module, opt, sched, scaler, state, hyperparameters: dict) ->
     tensors = {f"{i}.{name}": value.detach().cpu().contiguous()
                for i, entry in opt_state["state"].items() for name, value in entry.items()}
     save_file(tensors, str(tmp / "optimizer.safetensors"))
+    honour_umask(tmp / "module.safetensors", tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps({
         "state": asdict(state), "param_groups": opt_state["param_groups"], "hyperparameters": hyperparameters,
         "scheduler": sched.state_dict(), "scaler": scaler.state_dict()}) + "\n")

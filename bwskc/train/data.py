@@ -5,7 +5,8 @@
 - ``None`` or ``"stdlib"`` (a local directory of that name is ``./stdlib``): the offline default, the Python standard library's own ``.py`` sources (every
   machine with Python has them). Tests, ``idlelib``, ``lib2to3``, ``turtledemo``, ``ensurepip``, the codec
   tables of ``encodings``, ``pydoc_data`` and the machine-specific ``_sysconfigdata*`` are left out. Each file
-  is one document; a stable hash of its path relative to the stdlib decides its split (about 90/5/5) and its
+  is one document; a stable hash of its path relative to the stdlib decides its split (90/5/5 of the hash
+  range, not 90/5/5 of the text: files differ in size; ``note`` gives the measured shares) and its
   place in the order, so neither depends on the machine's directory order. By default the text is capped at
   ``STDLIB_MAX_CHARS`` characters so that a CPU run stays fast.
 - a text file: documents are its articles (WikiText headings, below), else its blank-line separated
@@ -180,8 +181,14 @@ def _load_stdlib(max_chars: int) -> TextSplits:
     version = ".".join(map(str, sys.version_info[:3]))
     source = (f"Python {version} standard library source ({n_files} .py files under {root}, without tests, "
               f"idlelib, lib2to3, encodings, pydoc_data)")
-    note = ("Python standard library corpus: each file one document, split about 90/5/5 by a hash of its "
-            "path (there is no standard split)")
+    counts = {k: len(v) for k, v in splits.items()}
+    chars = {k: sum(map(len, v)) for k, v in splits.items()}
+    total = max(1, sum(chars.values()))
+    note = ("Python standard library corpus: each file one document, its split drawn from a hash of its "
+            "path (90/5/5 of the hash range; there is no standard split): train/validation/test "
+            f"{counts['train']}/{counts['valid']}/{counts['test']} files, "
+            + "/".join(f"{100 * chars[k] / total:.1f}%" for k in ("train", "valid", "test"))
+            + " of the characters")
     return _finish(TextSplits(splits["train"], splits["valid"], splits["test"], source, note), max_chars, "stdlib")
 
 

@@ -168,6 +168,7 @@ class Trainer:
         config = self.src.program if self.src.program is not None else self.src.config
         self.objective = objective(cfg.task, config, self.blocks, self.data_info, seed=cfg.seed,
                                    global_batch=cfg.batch_size)
+        started = time.perf_counter()
         if self.src.program is not None:  # an IR file: the program itself, no model class
             self.hf = None
             program = ir_program(self.src, pretrained=pretrained, seed=cfg.seed)
@@ -181,6 +182,9 @@ class Trainer:
             check = self.will_check(sum(p.numel() for p in self.hf.parameters()))
             self.module = bwskc.compile(self.hf, args, kwargs, mode=cfg.mode, seed=cfg.seed, check=check)
             self.hf.to("cpu")  # kept only as the layout save_pretrained writes; the module has its own copy
+        self.log(f"{cfg.name}: lowered and compiled ({cfg.mode}{', gradients checked' if check else ''}) "
+                 f"in {time.perf_counter() - started:.1f} s; {self.total} steps, evaluating every "
+                 f"{self.eval_every}")
         # the order the compiled program takes its inputs in (the export's, not necessarily the task's)
         self.input_names = tuple(self.module.program.entry.input_names)
         self.model = self.module
@@ -240,12 +244,15 @@ class Trainer:
         padded = -(-n // span) * span
         self.module.eval()
         total = torch.zeros(3, dtype=torch.float64, device=self.device)  # nccl reduces device tensors
+        bar = _progress(padded // span, 0, f"{self.cfg.name} {split}", disable=not self.world.main)
         for start in range(self.world.rank * self.local, padded, span):
             rows = torch.arange(start, start + self.local)
             weight = (rows < n).to(torch.float32).to(self.device)
             batch = {k: v.to(self.device) for k, v in
                      self.objective.batch(split, rows.clamp(max=n - 1), step=None).items()}
             total += self.objective.sums(self.forward(self.module, batch), batch, weight)
+            bar.update(1)
+        bar.close()
         self.module.train()
         if self.world.size > 1:
             import torch.distributed as dist
@@ -338,7 +345,9 @@ class Trainer:
 
     def evaluate_and_save(self):
         state = self.state
+        started = time.perf_counter()
         metrics = self.evaluate("valid")
+        took = time.perf_counter() - started
         val = metrics["loss"]
         if not math.isfinite(val):
             raise self.diverged("validation loss", val, state.step - 1)
@@ -363,7 +372,8 @@ class Trainer:
             ckpt.save(self.out, self.module, self.opt, self.sched, self.scaler, state, self.hyperparameters())
         self.barrier()  # the other ranks read the best weights only once they are written
         self.log(f"{self.cfg.name}: step {state.step}/{self.total} train loss {train_loss:.4f} "
-                 f"val {self.objective.headline(metrics)}{' (best)' if improved else ''}")
+                 f"val {self.objective.headline(metrics)}{' (best)' if improved else ''} "
+                 f"[{self.objective.rows('valid')} rows in {took:.1f} s]")
 
     def barrier(self):
         if self.world.size > 1:
@@ -373,7 +383,14 @@ class Trainer:
     def final_test(self) -> dict:
         """Test metrics of the best checkpoint (the weights saved at the best validation)."""
         ckpt.load_best(self.out, self.module, self.cfg.task)
-        return self.evaluate("test")
+        n = self.objective.rows("test")
+        self.log(f"{self.cfg.name}: scoring the test split ({n} rows) with the best weights (step "
+                 f"{self.state.best_step})")
+        started = time.perf_counter()
+        metrics = self.evaluate("test")
+        self.log(f"{self.cfg.name}: test {self.objective.headline(metrics)} [{n} rows in "
+                 f"{time.perf_counter() - started:.1f} s]")
+        return metrics
 
     def record(self, row: dict):
         if self.world.main:

@@ -26,7 +26,8 @@ def write_summary(out: Path, results: dict, args) -> dict:
     there (``--experiment finetune`` after ``--experiment scratch`` gives one table of both)."""
     results = {**_finished(out), **results}
     data = next(iter(results.values()))["data"] if results else {}
-    summary = {"schema": SCHEMA, "model": args.model, "data": data, "variants": results,
+    summary = {"schema": SCHEMA, "model": args.model, "model_name": getattr(args, "model_label", args.model),
+               "data": data, "variants": results,
                "memory_savings": memory_savings(results)}
     write_text_atomic(out / "results.json", json.dumps(summary, indent=1) + "\n")
     for name in results:
@@ -104,19 +105,32 @@ def _mib(n) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _shares(blocks, before=None) -> str:
+    """``train 7251 (83.9%), valid 286 (3.3%), test 1108 (12.8%)``: the rows of each split and their share
+    of the split's rows; with --eval-rows, ``valid 128 of 286 (3.3%)``, the share the whole split's."""
+    if not isinstance(blocks, dict) or not blocks:
+        return str(blocks)
+    whole = before if isinstance(before, dict) and set(before) == set(blocks) else blocks
+    total = max(1, sum(whole.values()))
+    return ", ".join(f"{k} {v}{f' of {whole[k]}' if whole[k] != v else ''} ({100 * whole[k] / total:.1f}%)"
+                     for k, v in blocks.items())
+
+
 def readme(summary: dict) -> str:
     data = summary["data"]
     task = data.get("task", "causal")
-    lines = [f"# bwskc train results: {summary['model']}", "", f"Task: {TASK_NAMES.get(task, task)}."]
+    lines = [f"# bwskc train results: {summary.get('model_name') or summary['model']}", "",
+             f"Task: {TASK_NAMES.get(task, task)}."]
     if task == "image":
         lines += [f"Data: {data.get('source', '?')}; {len(data.get('classes', []))} classes, images cropped to "
-                  f"{data.get('image_size')}x{data.get('image_size')}: {data.get('blocks')}."]
+                  f"{data.get('image_size')}x{data.get('image_size')}: "
+                  f"{_shares(data.get('blocks'), data.get('rows_before_cap'))}."]
     else:
         unit = (f"blocks of {data.get('seq_len')} tokens read by the encoder, each followed by the "
                 f"{data.get('seq_len')} its decoder predicts" if task == "seq2seq"
                 else f"blocks of {data.get('seq_len')} tokens")
         lines += [f"Data: {data.get('source', '?')}. Tokenizer: {data.get('tokenizer', '?')}; {unit}: "
-                  f"{data.get('blocks')}."]
+                  f"{_shares(data.get('blocks'), data.get('rows_before_cap'))}."]
     if data.get("note"):
         lines += ["", f"**Split convention:** {data['note']}"]
     variants = summary["variants"]
@@ -140,6 +154,11 @@ def readme(summary: dict) -> str:
                          f"{_mib(r['activation_bytes'])} | {r['time_s']:.1f} s | {r['epochs']:.2f} | "
                          f"{r['steps']} ({r['stopped']}) |")
         lines.append("")
+    if any(f"{e}-{d}" in variants for e in ("finetune", "scratch") for d in MODE_DIRS.values()):
+        lines += ["Time: wall-clock seconds of the training steps alone (compilation and evaluation not "
+                  "counted), measured under whatever else ran on the machine then: on a shared or loaded "
+                  "machine it varies by a factor of several between runs, so compare it only within a run "
+                  "on an otherwise idle machine.", ""]
     savings = summary["memory_savings"]
     if savings:
         accuracy = any("val_accuracy_gap_pts" in s for s in savings.values())
@@ -220,12 +239,16 @@ def plot_run(directory: Path) -> None:
     plt.close(fig)
 
 
+_MODE_STYLES = {"conventional": ("-", "o", 9), "analyzed": ("--", "s", 6), "reversible": (":", "^", 6)}
+
+
 def plot_comparison(out: Path, results: dict) -> None:
     plt = _pyplot()
     experiments = [e for e in ("scratch", "finetune") if any(k.startswith(e) for k in results)]
     fig, axes = plt.subplots(1, max(1, len(experiments)), figsize=(6 * max(1, len(experiments)), 4),
                              squeeze=False)
     for ax, experiment in zip(axes[0], experiments):
+        labelled = False
         for mode, d in MODE_DIRS.items():
             name = f"{experiment}-{d}"
             if name not in results:
@@ -233,8 +256,15 @@ def plot_comparison(out: Path, results: dict) -> None:
             rows = _metrics(out / name)
             steps = [r for r in rows if "loss" in r]
             evals = [r for r in rows if "val_loss" in r]
-            line, = ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.6, alpha=0.5)
-            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", color=line.get_color(),
+            # analyzed computes what conventional does, so their curves coincide: each mode has its own
+            # line style and marker (hollow, of decreasing size) so that one drawn over another still shows
+            style, marker, size = _MODE_STYLES[mode]
+            line, = ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.6, alpha=0.5,
+                            linestyle=style, label=None if labelled else "training loss per step (faint; "
+                            "the mode's colour)")
+            labelled = True
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], marker=marker, linestyle=style,
+                    markersize=size, markerfacecolor="none", color=line.get_color(),
                     label=f"{MODE_NAMES[mode]} (validation)")
         ax.set_title(experiment)
         ax.set_xlabel("step")

@@ -19,20 +19,21 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 from bwskc.errors import BwskError
-from bwskc.train import checkpoint as ckpt
-from bwskc.train.loop import MODE_DIRS, RunConfig
-from bwskc.train.models import max_positions, resolve_model, vocab_size
-from bwskc.train.tasks import TASKS, choose_task
 
+# torch, transformers and the trainer's modules are imported when the command runs, not when its
+# options are built (``bwskc --help`` starts in a fraction of a second): the constants below are the
+# trainer's own (``tests/test_newcomer.py`` checks they match ``loop.MODE_DIRS`` and ``tasks.TASKS``)
+MODE_DIRS = {"conventional": "conventional", "analyzed": "bwsk-analyzed", "reversible": "bwsk-reversible"}
+TASKS = ("causal", "seq2seq", "masked", "image")
 MODES = tuple(MODE_DIRS)
 EXPERIMENTS = ("scratch", "finetune")
 DEFAULT_MODEL = "default"
+DEFAULT_MODEL_LABEL = "default (embedded Pythia-style GPT-NeoX)"
 PRECISIONS = ("fp32", "bf16", "fp16")
 RUN_MARKER = "bwskc-run.json"  # what makes a directory one bwskc train wrote (and may write into again)
 MIN_DDP_TIMEOUT_S = 10.0  # a worker's start (importing torch) must fit in it
@@ -41,12 +42,16 @@ MIN_DDP_TIMEOUT_S = 10.0  # a worker's start (importing torch) must fit in it
 def add_arguments(p) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="Hugging Face directory or config.json, a hub id where reachable, or a directory "
-                   "bwskc train wrote; default: a small Pythia-style GPT-NeoX shipped with bwskc")
+                   "bwskc train wrote (default: %(default)s, a small Pythia-style GPT-NeoX shipped with bwskc)")
     p.add_argument("--task", default=None, choices=TASKS,
                    help="the objective (default: the model's own head: causal for GPT-style models, seq2seq "
                    "for T5/BART/Switch, masked for BERT-style encoders, image for image classifiers)")
-    p.add_argument("--mode", default="all", choices=MODES + ("all",))
-    p.add_argument("--experiment", default="all", choices=EXPERIMENTS + ("all",))
+    p.add_argument("--mode", default="all", choices=MODES + ("all",),
+                   help="conventional (the program as lowered), analyzed (with the typing and CALM analyses), "
+                   "reversible (residual chains as coupling layers) or all three (default: %(default)s)")
+    p.add_argument("--experiment", default="all", choices=EXPERIMENTS + ("all",),
+                   help="scratch (re-initialised weights), finetune (the model's weights, or for a config "
+                   "alone the scratch conventional run's best) or all, scratch first (default: %(default)s)")
     p.add_argument("--data", default=None,
                    help="text tasks: a text file, a directory with train/valid/test files "
                    "(../shared/data/wikitext-2 follows its README's convention), a hub dataset id where "
@@ -57,42 +62,54 @@ def add_arguments(p) -> None:
     p.add_argument("--check-gradients", default="auto", choices=("auto", "on", "off"),
                    help="reversible mode: before training, compare its gradients with plain autograd through "
                    "the same architecture (float64, dropout on, the first batch) and stop, naming the chain, "
-                   "above 1e-8 relative; auto (default): for models up to 50M parameters")
+                   "above 1e-8 relative; auto: for models up to 50M parameters (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=None,
                    help="image tasks: the side images are cropped to (default: the config's image_size, "
                    "else 224)")
     p.add_argument("--augment", default="crop,flip",
                    help="image tasks: training augmentations, a comma list of crop and flip, or none "
-                   "(default crop,flip; seeded per step and image)")
+                   "(default: %(default)s; seeded per step and image)")
     p.add_argument("--out", default="runs/train",
-                   help="output directory (default runs/train): new, empty, or one bwskc train wrote "
+                   help="output directory (default: %(default)s): new, empty, or one bwskc train wrote "
                    f"(it holds {RUN_MARKER}), which may gain the variants it lacks; any other non-empty "
                    "directory is refused")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8, help="global batch, in blocks of --seq-len tokens")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 6e-4 scratch, "
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training split (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps, if fewer than --epochs take (default: no limit)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="global batch, in blocks of --seq-len tokens (images for image tasks; default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=128,
+                   help="tokens per block (seq2seq: per encoder block and per decoder block; default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 6e-4 scratch, "
                    "1e-4 finetune)")
-    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%% of the steps)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: 5%% of the steps)")
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW weight decay, on matrices only (default: %(default)s)")
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="max gradient norm, 0: no clipping (default: %(default)s)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="fp32; bf16 (autocast); fp16 (autocast with loss scaling, CUDA only)")
-    p.add_argument("--patience", type=int, default=3, help="evaluations without improvement before stopping")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (default: each epoch)")
+                   help="fp32; bf16 (autocast); fp16 (autocast with loss scaling, CUDA only) (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=3,
+                   help="evaluations without improvement before stopping early (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of initialisation, data order, dropout, masks and augmentation (default: %(default)s)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="steps between evaluations, 0: once per epoch (default: %(default)s)")
+    p.add_argument("--eval-rows", type=int, default=0, metavar="N",
+                   help="score validation and test on their first N rows only (blocks or images; the "
+                   "outputs say so), 0: every row (default: %(default)s)")
     p.add_argument("--save-every", type=int, default=0,
-                   help="steps between resume checkpoints besides those at evaluations (default: none)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                   help="steps between resume checkpoints besides those at evaluations, 0: none (default: %(default)s)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda where available, else cpu)")
     p.add_argument("--resume", action="store_true",
                    help="continue the variants in --out (a directory bwskc train wrote, possibly moved) from "
                    "their checkpoints, with the same options; finished variants are kept, a damaged "
-                   "checkpoint is refused, an incomplete data/ is prepared again")
-    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DDP; gloo on CPU)")
+                   "checkpoint is refused, an incomplete data/ is prepared again (default: off)")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DDP; gloo on CPU, nccl on CUDA; default: %(default)s)")
     p.add_argument("--ddp-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="with --nproc: the longest a rank waits for the others in a collective (default "
-                   "300); a rank that stops running (its heartbeat stalls for a quarter of this, at most "
+                   help="with --nproc: the longest a rank waits for the others in a collective (default: "
+                   "%(default)s); a rank that stops running (its heartbeat stalls for a quarter of this, at most "
                    f"30 s) or dies ends the run at once, named, the others stopped (at least "
                    f"{MIN_DDP_TIMEOUT_S:g})")
 
@@ -104,7 +121,8 @@ def default_model_path() -> str:
 # ----------------------------------------------------------------------------------- checks
 # (option, smallest value, what the value is): every numeric option, finite and in range
 _INT_OPTIONS = (("epochs", 1), ("max_steps", 1), ("batch_size", 1), ("seq_len", 2), ("patience", 1),
-                ("nproc", 1), ("warmup", 0), ("eval_every", 0), ("save_every", 0), ("image_size", 8))
+                ("nproc", 1), ("warmup", 0), ("eval_every", 0), ("eval_rows", 0), ("save_every", 0),
+                ("image_size", 8))
 _FLOAT_OPTIONS = (("lr", 0.0, False), ("weight_decay", 0.0, True), ("grad_clip", 0.0, True),
                   ("ddp_timeout", MIN_DDP_TIMEOUT_S, True))  # (name, bound, bound allowed)
 
@@ -130,7 +148,10 @@ def _check_numbers(args) -> None:
 
 
 def _check_options(args) -> None:
+    import torch
     _check_numbers(args)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.batch_size % args.nproc:
         raise BwskError(f"--batch-size {args.batch_size} is not a multiple of --nproc {args.nproc}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -166,6 +187,7 @@ def _check_writable(out: Path) -> None:
 
 def is_run_directory(out: Path) -> bool:
     """A directory bwskc train wrote: its marker, or (written before the marker) its prepared data."""
+    from bwskc.train import checkpoint as ckpt
     return (out / RUN_MARKER).is_file() or (out / ckpt.DATA / ckpt.DATA_JSON).is_file()
 
 
@@ -186,6 +208,7 @@ def _check_out(args, out: Path, variants) -> None:
 
 def _check_checkpoints(out: Path, variants) -> None:
     """--resume: every unfinished variant's checkpoint is whole before anything is written."""
+    from bwskc.train import checkpoint as ckpt
     from bwskc.train.worker import RESULTS
     for e, m in variants:
         variant = out / f"{e}-{MODE_DIRS[m]}"
@@ -206,6 +229,7 @@ ABSENT = "absent"
 def data_state(out: Path) -> str | None:
     """None when ``DIR/data`` is whole; else why not (``ABSENT``, or what is incomplete or damaged).
     Computed once: it reads every file's digest."""
+    from bwskc.train import checkpoint as ckpt
     where = out / ckpt.DATA
     return ckpt.data_problem(where) if where.exists() else ABSENT
 
@@ -215,6 +239,7 @@ def existing_data(args, out: Path, splits, state: str | None) -> Path | None:
     the same --seq-len (--image-size) (reused, so every variant in DIR sees the same rows); a mismatch
     is refused rather than overwritten; an incomplete one (a kill while it was written) is None:
     prepared again."""
+    from bwskc.train import checkpoint as ckpt
     where = out / ckpt.DATA
     if state is not None:
         if state != ABSENT:
@@ -230,7 +255,11 @@ def existing_data(args, out: Path, splits, state: str | None) -> Path | None:
                             f"{args.image_size}; use another --out")
         if not args.resume and info.get("spec") != (args.data or "digits"):
             raise BwskError(f"{where}: prepared from other images ({info.get('spec')}); use another --out")
-    elif info.get("seq_len") != args.seq_len:
+    eval_rows = getattr(args, "eval_rows", 0)
+    if info.get("eval_rows", 0) != eval_rows:
+        raise BwskError(f"{where}: prepared with --eval-rows {info.get('eval_rows', 0)}, not {eval_rows}; "
+                        f"use another --out")
+    if args.task != "image" and info.get("seq_len") != args.seq_len:
         raise BwskError(f"{where}: prepared with --seq-len {info.get('seq_len')}, not {args.seq_len}; "
                         f"use another --out")
     if splits is not None and info.get("source") != splits.source:
@@ -242,6 +271,7 @@ def tokenize(args, src, splits, batch_size: int):
     """Tokenizer and token blocks, in memory, with every check that can fail done before anything is
     written. A seq2seq block is two ``--seq-len`` halves: what the encoder reads, what the decoder
     predicts."""
+    from bwskc.train.models import vocab_size
     from bwskc.train.data import build_tokenizer, token_blocks
     vocab = vocab_size(src.program or src.config)
     tokenizer = build_tokenizer(splits, model_dir=src.tokenizer_dir, vocab_size=vocab, save_to=None,
@@ -249,13 +279,15 @@ def tokenize(args, src, splits, batch_size: int):
     length = args.seq_len * (2 if args.task == "seq2seq" else 1)
     blocks = {name: token_blocks(tokenizer, getattr(splits, name), length, what=f"the {name} split")
               for name in ("train", "valid", "test")}
+    note = _cap_evaluation(args, blocks, splits.note)
     top = max(int(b.max()) for b in blocks.values())
     if top >= vocab:
         raise BwskError(f"{args.model}: the tokenizer gives id {top}, beyond the model's vocabulary {vocab}")
     if blocks["train"].shape[0] < batch_size:
         raise BwskError(f"{args.data}: {blocks['train'].shape[0]} training blocks of {args.seq_len} tokens, "
                         f"fewer than one batch of {batch_size}: lower --batch-size or --seq-len")
-    info = {"task": args.task, "source": splits.source, "note": splits.note, "seq_len": args.seq_len,
+    info = {"task": args.task, "source": splits.source, "note": note, "seq_len": args.seq_len,
+            "eval_rows": getattr(args, "eval_rows", 0), "rows_before_cap": getattr(args, "rows_before_cap", None),
             "tokenizer": "the model's" if src.tokenizer_dir else "trained offline (byte-level BPE)",
             "blocks": {k: int(v.shape[0]) for k, v in blocks.items()},
             "tokens": {k: int(v.numel()) for k, v in blocks.items()}}
@@ -279,11 +311,33 @@ def prepare_images(args, src, batch_size: int):
         raise BwskError(f"{args.data or 'digits'}: {blocks['train'].shape[0]} training images, fewer than "
                         f"one batch of {batch_size}: lower --batch-size")
     augment = sorted(set(filter(None, args.augment.split(","))) - {"none"})
-    info = {"task": "image", "spec": args.data or "digits", "source": found.source, "note": found.note, "image_size": args.image_size,
+    note = _cap_evaluation(args, blocks, found.note)
+    info = {"task": "image", "spec": args.data or "digits", "source": found.source, "note": note,
+            "eval_rows": getattr(args, "eval_rows", 0), "rows_before_cap": getattr(args, "rows_before_cap", None),
+            "image_size": args.image_size,
             "stored_size": found.stored_size, "classes": list(found.classes), "mean": list(mean),
             "std": list(std), "crop": "crop" in augment, "flip": "flip" in augment,
             "tokenizer": None, "blocks": {k: int(blocks[k].shape[0]) for k in ("train", "valid", "test")}}
     return None, blocks, info
+
+
+def _cap_evaluation(args, blocks: dict, note: str) -> str:
+    """--eval-rows N: validation and test keep their first N rows (the leading documents' blocks, or
+    images), in place; the split note says so, with the counts, for every output that shows it."""
+    if not getattr(args, "eval_rows", 0):
+        return note
+    args.rows_before_cap = {k: int(blocks[k].shape[0]) for k in ("train", "valid", "test")}
+    said = []
+    for name in ("valid", "test"):
+        n = int(blocks[name].shape[0])
+        if n > args.eval_rows:
+            blocks[name] = blocks[name][:args.eval_rows]
+            if f"{name}_labels" in blocks:
+                blocks[f"{name}_labels"] = blocks[f"{name}_labels"][:args.eval_rows]
+        said.append(f"{'validation' if name == 'valid' else 'test'} {min(n, args.eval_rows)} of {n} rows")
+    cap = (f"Evaluation capped by --eval-rows {args.eval_rows}: {', '.join(said)} (each split's first rows) "
+           "are scored.")
+    return f"{note.rstrip('.')}. {cap}" if note else cap
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -326,9 +380,13 @@ def _check_data_kind(args, src) -> None:
 # ----------------------------------------------------------------------------------- the command
 def run_training(args) -> dict:
     from bwskc.train.data import load_text
+    from bwskc.train.models import max_positions, resolve_model
+    from bwskc.train.tasks import choose_task
     _check_options(args)
     _quiet_libraries()
+    args.model_label = args.model  # as the user gave it: the run README's title
     if args.model == DEFAULT_MODEL:
+        args.model_label = DEFAULT_MODEL_LABEL
         args.model = default_model_path()
     out = Path(args.out)
     _check_writable(out)
@@ -358,6 +416,7 @@ def run_training(args) -> dict:
         raise BwskError(f"--seq-len {args.seq_len} exceeds the model's {limit} positions")
     finetune_from = _finetune_source(args, src, out, variants)
     state = data_state(out)
+    started = time.perf_counter()
     if args.task == "image":
         data = existing_data(args, out, None, state) if state is None else None
         prepared = None if data is not None else prepare_images(args, src, args.batch_size)
@@ -365,8 +424,9 @@ def run_training(args) -> dict:
         splits = None if args.resume and state is None else load_text(args.data or "stdlib")
         data = existing_data(args, out, splits, state)
         prepared = None if data is not None else tokenize(args, src, splits, args.batch_size)
+    prepare_s = time.perf_counter() - started
     try:  # every check has passed: now write, and a failing write is one line naming the path
-        return _write_runs(args, out, variants, data, prepared, finetune_from)
+        return _write_runs(args, out, variants, data, prepared, finetune_from, prepare_s)
     except OSError as exc:
         raise BwskError(write_error(exc, out)) from None
 
@@ -375,7 +435,8 @@ def write_error(exc: OSError, where: Path) -> str:
     return f"{exc.filename or where}: cannot write the run's outputs ({exc.strerror or type(exc).__name__})"
 
 
-def _write_runs(args, out: Path, variants, data, prepared, finetune_from) -> dict:
+def _write_runs(args, out: Path, variants, data, prepared, finetune_from, prepare_s: float = 0.0) -> dict:
+    from bwskc.train import checkpoint as ckpt
     from bwskc import __version__
     from bwskc.train.output import write_summary
     out.mkdir(parents=True, exist_ok=True)
@@ -384,10 +445,15 @@ def _write_runs(args, out: Path, variants, data, prepared, finetune_from) -> dic
                                                              "bwskc": __version__}) + "\n")
     if prepared is not None:
         data = ckpt.save_data(out, *prepared)
+        info = prepared[2]
+        print(f"data: {info['source'].split(' (')[0]}; {info.get('tokenizer') or 'images'}; rows "
+              f"train/valid/test {'/'.join(str(info['blocks'][k]) for k in ('train', 'valid', 'test'))}; "
+              f"prepared in {prepare_s:.1f} s", flush=True)
     separate = len(variants) > 1 or args.nproc > 1
     results = {}
-    for experiment, mode in variants:
+    for i, (experiment, mode) in enumerate(variants, 1):
         cfg = _config(args, experiment, mode, out, data, finetune_from if experiment == "finetune" else None)
+        print(f"[{i}/{len(variants)}] {cfg.name}", flush=True)
         results[cfg.name] = _run_one(cfg, data, separate)
     return write_summary(out, results, args)
 
@@ -413,6 +479,7 @@ def _finetune_source(args, src, out: Path, variants) -> str | None:
 
 
 def _config(args, experiment, mode, out, data, init_from) -> RunConfig:
+    from bwskc.train.loop import RunConfig
     return RunConfig(model=args.model, mode=mode, experiment=experiment,
                      out=str(out / f"{experiment}-{MODE_DIRS[mode]}"), data=str(data), init_from=init_from,
                      epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
