@@ -290,6 +290,7 @@ def _verify_checksums(where: Path) -> None:
 
 
 _REQUIRED = ("state.json", "state.json.state")
+NEWER_STATE_FIELDS = ("parts", "last_parts", "best_metrics")  # State fields an older checkpoint lacks
 
 
 def _like(value, example, field: str, path: Path) -> None:
@@ -348,6 +349,9 @@ def _read_state(where: Path, example: dict) -> dict:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise BwskError(f"{path}: corrupt checkpoint ({_first_line(exc)})") from None
+    if isinstance(saved, dict) and isinstance(saved.get("state"), dict):
+        for name in NEWER_STATE_FIELDS:  # written by a bwskc before the task families: their defaults
+            saved["state"].setdefault(name, {})
     _like(saved, example, "state.json", path)
     _check_state_fields(saved["state"], path)
     return saved

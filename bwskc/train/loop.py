@@ -191,7 +191,9 @@ class Trainer:
         if world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
             # broadcast_buffers=False: the RNG state buffer is per rank (each rank its own mask slice);
-            # the programs' other buffers are constants (rotary tables), equal on every rank anyway
+            # the other buffers are constants (rotary tables), equal on every rank, or batch-norm
+            # running statistics, which each rank updates from its rows and sync_statistics averages
+            # over the ranks before every evaluation and checkpoint
             self.model = DistributedDataParallel(self.module, broadcast_buffers=False)
         self.opt = torch.optim.AdamW(_param_groups(self.module, cfg.weight_decay), lr=lr, betas=(0.9, 0.95))
         self.sched = get_cosine_schedule_with_warmup(self.opt, warmup, self.total)
@@ -264,7 +266,13 @@ class Trainer:
         batch = self.batch(step)
         # the same seed on every rank, each drawing its rows' slice of the global batch's masks
         self.module.reseed(self.cfg.seed, step, shard=self.world.rank)
-        loss, parts = self.objective.loss(self.forward(self.model, batch), batch)
+        count = self.objective.targets(batch)
+        if self.world.size > 1:  # the global batch's mean: ranks may hold different numbers of targets
+            import torch.distributed as dist
+            count = count.clone()
+            dist.all_reduce(count)
+            count = count / self.world.size
+        loss, parts = self.objective.loss(self.forward(self.model, batch), batch, count)
         for name, value in parts.items():  # this rank's parts: logged, not judged
             self.state.parts[name] = self.state.parts.get(name, 0.0) + value
         seen = loss.detach()
@@ -310,10 +318,16 @@ class Trainer:
         else:
             _reset_peak_rss()
         first = self.batch(0)
+        # the measuring forward is a training forward: it would move batch-norm running statistics,
+        # so they are put back (a resumed run must continue from the checkpoint's, bit for bit)
+        kept = {name: b.detach().clone() for name, b in self.module.named_buffers()}
         with _autocast(cfg):  # activation bytes of one training forward (deterministic; rng re-seeded)
             act_bytes, _ = saved_bytes(
                 self.module, *[first[n] for n in self.input_names],
                 loss=lambda out: self.objective.loss(outputs_by_name(self.module, out), first)[0])
+        with torch.no_grad():
+            for name, b in self.module.named_buffers():
+                b.copy_(kept[name])
         bar = _progress(self.total, state.step, cfg.name, disable=not self.world.main)
         # throughput in the task's unit: tokens the model reads (images for an image task)
         tokens = self.local * self.world.size * (1 if cfg.task == "image" else
@@ -343,8 +357,21 @@ class Trainer:
             bar.close()
         return self.results(act_bytes, self.final_test())
 
+    def sync_statistics(self):
+        """Batch-norm running statistics averaged over the ranks (each updated them from its own rows;
+        batch statistics in training are per rank, as DDP without SyncBatchNorm has them), so that
+        every rank evaluates and rank 0 saves one model."""
+        if self.world.size == 1:
+            return
+        import torch.distributed as dist
+        for name, b in self.module.named_buffers():
+            if name.endswith(("running_mean", "running_var")):
+                dist.all_reduce(b)
+                b /= self.world.size
+
     def evaluate_and_save(self):
         state = self.state
+        self.sync_statistics()
         started = time.perf_counter()
         metrics = self.evaluate("valid")
         took = time.perf_counter() - started

@@ -27,6 +27,7 @@ from bwskc.errors import BwskError
 
 MASK_RATE, MASK_SHARE, RANDOM_SHARE = 0.15, 0.8, 0.1
 EVAL_MASK_SEED = 20261202  # the same evaluation masks for every variant and every --seed
+EVAL_CHUNK = 256
 IGNORE = -100
 
 
@@ -68,9 +69,17 @@ class Objective:
         """Per-target cross entropy and the weight (1 or 0) of each, shaped ``[rows, targets]``."""
         raise NotImplementedError
 
-    def loss(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+    def targets(self, batch: dict) -> torch.Tensor:
+        """How many targets the batch's loss averages over (float64; a masked LM's vary per batch)."""
+        labels = batch["labels"] if "labels" in batch else batch["input_ids"][:, 1:]
+        return torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device)
+
+    def loss(self, outputs: dict, batch: dict, count=None) -> tuple[torch.Tensor, dict]:
+        """Mean loss over the targets; ``count``: the number to divide by (data parallel: the global
+        batch's targets over the ranks, so the averaged gradient is one process's)."""
         losses, weight = self.token_losses(outputs, batch)
-        return (losses * weight).sum() / weight.sum().clamp(min=1), {}
+        total = weight.sum().clamp(min=1) if count is None else count.to(losses.device, losses.dtype)
+        return (losses * weight).sum() / total, {}
 
     def sums(self, outputs: dict, batch: dict, row_weight: torch.Tensor) -> torch.Tensor:
         """(loss sum, target count, correct count) over the rows whose ``row_weight`` is 1."""
@@ -136,8 +145,8 @@ class Seq2SeqLM(Objective):
                 parts[f"router_{kind}_loss"] = getattr(self.config, coef) * sum(v.float() for v in values)
         return parts
 
-    def loss(self, outputs, batch):
-        ce, _ = super().loss(outputs, batch)
+    def loss(self, outputs, batch, count=None):
+        ce, _ = super().loss(outputs, batch, count)
         parts = self.router_losses(outputs)
         return ce + sum(parts.values(), torch.zeros((), device=ce.device)), {
             "lm_loss": float(ce.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
@@ -174,7 +183,12 @@ class MaskedLM(Objective):
         data = self.data[split]
         if step is None:  # evaluation: the split's fixed masks, drawn once for all its blocks
             if split not in self.fixed:
-                self.fixed[split] = self.plan(data.shape, _generator(EVAL_MASK_SEED, *split.encode()))
+                # in chunks of EVAL_CHUNK blocks keyed on the chunk: a block's mask depends on its
+                # split and index only, not on how many blocks the split has (--eval-rows)
+                n, length = data.shape
+                chunks = [self.plan((EVAL_CHUNK, length), _generator(EVAL_MASK_SEED, *split.encode(), start))
+                          for start in range(0, n, EVAL_CHUNK)]
+                self.fixed[split] = [torch.cat(parts)[:n] for parts in zip(*chunks)]
             return self.apply(data[rows], [p[rows] for p in self.fixed[split]])
         # the global batch's plan drawn whole (cheap) and this rank's rows taken: the same on any world
         plan = self.plan((self.global_batch, data.shape[1]), _generator(self.seed, step))
@@ -183,6 +197,9 @@ class MaskedLM(Objective):
     def token_losses(self, outputs, batch):
         labels = batch["labels"]
         return _ce(outputs["logits"], labels), (labels != IGNORE).float()
+
+    def targets(self, batch):
+        return (batch["labels"] != IGNORE).sum().to(torch.float64)
 
 
 class ImageClassification(Objective):

@@ -255,6 +255,10 @@ def existing_data(args, out: Path, splits, state: str | None) -> Path | None:
                             f"{args.image_size}; use another --out")
         if not args.resume and info.get("spec") != (args.data or "digits"):
             raise BwskError(f"{where}: prepared from other images ({info.get('spec')}); use another --out")
+        augment = set(filter(None, args.augment.split(","))) - {"none"}
+        if (info.get("crop"), info.get("flip")) != ("crop" in augment, "flip" in augment):
+            before = ",".join(k for k in ("crop", "flip") if info.get(k)) or "none"
+            raise BwskError(f"{where}: prepared with --augment {before}, not {args.augment}; use another --out")
     eval_rows = getattr(args, "eval_rows", 0)
     if info.get("eval_rows", 0) != eval_rows:
         raise BwskError(f"{where}: prepared with --eval-rows {info.get('eval_rows', 0)}, not {eval_rows}; "
@@ -307,6 +311,10 @@ def prepare_images(args, src, batch_size: int):
     for name in ("train", "valid", "test"):
         pixels, labels = getattr(found, name)
         blocks[name], blocks[f"{name}_labels"] = pixels, labels
+    for name in ("valid", "test"):
+        if blocks[name].shape[0] == 0:
+            raise BwskError(f"{args.data or 'digits'}: the {name} split has no images (too few per class to "
+                            f"carve one out of train): give it its own folder or more images")
     if blocks["train"].shape[0] < batch_size:
         raise BwskError(f"{args.data or 'digits'}: {blocks['train'].shape[0]} training images, fewer than "
                         f"one batch of {batch_size}: lower --batch-size")

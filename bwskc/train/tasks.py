@@ -40,6 +40,8 @@ def detect_task(config) -> str | None:
     """The task the model's own head names, or None when it has none of the four."""
     for arch in getattr(config, "architectures", None) or ():
         for suffix, task in _HEAD_SUFFIX:
+            if task == "causal" and is_encoder_only(config):
+                continue  # BertLMHeadModel without is_decoder: bidirectional, not a causal LM
             if arch.endswith(suffix) and has_head(config, task):
                 return "seq2seq" if task == "causal" and config.is_encoder_decoder else task
     if getattr(config, "is_encoder_decoder", False) and has_head(config, "seq2seq"):
