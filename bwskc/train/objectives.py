@@ -125,7 +125,7 @@ class Seq2SeqLM(Objective):
     def batch(self, split, rows, *, step, offset=0):
         block = self.data[split][rows]
         half = block.shape[1] // 2
-        source, target = block[:, :half], block[:, half:]
+        source, target = block[:, :half].contiguous(), block[:, half:].contiguous()
         decoder = torch.cat([torch.full_like(target[:, :1], self.start), target[:, :-1]], dim=1)
         return {"input_ids": source, "attention_mask": torch.ones_like(source),
                 "decoder_input_ids": decoder, "labels": target}
