@@ -18,6 +18,7 @@ that never stopped.
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -48,7 +49,7 @@ def outputs_by_name(module, out) -> dict:
     return named
 
 
-class Objective:
+class Objective(abc.ABC):
     """What one task trains: ``batch`` builds the inputs (and ``labels``) of given rows of a split,
     ``loss`` the training loss and its reported parts, ``sums`` what evaluation adds up."""
     task = ""
@@ -61,13 +62,14 @@ class Objective:
     def rows(self, split: str) -> int:
         return int(self.data[split].shape[0])
 
-    # per task ------------------------------------------------------------
+    # per task: every family defines these two ------------------------------
+    @abc.abstractmethod
     def batch(self, split: str, rows: torch.Tensor, *, step: int | None, offset: int = 0) -> dict:
-        raise NotImplementedError
+        """The inputs and labels of ``rows`` of ``split`` at ``step`` (None: evaluation)."""
 
+    @abc.abstractmethod
     def token_losses(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-target cross entropy and the weight (1 or 0) of each, shaped ``[rows, targets]``."""
-        raise NotImplementedError
 
     def targets(self, batch: dict) -> torch.Tensor:
         """How many targets the batch's loss averages over (float64; a masked LM's vary per batch)."""
