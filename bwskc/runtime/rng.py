@@ -40,8 +40,11 @@ def hash32_(x: torch.Tensor) -> torch.Tensor:
     times a multiplier below 2**31 stays below 2**63, and the product is reduced modulo 2**32 at once.
     ``tests/test_reversible.py`` checks both against the same finaliser on Python integers."""
     wide = x.dtype == torch.int64
+    tmp = torch.empty_like(x)  # one scratch word per element: every step in place (no allocations)
     for c, k in zip((_C1, _C2, None), _SHIFTS):
-        x ^= _srl(x, k)
+        torch.bitwise_right_shift(x, k, out=tmp)
+        tmp &= (1 << (32 - k)) - 1  # logical shift: int32 shifts arithmetically
+        x ^= tmp
         if c is not None:
             x *= c
             if wide:
@@ -103,9 +106,16 @@ def uniform(shape, key: int, device, start: int = 0) -> torch.Tensor:
 
 
 def keep_mask(shape, p: float, key: int, device, start: int = 0) -> torch.Tensor:
-    """Element j is kept when its word's top 24 bits, as a fraction of 2**24, are at least ``p``."""
+    """Element j is kept when its word's top 24 bits, as a fraction of 2**24, are at least ``p``:
+    ``word >> 8 >= t`` is ``word >= t << 8`` on unsigned words, which int32 words compare as signed ones
+    once their sign bit is flipped (one in-place pass instead of a shift, a mask and a copy)."""
     n = _numel(shape)
-    return (_srl(words(n, key, device, start), 8) >= math.ceil(p * (1 << 24))).reshape(shape)
+    w = words(n, key, device, start)
+    t = math.ceil(p * (1 << 24)) << 8
+    if w.dtype == torch.int32:
+        w ^= -(1 << 31)
+        t -= 1 << 31
+    return (w >= t).reshape(shape)
 
 
 def native_dropout(x: torch.Tensor, p: float, seed, where: tuple):
