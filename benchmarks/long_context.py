@@ -10,16 +10,18 @@ batch 1, at each sequence length of ``--seqs``, in three modes:
 * ``reversible``: ``bwskc.compile(..., mode="reversible")`` (coupling chains storing their outputs);
 * ``eager`` (not in the default list): the Hugging Face model as it is, a reference.
 
-The model is ``GPT2Model``, the block stack without the vocabulary head. The loss (``--loss``):
+The loss (``--loss``):
 
 * ``linear-ce`` (what ``auto`` picks when ``bwskc.kernels.cross_entropy.linear_cross_entropy`` and
-  ``bwskc.runtime.head.split_head`` both import): next-token cross entropy of the final hidden state
-  against the tied embedding ``wte.weight`` (GPT-2's own ``lm_head``, which is that weight, no bias),
-  computed by the fused chunked linear-cross-entropy, so the ``[seq, 50257]`` logits (3.3 GB in fp32 at
-  16k) never exist at once;
-* ``hidden`` (``auto``'s fallback): the mean square of the final hidden state, no head at all;
-* ``logits-ce``: the same cross entropy with the logits materialised (``hidden @ wte.weight.T``), to see
-  what the head alone costs.
+  ``bwskc.runtime.head.split_head`` both import): ``GPT2LMHeadModel``, next-token cross entropy by the
+  fused chunked linear-cross-entropy, so the ``[seq, 50257]`` logits (3.3 GB in fp32 at 16k) never exist
+  at once. The bwskc modes split the head off the compiled module (``split_head``: the module returns the
+  head's input, and the tied embedding is the head's weight); the Hugging Face modes run
+  ``model.transformer`` and use ``model.lm_head.weight``;
+* ``hidden`` (``auto``'s fallback): ``GPT2Model`` (the block stack without the vocabulary head), the
+  mean square of the final hidden state;
+* ``logits-ce``: ``GPT2LMHeadModel`` with the full logits and ``F.cross_entropy``, to see what the head
+  alone costs.
 The loss that ran is written on every row and in the table's heading.
 
 Each (mode, seq) point runs in a FRESH subprocess (``--one``) that builds and compiles the model, then
@@ -160,7 +162,12 @@ def config_kwargs(smoke: bool, seq: int, layers: int | None = None, attn_pdrop: 
 
 def build(mode: str, seq: int, kw: dict, loss: str, device: str, autocast: str):
     """``(step, info)``: ``step()`` runs zero_grad, forward, loss and backward of ``mode`` once and
-    returns the loss; ``info`` what was measured on the way (setup time, parameter count)."""
+    returns the loss; ``info`` what was measured on the way (setup time, parameter count).
+
+    ``linear-ce`` and ``logits-ce`` build ``GPT2LMHeadModel``; for the bwskc modes ``linear-ce`` splits
+    the head off the compiled module (``bwskc.runtime.head.split_head``: inside ``split.hidden()`` the
+    module returns the head's input, ``split.weight()`` is the tied embedding) and the eager modes run
+    ``model.transformer`` with ``model.lm_head.weight``. ``hidden`` builds ``GPT2Model``."""
     import warnings
     warnings.filterwarnings("ignore")
     import torch
@@ -171,11 +178,16 @@ def build(mode: str, seq: int, kw: dict, loss: str, device: str, autocast: str):
     t0 = time.perf_counter()
     config = transformers.GPT2Config(**kw, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = transformers.GPT2Model(config).to(device).train()
+    head = loss in ("linear-ce", "logits-ce")
+    model = (transformers.GPT2LMHeadModel if head else transformers.GPT2Model)(config).to(device).train()
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (1, seq), generator=gen).to(device)
     info = {"params": sum(p.numel() for p in model.parameters()),
-            "attn_implementation": model.config._attn_implementation}
+            "attn_implementation": model.config._attn_implementation,
+            "model_class": type(model).__name__}
+
+    def first(out):
+        return out[0] if isinstance(out, (tuple, list)) else out
     if mode in ("conventional", "reversible"):
         program = bwskc.lower(model, (ids,), {}, train=True)
         module = bwskc.compile(program, mode=mode)
@@ -186,31 +198,45 @@ def build(mode: str, seq: int, kw: dict, loss: str, device: str, autocast: str):
         del model, program, text
         gc.collect()
         module.train()
-        weight = dict(module.named_parameters())["wte.weight"]
+        if loss == "linear-ce":
+            from bwskc.runtime.head import try_split_head
+            split, why = try_split_head(module)
+            if split is None:
+                raise RuntimeError(f"split_head refused the module: {why}")
+            info["head"] = f"split_head: {split.weight_name}"
 
-        def forward():
-            out = module(ids)
-            return out[0] if isinstance(out, (tuple, list)) else out
+            def forward():  # the head's input [1, S, d] and its weight [V, d]
+                with split.hidden():
+                    out = module(ids)
+                return (out[split.index] if isinstance(out, (tuple, list)) else out), split.weight()
+        else:
+            def forward():
+                return first(module(ids)), None
     else:
         module = model
         if mode == "checkpoint":
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        weight = module.wte.weight
-
-        def forward():
-            return module(input_ids=ids, use_cache=False).last_hidden_state
+        if loss == "linear-ce":
+            def forward():
+                return module.transformer(input_ids=ids, use_cache=False).last_hidden_state, module.lm_head.weight
+        elif loss == "logits-ce":
+            def forward():
+                return module(input_ids=ids, use_cache=False).logits, None
+        else:
+            def forward():
+                return module(input_ids=ids, use_cache=False).last_hidden_state, None
     info["setup_s"] = round(time.perf_counter() - t0, 2)
     targets = ids[0, 1:]
     if loss == "linear-ce":
         from bwskc.kernels.cross_entropy import linear_cross_entropy
 
-        def loss_of(h):
-            return linear_cross_entropy(h[0, :-1], weight, None, targets, reduction="mean")
+        def loss_of(h, w):
+            return linear_cross_entropy(h[0, :-1], w, None, targets, reduction="mean")
     elif loss == "logits-ce":
-        def loss_of(h):
-            return F.cross_entropy((h[0, :-1] @ weight.t()).float(), targets)
+        def loss_of(logits, _):
+            return F.cross_entropy(logits[0, :-1].float(), targets)
     elif loss == "hidden":
-        def loss_of(h):
+        def loss_of(h, _):
             return h.float().pow(2).mean()
     else:
         raise SystemExit(f"unknown loss {loss!r}")
@@ -220,7 +246,7 @@ def build(mode: str, seq: int, kw: dict, loss: str, device: str, autocast: str):
     def step():
         module.zero_grad(set_to_none=True)
         with cast:
-            value = loss_of(forward())
+            value = loss_of(*forward())
         value.backward()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -481,7 +507,8 @@ def plot(rows: list[dict], path: str, budget: float, title: str) -> None:
         if not mine:
             continue
         good = [r for r in mine if r.get("status") == "ok"]
-        line, = ax.plot([r["seq"] for r in good], [r["peak_bytes"] / GB for r in good], marker="o", label=mode)
+        line, = ax.plot([r["seq"] for r in good], [r["peak_bytes"] / GB for r in good], marker="o", label=mode,
+                        color=f"C{MODES.index(mode)}")
         bad = [r for r in mine if r.get("status") != "ok"]
         if bad:
             ax.scatter([r["seq"] for r in bad], [top] * len(bad), marker="x", color=line.get_color())
@@ -490,6 +517,10 @@ def plot(rows: list[dict], path: str, budget: float, title: str) -> None:
                             fontsize=7, color=line.get_color())
     ax.axhline(budget, color="grey", linestyle="--", linewidth=1, label=f"budget {budget:g} GB")
     ax.set_xscale("log", base=2)
+    seqs = sorted({r["seq"] for r in rows if "seq" in r})
+    ax.set_xticks(seqs)
+    ax.set_xticklabels([str(v) for v in seqs])
+    ax.minorticks_off()
     ax.set_xlabel("sequence length (batch 1)")
     ax.set_ylabel("peak above baseline, GB")
     ax.set_title(title, fontsize=9)
