@@ -30,7 +30,7 @@ from bwskc.errors import BwskError
 from bwskc.ir import Comb, Const, Prim, Program, Ref, rev_shared, subterms
 from bwskc.runtime import random_ops, rng
 from bwskc.runtime.codegen import _FxBackend, _module_tree, _placeholder_name, register_tensor
-from bwskc.runtime.coupling import ChainSpec, CouplingFunction
+from bwskc.runtime.coupling import ChainSpec, CouplingFunction, _autocast_state
 from bwskc.runtime.denote import Denoter, implied_updates, resolve_op, sub_prim, update_target
 from bwskc.passes.reversible import unreplayable_draw
 
@@ -220,7 +220,84 @@ class _ChainCall:
 
     def __call__(self, seed, x, *rest):
         with _forward_run():
+            if torch.compiler.is_compiling():
+                return TracedCouplingFunction.apply(self.spec, seed, x, *rest)
             return CouplingFunction.apply(self.spec, seed, x, *rest)
+
+
+class TracedCouplingFunction(torch.autograd.Function):
+    """``CouplingFunction`` as ``torch.compile`` traces it (``fullgraph=True``): the same steps, the
+    same saved tensors (the two final streams, the shared inputs and the chain's tensors, plus the
+    step's seed tensor, see ``rng.step_seed``), the same masks. Two things differ, both because the
+    backward must be traceable: each branch's vector-Jacobian product is ``torch.func.vjp`` (dynamo
+    does not trace ``torch.autograd.grad``), differentiating only what ``ctx.needs_input_grad`` asks
+    for; and the stream updates are plain ``+`` and ``-``, which the compiler fuses itself (the Triton
+    seam of ``bwskc.kernels`` is for eager). No reconstruction drift is recorded (``record_drift`` is
+    the eager check's)."""
+
+    @staticmethod
+    def forward(ctx, spec: ChainSpec, seed, x, *rest):
+        shared, tensors = rest[:spec.shared], rest[spec.shared:]
+        a, b = x, x
+        with torch.no_grad():
+            for i, f in enumerate(spec.branches):
+                mine = [tensors[j] for j in spec.tensor_index[i]]
+                if i % 2 == 0:
+                    a = a + f(*shared, b, seed, *mine)
+                else:
+                    b = b + f(*shared, a, seed, *mine)
+        if len(spec.branches) == 1:
+            b = b.clone()  # an output must not be the input itself
+        ctx.spec, ctx.autocast, ctx.seeded = spec, _autocast_state(), seed is not None
+        ctx.save_for_backward(*((seed,) if seed is not None else ()), a, b, *shared, *tensors)
+        return a, b
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_b):
+        spec: ChainSpec = ctx.spec
+        saved = list(ctx.saved_tensors)
+        seed = saved.pop(0) if ctx.seeded else None
+        a, b, *rest = saved
+        k = spec.shared
+        shared, tensors = rest[:k], rest[k:]
+        needs = ctx.needs_input_grad  # (spec, seed, x, *shared, *tensors)
+        shared_need = [j for j in range(k) if needs[3 + j]]
+        grad_a = torch.zeros_like(a) if grad_a is None else grad_a
+        grad_b = torch.zeros_like(b) if grad_b is None else grad_b
+        shared_grads: list = [None] * k
+        tensor_grads: list = [None] * len(tensors)
+        dev, enabled, dtype = ctx.autocast
+        for i in reversed(range(len(spec.branches))):
+            f, index = spec.branches[i], spec.tensor_index[i]
+            mine = [tensors[j] for j in index]
+            mine_need = [m for m, j in enumerate(index) if needs[3 + k + j]]
+
+            def branch(src, *diff, f=f, mine=mine, mine_need=mine_need):
+                sh, mn = list(shared), list(mine)
+                for j, v in zip(shared_need, diff):
+                    sh[j] = v
+                for m, v in zip(mine_need, diff[len(shared_need):]):
+                    mn[m] = v
+                with torch.autocast(dev, dtype=dtype, enabled=enabled):
+                    return f(*sh, src, seed, *mn)
+            src = b if i % 2 == 0 else a
+            y, vjp = torch.func.vjp(branch, src, *(shared[j] for j in shared_need),
+                                    *(mine[m] for m in mine_need))
+            g = grad_a if i % 2 == 0 else grad_b
+            grads = vjp(g.to(y.dtype))
+            if i % 2 == 0:  # undo the step: the updated stream loses y again
+                a = a - y
+                grad_b = grad_b + grads[0].to(grad_b.dtype)
+            else:
+                b = b - y
+                grad_a = grad_a + grads[0].to(grad_a.dtype)
+            del y
+            for j, gj in zip(shared_need, grads[1:]):
+                shared_grads[j] = gj if shared_grads[j] is None else shared_grads[j] + gj
+            for m, gm in zip(mine_need, grads[1 + len(shared_need):]):
+                j = index[m]
+                tensor_grads[j] = gm if tensor_grads[j] is None else tensor_grads[j] + gm
+        return (None, None, grad_a + grad_b, *shared_grads, *tensor_grads)
 
 
 class _CheckpointCall:
@@ -406,7 +483,10 @@ def _program_graph(program: Program, *, reversible: bool, checkpoint: bool, chai
         placeholders = [graph.placeholder(_placeholder_name(n, i))
                         for i, n in enumerate(program.entry.input_names)]
         state = graph.get_attr(RNG_BUFFER)
-        seed_node = graph.call_function(rng.step_seed, (state,))
+        # the module's training flag as a Python bool (torch.compile guards on it; the state's copy of
+        # it is a tensor, which a compiled graph cannot branch on)
+        training = graph.get_attr("training")
+        seed_node = graph.call_function(rng.step_seed, (state, training))
         backend = _TrainBackend(graph, seed_node, reversible, chains, checkpoint, updates)
         out, assigned = Denoter(program, backend).run_entry(placeholders, updates=True)
         for name, value in assigned:

@@ -11,6 +11,14 @@ xorshift-multiply), done on int32 words whose products wrap modulo 2**32 (int64 
 the same masks on any device and any backend, from about five in-place integer operations a round.
 (The Triton coupling kernels of ``bwskc.kernels`` draw their own masks with Philox; the branches'
 dropout stays here, so the runtime does not yet use the kernels' fused dropout.)
+
+Under ``torch.compile`` the seed is a tensor, not Python integers: ``step_seed`` then returns the int64
+tensor ``[key, shard]`` computed from the state buffer with tensor operations (reading the buffer into
+Python would be a data-dependent guard, ``GuardOnDataDependentSymNode``, and a new graph per step), and
+every function here takes a key, seed or start that is a 0-dim int64 tensor as well as an int, with
+the same bits: ``make_key`` and ``hash32_int`` run the same integer operations on either, and ``words``
+adds the start to the element indices as a 32-bit word (the hash depends on an index modulo 2**32
+only). One compiled graph then serves every step and shard, with eager's masks.
 """
 from __future__ import annotations
 
@@ -52,21 +60,24 @@ def hash32_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def hash32_int(x: int) -> int:
-    """The same finaliser on a Python int (the reference, and how a key's parts are combined)."""
-    x &= M32
+def hash32_int(x):
+    """The same finaliser on a Python int (the reference, and how a key's parts are combined), or on a
+    0-dim int64 tensor (a key under ``torch.compile``: the same operations, never in place)."""
+    x = x & M32
     for c, k in zip((_C1, _C2, None), _SHIFTS):
-        x ^= x >> k
+        x = x ^ (x >> k)
         if c is not None:
             x = (x * c) & M32
     return x
 
 
-def _mix_int(h: int, v: int) -> int:
+def _mix_int(h, v):
     return hash32_int(h ^ (v & M32))
 
 
-def make_key(seed: int, *parts: int) -> int:
+def make_key(seed, *parts):
+    """A 32-bit key from a 64-bit seed and the parts of a place (ints; ``seed`` and the parts may be
+    0-dim int64 tensors, giving the same key as a tensor)."""
     h = _mix_int(0x9E3779B9, seed)
     h = _mix_int(h, seed >> 32)
     for p in parts:
@@ -74,8 +85,14 @@ def make_key(seed: int, *parts: int) -> int:
     return h
 
 
-def _word(v: int, dtype: torch.dtype) -> int:
-    """A 32-bit word as a Python int that fits ``dtype`` (int32 holds words of 2**31 and up negative)."""
+def _word(v, dtype: torch.dtype):
+    """A 32-bit word as a Python int that fits ``dtype`` (int32 holds words of 2**31 and up negative);
+    of a 0-dim int64 tensor, a 0-dim tensor of ``dtype`` (two's complement without a branch)."""
+    if isinstance(v, torch.Tensor):
+        v = v & M32
+        if dtype == torch.int32:
+            v = ((v + (1 << 31)) & M32) - (1 << 31)
+        return v.to(dtype)
     v &= M32
     return v - (1 << 32) if dtype == torch.int32 and v >= 1 << 31 else v
 
@@ -83,7 +100,20 @@ def _word(v: int, dtype: torch.dtype) -> int:
 def words(n: int, key: int, device, start: int = 0) -> torch.Tensor:
     """Hashed 32-bit words for element indices ``start..start+n-1`` under ``key``: two rounds of the
     finaliser, the second keyed again so that streams of different keys are not index permutations of
-    each other."""
+    each other.
+
+    ``key`` or ``start`` a 0-dim tensor (``torch.compile``): the indices are ``arange(n)`` plus the
+    start's 32-bit word, int32 whenever ``n`` fits (the sum wraps as the multiplies do), which hashes
+    to the same words as the integer path, whose int64 indices past 2**31 hash modulo 2**32."""
+    if isinstance(key, torch.Tensor) or isinstance(start, torch.Tensor):
+        dtype = torch.int32 if n < 1 << 31 else torch.int64
+        x = torch.arange(n, dtype=dtype, device=device)
+        x += _word(start, dtype)
+        key = key if isinstance(key, torch.Tensor) else torch.tensor(key, dtype=torch.int64)
+        x ^= _word(key, dtype).to(device)
+        hash32_(x)
+        x ^= _word(_mix_int(key, 0x5BD1E995), dtype).to(device)
+        return hash32_(x)
     dtype = torch.int32 if start + n < 1 << 31 else torch.int64
     x = torch.arange(start, start + n, dtype=dtype, device=device)
     x ^= _word(key, dtype)
@@ -134,16 +164,31 @@ def dropout(x: torch.Tensor, p: float, seed, where: tuple) -> torch.Tensor:
     return native_dropout(x, p, seed, where)[0]
 
 
-def step_seed(state: torch.Tensor):
+def step_seed(state: torch.Tensor, training: bool | None = None):
     """The seed of this forward call from a module's ``[base, step, training, shard]`` state, advancing
-    the step: ``(key, shard)``, or None in evaluation mode (dropout off).
+    the step: ``(key, shard)``, or None in evaluation mode (dropout off). ``training``: the module's
+    own flag (``module.training``, which ``train()`` and ``eval()`` keep equal to the state's third
+    entry); None reads the state's.
 
     ``shard`` makes data-parallel masks those of one process: rank r of a data-parallel run holds rows
     ``r*b .. (r+1)*b`` of the global batch, so its element i of a batch-leading tensor is element
     ``r * numel + i`` of the global one; drawing from index ``shard * numel`` on gives every rank its
-    slice of the single-process mask (same seed on every rank)."""
-    base, step, training, shard = (int(v) for v in state.tolist())
-    if not training:
+    slice of the single-process mask (same seed on every rank).
+
+    Under ``torch.compile`` (``torch.compiler.is_compiling()``) the seed is the int64 tensor
+    ``[key, shard]`` instead, computed from the buffer with tensor operations (the same bits), and the
+    step advances in place in the buffer: the values never become Python integers, so one graph serves
+    every step (``training``, a Python bool, is guarded on, as any module flag)."""
+    if torch.compiler.is_compiling():
+        if training is None:
+            raise RuntimeError("bwskc: step_seed under torch.compile needs the module's training flag")
+        if not training:
+            return None
+        base, step, shard = state[0].clone(), state[1].clone(), state[3].clone()
+        state[1] += 1
+        return torch.stack([make_key(base, step) | (step << 32), shard])
+    base, step, flag, shard = (int(v) for v in state.tolist())
+    if not (flag if training is None else training):
         return None
     state[1] += 1
     return make_key(base, step) | (step << 32), shard
