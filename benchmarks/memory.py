@@ -11,12 +11,20 @@ For each model family and depth (in residual blocks), in a fresh process per con
 * ``time``: median wall time of forward + backward over ``--repeats`` steps, as a ratio to
   conventional measured in the same process.
 
+The step's loss (``--loss``): ``square`` (default) is the mean square of every float output, a
+stand-in that keeps the comparison about the blocks; ``ce`` is real next-token cross entropy, as each
+user would compute it: bwskc's modules split their LM head off (``bwskc.runtime.head``) and use the
+chunked loss (``bwskc.kernels.cross_entropy``: never the ``[batch, seq, vocab]`` logits), Hugging Face
+checkpointing passes ``labels=`` to the model, revlib and memcnn apply their plain head and
+``F.cross_entropy``. ``--vocab`` sets the vocabulary (default: the zoo config's 100; GPT-2's is 50257).
+
 ``--init-diff`` instead reports, for the zoo, the relative output difference at initialisation
 between the reversible model and the original (the cost of the coupling's first-order merge when
 fine-tuning a pretrained model), and the inverse's reconstruction error.
 
     python benchmarks/memory.py --models gpt2,pythia --blocks 4,8,16,32
     python benchmarks/memory.py --init-diff
+    python benchmarks/memory.py --models gpt2 --blocks 32 --loss ce --vocab 50257 --repeats 1
 
 revlib and memcnn are not dependencies; on GPT-2 they are compared, on the same blocks, when installed
 (``benchmarks/revnets.py`` says how).
@@ -24,6 +32,7 @@ revlib and memcnn are not dependencies; on GPT-2 they are compared, on the same 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -61,10 +70,12 @@ def _status(key):
     return 0
 
 
-def setup(name: str, blocks: int, seq: int, batch: int, device: str = "cpu", extra: dict | None = None):
+def setup(name: str, blocks: int, seq: int, batch: int, device: str = "cpu", extra: dict | None = None,
+          loss_kind: str = "square"):
     """The three trainable modules of one configuration (``conventional``, ``reversible`` and, where the
     model supports it, ``checkpoint``), a ``step(module)`` running forward and backward (synchronised on
-    a GPU, so wall time is the step's), and what was measured on the way (``out``)."""
+    a GPU, so wall time is the step's), and what was measured on the way (``out``). ``loss_kind``:
+    ``square`` or ``ce`` (the module docstring)."""
     import warnings
     warnings.filterwarnings("ignore")
     import torch
@@ -110,9 +121,21 @@ def setup(name: str, blocks: int, seq: int, batch: int, device: str = "cpu", ext
     out = {"model": name, "blocks": blocks, "seq": seq, "batch": batch, "lower_s": round(lower_s, 2),
            "chains": runs["reversible"].analyses["reversible"].summary()}
 
+    heads = {}
+    if loss_kind == "ce":
+        from bwskc.runtime.head import try_split_head
+        for label in ("conventional", "reversible"):
+            heads[label], why = try_split_head(runs[label])
+            if why:
+                out.setdefault("head_refused", {})[label] = why
+        out["loss"], out["vocab"] = "ce", config.vocab_size
+    ce = ce_losses(runs, heads, ckpt, args, kw, inputs) if loss_kind == "ce" else None
+
     def step(mod):
         mod.zero_grad(set_to_none=True)
-        if mod is ckpt:
+        if ce is not None:
+            ce[id(mod)]().backward()
+        elif mod is ckpt:
             loss(mod(*args, **kw, use_cache=False) if "use_cache" in mod.forward.__code__.co_varnames
                  else mod(*args, **kw)).backward()
         elif getattr(mod, "takes_ids_only", False):
@@ -122,12 +145,66 @@ def setup(name: str, blocks: int, seq: int, batch: int, device: str = "cpu", ext
         if device != "cpu":
             torch.cuda.synchronize()
 
-    return runs, step, out, dict(args=args, kw=kw, inputs=inputs, loss=loss, ckpt=ckpt)
+    return runs, step, out, dict(args=args, kw=kw, inputs=inputs, loss=loss, ckpt=ckpt, ce=ce)
 
 
-def one(name: str, blocks: int, seq: int, batch: int, repeats: int, only: str | None = None) -> dict:
+def ce_losses(runs: dict, heads: dict, ckpt, args, kw, inputs) -> dict:
+    """``id(module) -> (() -> loss)``: one forward and the mean next-token cross entropy, each as its
+    user would compute it (the module docstring)."""
+    import torch.nn.functional as F
+
+    from bwskc.kernels.cross_entropy import linear_cross_entropy
+    from bwskc.runtime.head import scope
+    ids = args[0]
+    targets = ids[:, 1:].reshape(-1)
+
+    def full(logits):
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets)
+
+    def bwskc_loss(mod, split):
+        def run():
+            with scope(split) as active:
+                out = mod(*inputs)
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            if active is None:
+                return full(first)
+            return linear_cross_entropy(first[:, :-1].reshape(-1, active.width), active.weight(),
+                                        active.bias(), targets, reduction="mean")
+        return run
+
+    fns = {}
+    for label, mod in runs.items():
+        if label in heads:
+            fns[id(mod)] = bwskc_loss(mod, heads[label])
+        elif mod is ckpt:  # Hugging Face's own loss: the model shifts the labels itself
+            fns[id(mod)] = lambda mod=mod: mod(*args, **kw, labels=ids, use_cache=False).loss
+        else:  # revlib, memcnn: their head, then F.cross_entropy
+            fns[id(mod)] = lambda mod=mod: full(mod(ids))
+    return fns
+
+
+@contextlib.contextmanager
+def _counting(params):
+    """Bytes saved for backward inside (``bwskc.runtime.memory.saved_bytes``'s count), parameters
+    excluded: yields a dict filled in as tensors are saved."""
+    import torch
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip and st.nbytes():
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield storages
+
+
+def one(name: str, blocks: int, seq: int, batch: int, repeats: int, only: str | None = None,
+        loss_kind: str = "square", vocab: int | None = None) -> dict:
     from bwskc.runtime.memory import saved_bytes
-    runs, step, out, ctx = setup(name, blocks, seq, batch)
+    extra = None if vocab is None else {"vocab_size": vocab}
+    runs, step, out, ctx = setup(name, blocks, seq, batch, extra=extra, loss_kind=loss_kind)
     args, kw, inputs, loss, ckpt = ctx["args"], ctx["kw"], ctx["inputs"], ctx["loss"], ctx["ckpt"]
 
     if only is not None:  # a fresh process measures one mode's first step: nothing cached before it
@@ -137,7 +214,11 @@ def one(name: str, blocks: int, seq: int, batch: int, repeats: int, only: str | 
         step(mod)
         return {"step_peak_bytes": max(_status("VmHWM") - base, 0)}
     for label, mod in runs.items():
-        if mod is ckpt:
+        if ctx["ce"] is not None:
+            with _counting(mod.parameters()) as storages:
+                ctx["ce"][id(mod)]()
+            nbytes = sum(storages.values())
+        elif mod is ckpt:
             nbytes = saved_bytes(mod, *args, loss=loss, **kw)[0]
         elif label in ("revlib", "memcnn"):  # what they pass to save_for_backward (they also keep
             nbytes = saved_bytes(mod, args[0], loss=loss)[0]  # tensors on ctx: peak is the fair figure)
@@ -190,6 +271,9 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--loss", choices=("square", "ce"), default="square",
+                    help="the step's loss: mean square of the outputs, or next-token cross entropy")
+    ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the zoo config's)")
     ap.add_argument("--init-diff", action="store_true")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--table", metavar="JSONL", help="print a Markdown table of rows this script wrote")
@@ -204,7 +288,8 @@ def main():
         return
     if a.one:
         name, blocks, *only = a.one.split(":")
-        print(json.dumps(one(name, int(blocks), a.seq, a.batch, a.repeats, only[0] if only else None)))
+        print(json.dumps(one(name, int(blocks), a.seq, a.batch, a.repeats, only[0] if only else None,
+                             loss_kind=a.loss, vocab=a.vocab)))
         return
     for name in a.models.split(","):
         for blocks in [int(b) for b in a.blocks.split(",")]:
@@ -242,8 +327,9 @@ def table(rows: list[dict]) -> str:
 
 
 def _run(spec: str, a) -> dict:
+    extra = ["--loss", a.loss] + ([] if a.vocab is None else ["--vocab", str(a.vocab)])
     proc = subprocess.run([sys.executable, __file__, "--one", spec, "--seq", str(a.seq), "--batch",
-                           str(a.batch), "--repeats", str(a.repeats)], capture_output=True, text=True)
+                           str(a.batch), "--repeats", str(a.repeats), *extra], capture_output=True, text=True)
     if proc.returncode != 0 or not proc.stdout.strip():
         return {"spec": spec, "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -15,6 +15,11 @@ that never stopped.
   Training masks are drawn from ``(seed, step)``; evaluation masks are fixed per split and block.
 * ``image``: cross entropy and top-1 accuracy; training images are randomly cropped (and flipped) from
   ``(seed, step, row)``, evaluation images centre-cropped.
+
+The text tasks (``fused_head``) also take outputs whose logits were split off
+(``bwskc.runtime.head``): ``hidden`` and ``head`` (the head's weight and bias) in place of ``logits``,
+the cross entropy then computed chunk by chunk (``bwskc.kernels.cross_entropy``), never the full
+``[batch, seq, vocab]`` logits; the same numbers within float rounding.
 """
 from __future__ import annotations
 
@@ -54,6 +59,7 @@ class Objective(abc.ABC):
     ``loss`` the training loss and its reported parts, ``sums`` what evaluation adds up."""
     task = ""
     metric = "perplexity"
+    fused_head = False  # the loss also takes ``hidden`` and ``head`` in place of ``logits``
 
     def __init__(self, config, data: dict, info: dict, *, seed: int, global_batch: int):
         self.config, self.data, self.info, self.seed = config, data, info, seed
@@ -76,9 +82,19 @@ class Objective(abc.ABC):
         labels = batch["labels"] if "labels" in batch else batch["input_ids"][:, 1:]
         return torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device)
 
+    def head_inputs(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the head's input rows ``[rows, targets, d]``, their targets ``[rows, targets]``, ``IGNORE``
+        where a target does not count): the fused loss's operands, for a task with ``fused_head``."""
+        raise NotImplementedError(f"the {self.task} task does not take a split head")
+
     def loss(self, outputs: dict, batch: dict, count=None) -> tuple[torch.Tensor, dict]:
         """Mean loss over the targets; ``count``: the number to divide by (data parallel: the global
         batch's targets over the ranks, so the averaged gradient is one process's)."""
+        if "head" in outputs:  # the split head: a summed chunked loss, no [rows, targets, vocab] logits
+            hidden, targets = self.head_inputs(outputs, batch)
+            total_loss, n = _head_sum(outputs["head"], hidden, targets)
+            total = n.clamp(min=1) if count is None else count.to(total_loss.device, total_loss.dtype)
+            return total_loss / total, {}
         losses, weight = self.token_losses(outputs, batch)
         total = weight.sum().clamp(min=1) if count is None else count.to(losses.device, losses.dtype)
         return (losses * weight).sum() / total, {}
@@ -104,20 +120,47 @@ def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return flat.view(targets.shape)
 
 
+def _head_ce(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-target cross entropy (0 where ``IGNORE``) of a split head, shaped like ``targets``."""
+    from bwskc.kernels.cross_entropy import linear_cross_entropy
+    weight, bias = head
+    flat = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1),
+                                ignore_index=IGNORE, reduction="none")
+    return flat.view(targets.shape)
+
+
+def _head_sum(head, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross entropy of a split head over the targets not ``IGNORE``, their number)."""
+    from bwskc.kernels.cross_entropy import linear_cross_entropy
+    weight, bias = head
+    flat = targets.reshape(-1)
+    total = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat,
+                                 ignore_index=IGNORE, reduction="sum")
+    return total, (flat != IGNORE).sum().to(total.dtype)
+
+
 class CausalLM(Objective):
     task = "causal"
+    fused_head = True
 
     def batch(self, split, rows, *, step, offset=0):
         return {"input_ids": self.data[split][rows]}
 
+    def head_inputs(self, outputs, batch):
+        return outputs["hidden"][:, :-1], batch["input_ids"][:, 1:]
+
     def token_losses(self, outputs, batch):
         ids = batch["input_ids"]
-        losses = _ce(outputs["logits"][:, :-1], ids[:, 1:])
+        if "head" in outputs:
+            losses = _head_ce(outputs["head"], *self.head_inputs(outputs, batch))
+        else:
+            losses = _ce(outputs["logits"][:, :-1], ids[:, 1:])
         return losses, torch.ones_like(losses)
 
 
 class Seq2SeqLM(Objective):
     task = "seq2seq"
+    fused_head = True
 
     def __init__(self, config, data, info, *, seed, global_batch):
         super().__init__(config, data, info, seed=seed, global_batch=global_batch)
@@ -132,8 +175,14 @@ class Seq2SeqLM(Objective):
         return {"input_ids": source, "attention_mask": torch.ones_like(source),
                 "decoder_input_ids": decoder, "labels": target}
 
+    def head_inputs(self, outputs, batch):
+        return outputs["hidden"], batch["labels"]
+
     def token_losses(self, outputs, batch):
-        losses = _ce(outputs["logits"], batch["labels"])
+        if "head" in outputs:
+            losses = _head_ce(outputs["head"], *self.head_inputs(outputs, batch))
+        else:
+            losses = _ce(outputs["logits"], batch["labels"])
         return losses, torch.ones_like(losses)
 
     def router_losses(self, outputs: dict) -> dict:
@@ -157,6 +206,7 @@ class Seq2SeqLM(Objective):
 class MaskedLM(Objective):
     task = "masked"
     metric = "pseudo-perplexity"
+    fused_head = True
 
     def __init__(self, config, data, info, *, seed, global_batch):
         super().__init__(config, data, info, seed=seed, global_batch=global_batch)
@@ -196,8 +246,13 @@ class MaskedLM(Objective):
         plan = self.plan((self.global_batch, data.shape[1]), _generator(self.seed, step))
         return self.apply(data[rows], [p[offset:offset + rows.shape[0]] for p in plan])
 
+    def head_inputs(self, outputs, batch):
+        return outputs["hidden"], batch["labels"]
+
     def token_losses(self, outputs, batch):
         labels = batch["labels"]
+        if "head" in outputs:
+            return _head_ce(outputs["head"], outputs["hidden"], labels), (labels != IGNORE).float()
         return _ce(outputs["logits"], labels), (labels != IGNORE).float()
 
     def targets(self, batch):
