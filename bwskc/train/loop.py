@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bwskc.errors import BwskError
+from bwskc.runtime.head import scope as head_scope, try_split_head
 from bwskc.train import checkpoint as ckpt
 from bwskc.train import tasks
 from bwskc.train.models import ModelSource, build_model, ir_program, resolve_model
@@ -187,6 +188,11 @@ class Trainer:
                  f"{self.eval_every}")
         # the order the compiled program takes its inputs in (the export's, not necessarily the task's)
         self.input_names = tuple(self.module.program.entry.input_names)
+        self.head = None  # the LM head split off: training computes the loss without the full logits
+        if self.objective.fused_head and not getattr(cfg, "shard", False):  # FSDP reshards it after forward
+            self.head, why = try_split_head(self.module)
+            if why:
+                self.log(f"{cfg.name}: training computes the full logits ({why})")
         self.model = self.module
         if world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -232,9 +238,14 @@ class Trainer:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def forward(self, model, batch: dict) -> dict:
-        with _autocast(self.cfg):
+        with _autocast(self.cfg), head_scope(self.head if self.module.training else None) as split:
             out = model(*[batch[n] for n in self.input_names])
-        return outputs_by_name(self.module, out)
+        return self.named(out, split)
+
+    def named(self, out, split=None) -> dict:
+        """The outputs by name; with the split head, ``hidden`` and ``head`` in place of ``logits``."""
+        named = outputs_by_name(self.module, out)
+        return named if split is None else split.named(named)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -321,10 +332,11 @@ class Trainer:
         # the measuring forward is a training forward: it would move batch-norm running statistics,
         # so they are put back (a resumed run must continue from the checkpoint's, bit for bit)
         kept = {name: b.detach().clone() for name, b in self.module.named_buffers()}
-        with _autocast(cfg):  # activation bytes of one training forward (deterministic; rng re-seeded)
+        # activation bytes of one training forward (deterministic; rng re-seeded)
+        with _autocast(cfg), head_scope(self.head) as split:
             act_bytes, _ = saved_bytes(
                 self.module, *[first[n] for n in self.input_names],
-                loss=lambda out: self.objective.loss(outputs_by_name(self.module, out), first)[0])
+                loss=lambda out: self.objective.loss(self.named(out, split), first)[0])
         with torch.no_grad():
             for name, b in self.module.named_buffers():
                 b.copy_(kept[name])
