@@ -364,12 +364,26 @@ def _child_cmd(a, extra: list[str]) -> list[str]:
     return cmd
 
 
+_CHILDREN: set[int] = set()
+
+
+def _on_term(signum, frame):
+    """A driver stopped from outside (``timeout``) takes its children (own sessions) with it."""
+    for pid in list(_CHILDREN):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    sys.exit(128 + signum)
+
+
 def _run_child(cmd: list[str], timeout: float, cap_bytes: int | None) -> tuple[dict | None, str, float]:
     """``(row or None, failure, wall)``: the child's last JSON line, or why there is none."""
     env = dict(os.environ, **MALLOC_ENV)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
+    _CHILDREN.add(proc.pid)
     over = {"rss": 0}
     stop = threading.Event()
 
@@ -391,6 +405,7 @@ def _run_child(cmd: list[str], timeout: float, cap_bytes: int | None) -> tuple[d
         failure = f"timeout: over {timeout:g} s"
     stop.set()
     th.join()
+    _CHILDREN.discard(proc.pid)
     wall = round(time.perf_counter() - t0, 1)
     lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
     if failure:
@@ -583,6 +598,8 @@ def main(argv=None) -> int:
 
     import warnings
     warnings.filterwarnings("ignore")
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGINT, _on_term)
     seqs = sorted(int(s) for s in (a.seqs or (SMOKE_SEQS if a.smoke else DEFAULT_SEQS)).split(","))
     cuda = a.device.startswith("cuda")
     cap = None
