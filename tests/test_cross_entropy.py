@@ -265,3 +265,32 @@ def test_split_is_refused_with_a_reason(post, why):
     import re
     assert re.search(why, reason), reason
     torch.testing.assert_close(module(ids), before)  # the module untouched
+
+
+@pytest.mark.parametrize("mode", ["conventional", "reversible"])
+def test_training_numbers_equal_the_full_logits_path(mode, tmp_path, monkeypatch, capsys):
+    """``bwskc train`` with the split head (the default) against the same run with the split refused:
+    every step's loss and gradient norm, and the evaluations, within float rounding."""
+    import bwskc.train.loop as loop
+    from bwskc.cli import main
+    from test_train import _args, _corpus, _metrics, _model
+    model, data = _model(tmp_path / "model"), _corpus(tmp_path / "corpus", lines=(60, 12, 12))
+    runs = {}
+    for label in ("split", "full"):
+        if label == "full":
+            monkeypatch.setattr(loop, "try_split_head", lambda module: (None, "refused by the test"))
+        out = tmp_path / label
+        assert main(_args(model, data, out, "--mode", mode, "--experiment", "scratch", "--max-steps", "3",
+                          "--eval-every", "3")) == 0
+        said = capsys.readouterr()
+        assert ("training computes the full logits" in said.out + said.err) == (label == "full")
+        variant = next(p for p in out.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
+        runs[label] = _metrics(variant / "metrics.jsonl")
+    assert len(runs["split"]) == len(runs["full"]) > 0
+    for a, b in zip(runs["split"], runs["full"]):
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            if isinstance(v, float) and k not in ("lr",):
+                assert v == pytest.approx(b[k], rel=1e-5, abs=1e-6), (k, a, b)
+            else:
+                assert v == b[k], (k, a, b)
