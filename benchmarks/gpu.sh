@@ -8,19 +8,21 @@
 #
 # Parts (each under `timeout`; the whole script keeps to TOTAL_S, default 470 s, by shrinking the
 # later parts' limits to what is left):
-#   1. benchmarks/kernels.py --no-e2e              -> $OUT/kernels.txt   (T_KERNELS, default 90 s)
+#   1. benchmarks/kernels.py --no-e2e              -> $OUT/kernels.txt   (T_KERNELS, default 110 s)
 #      coupling kernels' GB/s against the measured copy bandwidth, fp32/bf16/fp16, additive/affine,
 #      forward/inverse/fused backward, beside the unfused torch sequence and torch.compile of it;
-#   2. benchmarks/step_time.py --device cuda       -> $OUT/step_time.jsonl (T_STEP, default 200 s)
+#   2. benchmarks/step_time.py --device cuda       -> $OUT/step_time.jsonl (T_STEP, default 180 s)
 #      GPT-2 medium (24 layers, d 1024, 16 heads), batch 4, seq 1024, bf16 autocast: conventional,
 #      reversible (Triton kernels, BWSKC_KERNELS=auto), per-block checkpointing, reversible with the
 #      torch seam, each with torch.compile off, then on (inductor; fullgraph=True, falling back to
 #      fullgraph=False with the failure line recorded); median step after warm-up, ratios to
 #      conventional in the same process;
 #   3. benchmarks/long_context.py --device cuda    -> $OUT/long_context.jsonl, long_context.png
-#      (T_LONG, default 150 s): GPT-2 12 layers d 768, batch 1, seq 1024..32768, peak
+#      (T_LONG, default 160 s): GPT-2 12 layers d 768, batch 1, seq 1024..32768, peak
 #      torch.cuda.max_memory_allocated above the baseline per mode, a fresh process per point, the
 #      longest sequence within an 8 GB budget per mode;
+#      STEP_ARGS and LONG_ARGS are appended to parts 2 and 3 (e.g. LONG_ARGS="--attn-pdrop 0": attention
+#      dropout off, so bwskc's modes keep the fused attention kernel; see long_context.py);
 #   after each part: benchmarks/gpu_results.py render -> $OUT/gpu-results.md and gpu-results.json
 #   (device name from nvidia-smi --query-gpu=name, date, versions, every part's exit status: 0 ok,
 #   124 its timeout); the whole log is $OUT/gpu.log. Seven files in all (the device tool returns 8).
@@ -43,9 +45,9 @@ OUT=${OUT:-$ROOT/out/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 TOTAL_S=${TOTAL_S:-470}
-T_KERNELS=${T_KERNELS:-90}
-T_STEP=${T_STEP:-200}
-T_LONG=${T_LONG:-150}
+T_KERNELS=${T_KERNELS:-110}
+T_STEP=${T_STEP:-180}
+T_LONG=${T_LONG:-160}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
@@ -128,23 +130,23 @@ run_part kernels "$(limit "$T_KERNELS")" bash -c "set -o pipefail; '$PY' benchma
 # 2. step time, modes x torch.compile
 if [ "$SMOKE" = 1 ]; then
   run_part step_time "$(limit "$T_STEP")" "$PY" benchmarks/step_time.py --smoke --modes conventional,reversible \
-    --jsonl "$OUT/step_time.jsonl"
+    --jsonl "$OUT/step_time.jsonl" ${STEP_ARGS:-}
 else
   L=$(limit "$T_STEP")
   run_part step_time "$L" "$PY" benchmarks/step_time.py --device cuda \
     --modes conventional,reversible,checkpoint,reversible-torch --compile off,on --warmup 3 --repeats 10 \
-    --deadline $((L * 2 / 3)) --jsonl "$OUT/step_time.jsonl"
+    --deadline $((L * 2 / 3)) --jsonl "$OUT/step_time.jsonl" ${STEP_ARGS:-}
 fi
 
 # 3. long-context peak
 if [ "$SMOKE" = 1 ]; then
   run_part long_context "$(limit "$T_LONG")" "$PY" benchmarks/long_context.py --smoke \
-    --jsonl "$OUT/long_context.jsonl" --plot "$OUT/long_context.png"
+    --jsonl "$OUT/long_context.jsonl" --plot "$OUT/long_context.png" ${LONG_ARGS:-}
 else
   L=$(limit "$T_LONG")
   run_part long_context "$L" "$PY" benchmarks/long_context.py --device cuda \
-    --seqs 1024,2048,4096,8192,16384,32768 --budget-gb 8 --timeout 90 --deadline $((L - 45)) \
-    --jsonl "$OUT/long_context.jsonl" --plot "$OUT/long_context.png"
+    --seqs 1024,2048,4096,8192,16384,32768 --budget-gb 8 --timeout 60 --deadline $((L - 45)) \
+    --jsonl "$OUT/long_context.jsonl" --plot "$OUT/long_context.png" ${LONG_ARGS:-}
 fi
 
 log "done: $STATUS; $(($(date +%s) - START)) s in all"

@@ -127,10 +127,16 @@ def render(d: str, device_name: str, date: str, versions: str = "", revision: st
     lpts = [r for r in long_rows if "mode" in r]
     budget = lmeta.get("budget_gb") or next((r["meta"].get("budget_gb") for r in long_rows if "meta" in r), None)
     if lpts:
-        summary = lmeta.get("summary") or lc.summarise(lpts, sorted({r["mode"] for r in lpts}),
+        summary = lmeta.get("summary") or lc.summarise(lpts, [m for m in lc.MODES if any(r["mode"] == m for r in lpts)],
                                                        sorted({r["seq"] for r in lpts}), budget or 8.0)
         parts.append(lc.table(long_rows, summary, probe, budget))
-        if os.path.exists(os.path.join(d, "long_context.png")):
+        png = os.path.join(d, "long_context.png")
+        if not os.path.exists(png):  # the run was cut before its own plot: draw it from the rows
+            try:
+                lc.plot(lpts, png, budget or 8.0, f"GPT-2, batch 1, {lpts[0].get('device')} (partial run)")
+            except Exception as e:  # noqa: BLE001 - the table matters more than the plot
+                parts += ["", f"(plot failed: {type(e).__name__}: {e})"]
+        if os.path.exists(png):
             parts += ["", "Plot: `long_context.png` (peak against sequence, log2 axis)."]
     else:
         parts.append("not run (no long_context.jsonl rows)")

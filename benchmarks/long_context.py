@@ -446,7 +446,7 @@ def summarise(rows: list[dict], modes, seqs, budget: float) -> dict:
         if stop is None:
             why = (f"every length tried fits (up to {mine[-1]['seq']})" if mine else "not run")
             if mine and mine[-1]["seq"] < max(seqs):
-                why += f"; {max(seqs)} not reached (deadline)"
+                why += f"; {max(seqs)} not reached (the run was cut: deadline or timeout)"
         elif stop.get("status") == "ok":
             why = f"seq {stop['seq']}: peak {stop['peak_bytes'] / GB:.2f} GB over the {budget:g} GB budget"
         else:
