@@ -70,6 +70,7 @@ class RunConfig:
     ddp_timeout: float = 300.0      # seconds a rank waits for the others in a collective
     task: str = "causal"            # causal | seq2seq | masked | image (bwskc.train.tasks)
     check_gradients: str = "auto"   # reversible: compare with plain autograd first (auto: small models)
+    compile: str = "off"            # training steps under torch.compile(fullgraph=True): off | inductor | aot_eager
 
     @property
     def name(self) -> str:
@@ -201,6 +202,11 @@ class Trainer:
             # running statistics, which each rank updates from its rows and sync_statistics averages
             # over the ranks before every evaluation and checkpoint
             self.model = DistributedDataParallel(self.module, broadcast_buffers=False)
+        if cfg.compile != "off":
+            # one graph for every step: the step's dropout seed is a tensor inside it, read from the
+            # buffer reseed() writes (bwskc.runtime.rng.step_seed), so the masks are eager's; the
+            # evaluation and the memory measurement run the module itself, eagerly
+            self.model = torch.compile(self.model, fullgraph=True, backend=cfg.compile)
         self.opt = torch.optim.AdamW(_param_groups(self.module, cfg.weight_decay), lr=lr, betas=(0.9, 0.95))
         self.sched = get_cosine_schedule_with_warmup(self.opt, warmup, self.total)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
@@ -459,6 +465,7 @@ class Trainer:
             "hyperparameters": self.hyperparameters(),
             "data": {k: v for k, v in self.data_info.items() if k != "files"},
             "device": _device_name(self.device), "torch": torch.__version__,
+            "compile": cfg.compile,  # torch.compile backend of the training steps, or off
         }
         if cfg.mode == "reversible":
             rev = self.module.analyses.get("reversible")

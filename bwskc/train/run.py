@@ -35,6 +35,7 @@ EXPERIMENTS = ("scratch", "finetune")
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_LABEL = "default (embedded Pythia-style GPT-NeoX)"
 PRECISIONS = ("fp32", "bf16", "fp16")
+COMPILE_BACKENDS = ("off", "inductor", "aot_eager")  # --compile: torch.compile backends, or eager
 RUN_MARKER = "bwskc-run.json"  # what makes a directory one bwskc train wrote (and may write into again)
 MIN_DDP_TIMEOUT_S = 10.0  # a worker's start (importing torch) must fit in it
 
@@ -102,6 +103,11 @@ def add_arguments(p) -> None:
                    help="steps between resume checkpoints besides those at evaluations, 0: none (default: %(default)s)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda where available, else cpu)")
+    p.add_argument("--compile", default="off", choices=COMPILE_BACKENDS,
+                   help="run the training steps through torch.compile(module, fullgraph=True) with this "
+                   "backend: inductor (generated kernels; a C++ compiler on CPU, minutes to compile), "
+                   "aot_eager (traced, no codegen), off: eager; the same masks and gradients as eager; "
+                   "evaluation runs eager (default: %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="continue the variants in --out (a directory bwskc train wrote, possibly moved) from "
                    "their checkpoints, with the same options; finished variants are kept, a damaged "
@@ -154,6 +160,9 @@ def _check_options(args) -> None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.batch_size % args.nproc:
         raise BwskError(f"--batch-size {args.batch_size} is not a multiple of --nproc {args.nproc}")
+    if args.compile != "off" and getattr(args, "shard", False):
+        raise BwskError("--compile with --shard is not supported (FSDP2's hooks under fullgraph compile "
+                        "are untested here); use --compile off, or DDP without --shard")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise BwskError(f"--device {args.device}: CUDA is not available on this machine")
     if args.precision == "fp16" and not args.device.startswith("cuda"):
@@ -496,7 +505,7 @@ def _config(args, experiment, mode, out, data, init_from) -> RunConfig:
                      seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
                      device=args.device, resume=args.resume,
                      nproc=args.nproc, ddp_timeout=args.ddp_timeout, task=args.task,
-                     check_gradients=args.check_gradients)
+                     check_gradients=args.check_gradients, compile=args.compile)
 
 
 def _run_one(cfg: RunConfig, data: Path, separate: bool) -> dict:
