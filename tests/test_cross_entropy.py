@@ -294,3 +294,21 @@ def test_training_numbers_equal_the_full_logits_path(mode, tmp_path, monkeypatch
                 assert v == pytest.approx(b[k], rel=1e-5, abs=1e-6), (k, a, b)
             else:
                 assert v == b[k], (k, a, b)
+
+
+def test_a_deep_copy_of_a_split_module_is_split():
+    """An EMA or teacher copy (``copy.deepcopy``) finds its own split: the same switch, its own module."""
+    import copy
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    module = bwskc.compile(_TinyLM(bias=True), (ids,), mode="conventional")
+    split = split_head(module)
+    twin = copy.deepcopy(module)
+    again = split_head(twin)
+    assert again is not None and again.module is twin and again.running()
+    assert again.weight() is dict(twin.named_parameters())["head.weight"]
+    with again.hidden() as active:
+        assert active is again
+        assert outputs_by_name(twin, twin(ids))["logits"].shape == (2, 6, 8)
+    torch.testing.assert_close(outputs_by_name(twin, twin(ids))["logits"],
+                               outputs_by_name(module, module(ids))["logits"])
+    assert split.running()

@@ -20,7 +20,8 @@ and the trainer uses the full logits.
 
 Only the training graph changes (the evaluation capture of a module compiled from a model keeps its
 logits; ``module.eval()``/``train()`` switch between the two as before); a module with one graph (from
-an IR file) gets the switch in that graph, off by default. A deep copy of the module shares the switch.
+an IR file) gets the switch in that graph, off by default. A deep copy of a split module is split too
+and shares the switch (``split_head(copy)`` finds it).
 """
 from __future__ import annotations
 
@@ -48,10 +49,15 @@ class _HeadCall:
     """The fx call target standing for the head and its wrappers: ``(x, weight, bias) -> logits`` by
     default (the original nodes, copied into a small graph), ``-> hidden`` while ``emit_hidden``."""
 
-    def __init__(self, logits_gm: fx.GraphModule, hidden_ops: list, width: int, vocab: int):
+    def __init__(self, logits_gm: fx.GraphModule, hidden_ops: list, width: int, vocab: int,
+                 names: tuple):
         self.logits_gm, self.hidden_ops, self.width, self.vocab = logits_gm, hidden_ops, width, vocab
+        self.names = names  # (weight's name, bias's name or None, whether the weight is stored [d, V])
         self.emit_hidden = False
         self.__name__ = self.__qualname__ = "lm_head"
+
+    def __deepcopy__(self, memo):
+        return self  # as the graph's node targets are: a module's deep copy shares the switch
 
     def __call__(self, x, weight, bias=None):
         if not self.emit_hidden:
@@ -140,14 +146,19 @@ def _logits_index(module) -> int:
 def try_split_head(module: torch.nn.Module) -> tuple[HeadSplit | None, str | None]:
     """``(split, None)``, or ``(None, reason)`` when the module's logits are not a plain linear head.
     Splitting a module twice returns the split it already has."""
-    existing = module.__dict__.get("_head_split")
-    if existing is not None:
-        return existing, None
     graphs = module.__dict__.get("_graphs")
     graph = graphs[True] if graphs is not None else getattr(module, "graph", None)
     if not isinstance(graph, fx.Graph):
         return None, "the module has no fx graph"
+    existing = module.__dict__.get("_head_split")
+    if existing is not None and existing.graph is graph:
+        return existing, None
     index = _logits_index(module)
+    call = _installed(graph, index)
+    if call is not None:  # split already (a deep copy of a split module): the same switch
+        split = HeadSplit(module, graph, call, index, *call.names)
+        module.__dict__["_head_split"] = split
+        return split, None
     found = _match(module, graph, index)
     if isinstance(found, str):
         return None, found
@@ -169,6 +180,22 @@ class _Match:
     transposed: bool
     vocab: int
     width: int
+
+
+def _output_values(graph: fx.Graph) -> list | None:
+    out = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    if out is None:
+        return None
+    values = out.args[0]
+    return list(values) if isinstance(values, (tuple, list)) else [values]
+
+
+def _installed(graph: fx.Graph, index: int) -> _HeadCall | None:
+    flat = _output_values(graph) or []
+    node = flat[index] if index < len(flat) else None
+    if isinstance(node, fx.Node) and node.op == "call_function" and isinstance(node.target, _HeadCall):
+        return node.target
+    return None
 
 
 def _attr(module, node) -> torch.Tensor | None:
@@ -194,11 +221,9 @@ def _is_transpose(node) -> bool:
 
 
 def _match(module, graph: fx.Graph, index: int) -> _Match | str:
-    out = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
-    if out is None:
+    flat = _output_values(graph)
+    if flat is None:
         return "the graph has no output"
-    values = out.args[0]
-    flat = list(values) if isinstance(values, (tuple, list)) else [values]
     if index >= len(flat) or not isinstance(flat[index], fx.Node):
         return "the module has no logits output"
     logits = flat[index]
@@ -295,7 +320,8 @@ def _install(module, graph: fx.Graph, index: int, m: _Match) -> HeadSplit:
             hidden_ops.append((wrap.target, (shape,), {}))
         else:
             hidden_ops.append((wrap.target, tuple(wrap.args[1:]), dict(wrap.kwargs)))
-    call = _HeadCall(logits_gm, hidden_ops, m.width, m.vocab)
+    names = (m.weight.target, None if m.bias is None else m.bias.target, m.transposed)
+    call = _HeadCall(logits_gm, hidden_ops, m.width, m.vocab, names)
     with graph.inserting_before(m.logits):
         node = graph.call_function(call, (m.x, m.weight, m.bias))
     m.logits.replace_all_uses_with(node)
@@ -307,6 +333,4 @@ def _install(module, graph: fx.Graph, index: int, m: _Match) -> HeadSplit:
     graph.lint()
     if module.graph is graph:
         module.recompile()
-    split = HeadSplit(module, graph, call, index, m.weight.target, None if m.bias is None else m.bias.target,
-                      m.transposed)
-    return split
+    return HeadSplit(module, graph, call, index, *names)
