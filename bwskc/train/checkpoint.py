@@ -145,13 +145,15 @@ def _bwskc_json(cfg, **extra) -> str:
                        "seed": cfg.seed, "model": cfg.model, **extra}, indent=1) + "\n"
 
 
-def save_model(out: Path, module, hf_model, cfg, source_program=None) -> None:
+def save_model(out: Path, module, hf_model, cfg, source_program=None, module_state=None) -> None:
     """The module's weights in the model class's own layout (``save_pretrained``), plus ``bwskc.json``.
-    An IR model (no class) is saved as ``model.safetensors`` beside its program ``model.bwsk``."""
+    An IR model (no class) is saved as ``model.safetensors`` beside its program ``model.bwsk``.
+    ``module_state``: the state dict to write, when the module's own is sharded (``--shard``: gathered
+    by ``distributed.gathered_module_state``), so the files are those of a single process."""
     if hf_model is None:
-        _save_ir_model(out, module, cfg, source_program)
+        _save_ir_model(out, module, cfg, source_program, module_state)
         return
-    state = _module_state(module)
+    state = _module_state(module) if module_state is None else module_state
     own = hf_model.state_dict()
     # buffers the class does not save (non-persistent: rotary tables, BERT's position ids) are
     # constants of the program, not trained state
@@ -178,11 +180,11 @@ def save_model(out: Path, module, hf_model, cfg, source_program=None) -> None:
         (out / "program.bwsk").write_text(module.program.text())
 
 
-def _save_ir_model(out: Path, module, cfg, program) -> None:
+def _save_ir_model(out: Path, module, cfg, program, module_state=None) -> None:
     tmp = out / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    trained = _module_state(module)  # parameters and persistent buffers; constants stay as bound
+    trained = _module_state(module) if module_state is None else module_state  # parameters and persistent buffers; constants stay as bound
     state = {k: (trained[k] if k in trained else module.program.weights[k].detach().cpu()).contiguous()
              for k in program.tensors}
     save_file(state, str(tmp / "model.safetensors"))
@@ -209,7 +211,8 @@ def load_best(out: Path, module, task: str = "causal") -> None:
 
 def load_into(module, state: dict, where: str) -> None:
     """Parameters and buffers from ``state``; a buffer it lacks (a constant the model class does not
-    save, e.g. position ids) keeps the program's value, a parameter it lacks is refused."""
+    save, e.g. position ids) keeps the program's value, a parameter it lacks is refused. A sharded
+    parameter (``--shard``: a DTensor) takes its own slice of the whole tensor ``state`` holds."""
     own = module.state_dict()
     params = {name for name, _ in module.named_parameters()}
     absent = [k for k, v in own.items() if k not in state and k in params]
@@ -220,7 +223,7 @@ def load_into(module, state: dict, where: str) -> None:
             if k in state:
                 if state[k].shape != v.shape:
                     raise BwskError(f"{where}: {k} has shape {list(state[k].shape)}, expected {list(v.shape)}")
-                v.copy_(state[k])
+                v.copy_(_like_param(state[k], v))
 
 
 # ------------------------------------------------------------------------------- resume checkpoint
@@ -245,12 +248,16 @@ def has_checkpoint(out: Path) -> bool:
     return (out / CHECKPOINT).exists() or (out / (CHECKPOINT + ".old")).exists()
 
 
-def save(out: Path, module, opt, sched, scaler, state, hyperparameters: dict) -> None:
+def save(out: Path, module, opt, sched, scaler, state, hyperparameters: dict, module_state=None,
+         opt_state=None) -> None:
+    """The resume checkpoint. ``module_state``, ``opt_state``: the states to write when the run's own
+    are sharded (``--shard``: gathered whole by ``bwskc.train.distributed``), in a single process's
+    layout, so a checkpoint does not depend on how the run was sharded."""
     tmp = out / (CHECKPOINT + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_module_state(module), str(tmp / "module.safetensors"))
-    opt_state = opt.state_dict()
+    save_file(_module_state(module) if module_state is None else module_state, str(tmp / "module.safetensors"))
+    opt_state = opt.state_dict() if opt_state is None else opt_state
     tensors = {f"{i}.{name}": value.detach().cpu().contiguous()
                for i, entry in opt_state["state"].items() for name, value in entry.items()}
     save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -399,6 +406,7 @@ def restore(out: Path, module, opt, sched, scaler, state, hyperparameters: dict)
     if changed:
         raise BwskError(f"{where}: --resume with other settings than the run's ({', '.join(changed)})")
     load_into(module, weights, str(where / "module.safetensors"))
+    _shard_like_params(opt, opt_state)
     try:
         opt.load_state_dict(opt_state)
         sched.load_state_dict(saved["scheduler"])
@@ -407,6 +415,31 @@ def restore(out: Path, module, opt, sched, scaler, state, hyperparameters: dict)
         raise BwskError(f"{where}: checkpoint does not fit this run ({_first_line(exc)})") from None
     for k, v in values.items():
         setattr(state, k, v)
+
+
+def _like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) laid out as ``param``: a sharded parameter's (a DTensor's) slice of it,
+    cut locally on each rank (every rank holds the whole value: no communication)."""
+    if not torch.distributed.is_available():
+        return value
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(param, DTensor):
+        return value
+    return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements,
+                             src_data_rank=None)
+
+
+def _shard_like_params(opt, opt_state: dict) -> None:
+    """The optimizer's per-parameter states (read whole) sharded as their parameters are (``--shard``);
+    a state of another shape (Adam's scalar step) stays as it is."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for index, entry in opt_state["state"].items():
+        if not 0 <= index < len(params):
+            continue  # load_state_dict names what does not fit
+        p = params[index]
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                entry[name] = _like_param(value, p)
 
 
 def _setting_change(key: str, before, now, where: Path) -> str:

@@ -307,3 +307,94 @@ def leave() -> None:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------ --shard (FSDP2)
+def shard(module, device, size: int, reshard_after_forward: bool | None = None):
+    """``module`` fully sharded over the group's ``size`` ranks, in place (FSDP2 ``fully_shard`` on a
+    1-D mesh; gloo on CPU, nccl on CUDA): each rank keeps its dim-0 slice of every parameter, of its
+    gradient and of the optimizer's state, as DTensors; the parameters are all-gathered before forward
+    and the gradients reduce-scattered (averaged) after backward, so a step is DDP's step.
+
+    The whole compiled module is one FSDP unit. Its parameters are read through ``get_attr`` nodes of
+    one fx graph, so no submodule's ``forward`` runs and a per-layer unit would never be unsharded; as
+    the root unit, it is not resharded between forward and backward (FSDP2's default for the root).
+    The coupling chains' ``save_for_backward`` holds the unsharded parameters, the same tensors FSDP
+    frees and refills in place (version counters preserved), so their backward reads valid weights even
+    with ``reshard_after_forward=True`` (``tests/test_fsdp.py`` checks both). The module must be built
+    identically on every rank (same seed): FSDP2 shards each rank's copy and broadcasts nothing."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (size,), mesh_dim_names=("shard",))
+    fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    _keep_fx_call(module)
+    return module
+
+
+def _keep_fx_call(module) -> None:
+    """fully_shard swaps the module's class for a subclass (``FSDP<cls>``); a GraphModule that then
+    recompiles (``train()``/``eval()`` switch the compiled module's graph) would give that subclass its
+    own ``_wrapped_call``, which calls ``super(FSDP<cls>).__call__``: the base's ``call_wrapped``, which
+    looks up ``_wrapped_call`` on the instance again, for ever (a RecursionError, or a segfault under
+    gloo). Giving the subclass the base's wrapper keeps one ``nn.Module.__call__`` at the end."""
+    cls = type(module)
+    if "_wrapped_call" in vars(cls):
+        return
+    base = next((c for c in cls.__mro__[1:] if "_wrapped_call" in vars(c)), None)
+    if base is not None:
+        cls._wrapped_call = vars(base)["_wrapped_call"]
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def local(t):
+    """A DTensor's local shard (a plain tensor is its own)."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def full(t):
+    """A DTensor gathered whole on every rank (a collective: every rank must call it, in the same
+    order); a plain tensor as it is."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def gathered_module_state(module, keep: bool) -> dict | None:
+    """The module's state dict with every sharded tensor gathered whole, one at a time, as CPU
+    tensors on the rank that ``keep``s it (the main rank; the others take part and get None)."""
+    state = {}
+    for k, v in module.state_dict().items():
+        v = full(v)
+        if keep:
+            state[k] = v.detach().to("cpu", copy=True).contiguous()
+    return state if keep else None
+
+
+def gathered_optimizer_state(opt, keep: bool) -> dict | None:
+    """``opt.state_dict()`` with its sharded states gathered whole (as ``gathered_module_state``): the
+    same layout, parameter indices and all, as a single process's optimizer writes."""
+    sd = opt.state_dict()
+    out = {}
+    for index in sorted(sd["state"]):
+        entry = {}
+        for name, value in sd["state"][index].items():
+            value = full(value) if hasattr(value, "shape") else value
+            if keep and hasattr(value, "shape"):
+                value = value.detach().to("cpu", copy=True)
+            entry[name] = value
+        out[index] = entry
+    return {"state": out, "param_groups": sd["param_groups"]} if keep else None
+
+
+def state_bytes(module, opt) -> dict:
+    """This rank's bytes of parameters, gradients and optimizer states (local shards' ``numel *
+    element_size``; the whole tensors in a run that does not shard)."""
+    def size(t):
+        t = local(t)
+        return t.numel() * t.element_size()
+    params = list(module.parameters())
+    return {"parameters": sum(size(p) for p in params),
+            "gradients": sum(size(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(size(v) for s in opt.state.values() for v in s.values() if hasattr(v, "numel"))}

@@ -68,6 +68,7 @@ class RunConfig:
     resume: bool = False
     nproc: int = 1
     ddp_timeout: float = 300.0      # seconds a rank waits for the others in a collective
+    shard: bool = False             # --nproc N --shard: FSDP2 (sharded state) in place of DDP
     task: str = "causal"            # causal | seq2seq | masked | image (bwskc.train.tasks)
     check_gradients: str = "auto"   # reversible: compare with plain autograd first (auto: small models)
     compile: str = "off"            # training steps under torch.compile(fullgraph=True): off | inductor | aot_eager
@@ -195,7 +196,11 @@ class Trainer:
             if why:
                 self.log(f"{cfg.name}: training computes the full logits ({why})")
         self.model = self.module
-        if world.size > 1:
+        self.sharded = cfg.shard and world.size > 1
+        if self.sharded:  # in place: the module's parameters become their DTensor shards
+            from bwskc.train import distributed
+            distributed.shard(self.module, self.device, world.size)
+        elif world.size > 1:
             from torch.nn.parallel import DistributedDataParallel
             # broadcast_buffers=False: the RNG state buffer is per rank (each rank its own mask slice);
             # the other buffers are constants (rotary tables), equal on every rank, or batch-norm
@@ -273,6 +278,8 @@ class Trainer:
             bar.update(1)
         bar.close()
         self.module.train()
+        if self.sharded:  # the gathered parameters freed again (FSDP2 keeps the root's after forward)
+            self.module.reshard()
         if self.world.size > 1:
             import torch.distributed as dist
             dist.all_reduce(total)
@@ -304,6 +311,8 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip or math.inf)
+        if self.sharded:  # the norm over every rank's shards (a replicated DTensor)
+            norm = norm.full_tensor()
         if not torch.isfinite(norm) and not self.scaler.is_enabled():
             raise self.diverged("gradient norm", float(norm), step)
         self.scaler.step(self.opt)  # with fp16 loss scaling, an inf step is skipped and the scale lowered
@@ -338,6 +347,8 @@ class Trainer:
         # the measuring forward is a training forward: it would move batch-norm running statistics,
         # so they are put back (a resumed run must continue from the checkpoint's, bit for bit)
         kept = {name: b.detach().clone() for name, b in self.module.named_buffers()}
+        if self.sharded:  # measured whole: the gathered parameters are parameters, not activations
+            self.module.unshard()
         # activation bytes of one training forward (deterministic; rng re-seeded)
         with _autocast(cfg), head_scope(self.head) as split:
             act_bytes, _ = saved_bytes(
@@ -346,6 +357,8 @@ class Trainer:
         with torch.no_grad():
             for name, b in self.module.named_buffers():
                 b.copy_(kept[name])
+        if self.sharded:
+            self.module.reshard()
         bar = _progress(self.total, state.step, cfg.name, disable=not self.world.main)
         # throughput in the task's unit: tokens the model reads (images for an image task)
         tokens = self.local * self.world.size * (1 if cfg.task == "image" else
@@ -369,8 +382,8 @@ class Trainer:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if state.step % self.eval_every == 0 or state.step == self.total:
                     self.evaluate_and_save()
-                elif self.save_every and state.step % self.save_every == 0 and self.world.main:
-                    ckpt.save(self.out, self.module, self.opt, self.sched, self.scaler, state, self.hyperparameters())
+                elif self.save_every and state.step % self.save_every == 0:
+                    self.save_checkpoint()
         finally:
             bar.close()
         return self.results(act_bytes, self.final_test())
@@ -401,8 +414,9 @@ class Trainer:
         if improved:
             state.best_val, state.best_step, state.bad_evals = val, state.step, 0
             state.best_metrics = metrics
+            gathered = self.gathered()  # sharded: every rank takes part in the gather
             if self.world.main:
-                ckpt.save_model(self.out, self.module, self.hf, self.cfg, self.src.program)
+                ckpt.save_model(self.out, self.module, self.hf, self.cfg, self.src.program, *gathered[:1])
         else:
             state.bad_evals += 1
             if state.bad_evals >= self.cfg.patience:
@@ -413,12 +427,41 @@ class Trainer:
         self.record({"step": state.step, "epoch": state.step / self.per_epoch, "train_loss": train_loss,
                      **{f"train_{k}": v for k, v in state.last_parts.items()},
                      **{f"val_{k.replace('-', '_')}": v for k, v in metrics.items()}, "best": improved})
-        if self.world.main:
-            ckpt.save(self.out, self.module, self.opt, self.sched, self.scaler, state, self.hyperparameters())
+        self.save_checkpoint()
         self.barrier()  # the other ranks read the best weights only once they are written
         self.log(f"{self.cfg.name}: step {state.step}/{self.total} train loss {train_loss:.4f} "
                  f"val {self.objective.headline(metrics)}{' (best)' if improved else ''} "
                  f"[{self.objective.rows('valid')} rows in {took:.1f} s]")
+
+    def gathered(self, optimizer: bool = False) -> tuple:
+        """Sharded (``--shard``): the module's (and the optimizer's) state gathered whole, a collective
+        every rank calls, kept on the main rank; unsharded: nothing, the objects' own states serve."""
+        if not self.sharded:
+            return ()
+        from bwskc.train import distributed
+        keep = self.world.main
+        module = distributed.gathered_module_state(self.module, keep)
+        return (module, distributed.gathered_optimizer_state(self.opt, keep)) if optimizer else (module,)
+
+    def save_checkpoint(self):
+        gathered = self.gathered(optimizer=True)
+        if self.world.main:
+            ckpt.save(self.out, self.module, self.opt, self.sched, self.scaler, self.state,
+                      self.hyperparameters(), *gathered)
+
+    def state_bytes(self) -> list[dict]:
+        """Each rank's bytes of parameters, gradients and optimizer states (its local shards under
+        ``--shard``), gathered from every rank (a collective)."""
+        from bwskc.train import distributed
+        if self.sharded:
+            self.module.reshard()
+        mine = distributed.state_bytes(self.module, self.opt)
+        if self.world.size == 1:
+            return [mine]
+        import torch.distributed as dist
+        ranks = [None] * self.world.size
+        dist.all_gather_object(ranks, mine)
+        return ranks
 
     def barrier(self):
         if self.world.size > 1:
@@ -462,6 +505,8 @@ class Trainer:
             "best_step": state.best_step, "stopped": state.stopped or (
                 "max_steps" if cfg.max_steps is not None and state.step >= cfg.max_steps else "epochs"),
             "parameters": sum(p.numel() for p in self.module.parameters()),
+            "data_parallel": "fsdp2" if self.sharded else "ddp" if self.world.size > 1 else None,
+            "state_bytes_per_rank": self.state_bytes(),
             "hyperparameters": self.hyperparameters(),
             "data": {k: v for k, v in self.data_info.items() if k != "files"},
             "device": _device_name(self.device), "torch": torch.__version__,

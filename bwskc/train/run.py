@@ -113,6 +113,10 @@ def add_arguments(p) -> None:
                    "their checkpoints, with the same options; finished variants are kept, a damaged "
                    "checkpoint is refused, an incomplete data/ is prepared again (default: off)")
     p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (DDP; gloo on CPU, nccl on CUDA; default: %(default)s)")
+    p.add_argument("--shard", action="store_true",
+                   help="with --nproc N (at least 2): FSDP2 in place of DDP, each rank keeping 1/N of the "
+                   "parameters, gradients and optimizer states (fully_shard; gloo on CPU, nccl on CUDA); the "
+                   "same steps, and checkpoints gathered whole, as one process writes them (default: off)")
     p.add_argument("--ddp-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="with --nproc: the longest a rank waits for the others in a collective (default: "
                    "%(default)s); a rank that stops running (its heartbeat stalls for a quarter of this, at most "
@@ -163,6 +167,8 @@ def _check_options(args) -> None:
     if args.compile != "off" and getattr(args, "shard", False):
         raise BwskError("--compile with --shard is not supported (FSDP2's hooks under fullgraph compile "
                         "are untested here); use --compile off, or DDP without --shard")
+    if getattr(args, "shard", False) and args.nproc < 2:
+        raise BwskError(f"--shard needs --nproc 2 or more (it shards over the ranks), got --nproc {args.nproc}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise BwskError(f"--device {args.device}: CUDA is not available on this machine")
     if args.precision == "fp16" and not args.device.startswith("cuda"):
@@ -504,7 +510,8 @@ def _config(args, experiment, mode, out, data, init_from) -> RunConfig:
                      grad_clip=args.grad_clip, precision=args.precision, patience=args.patience,
                      seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
                      device=args.device, resume=args.resume,
-                     nproc=args.nproc, ddp_timeout=args.ddp_timeout, task=args.task,
+                     nproc=args.nproc, ddp_timeout=args.ddp_timeout, shard=getattr(args, "shard", False),
+                     task=args.task,
                      check_gradients=args.check_gradients, compile=args.compile)
 
 
