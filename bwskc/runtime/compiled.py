@@ -219,9 +219,9 @@ class _ChainCall:
         self.__name__ = self.__qualname__ = "coupling_chain"
 
     def __call__(self, seed, x, *rest):
+        if torch.compiler.is_compiling():  # its forward run is scoped inside (dynamo traces backward too)
+            return TracedCouplingFunction.apply(self.spec, seed, x, *rest)
         with _forward_run():
-            if torch.compiler.is_compiling():
-                return TracedCouplingFunction.apply(self.spec, seed, x, *rest)
             return CouplingFunction.apply(self.spec, seed, x, *rest)
 
 
@@ -239,7 +239,9 @@ class TracedCouplingFunction(torch.autograd.Function):
     def forward(ctx, spec: ChainSpec, seed, x, *rest):
         shared, tensors = rest[:spec.shared], rest[spec.shared:]
         a, b = x, x
-        with torch.no_grad():
+        # the buffer updates of the forward run: scoped here, not around apply, since dynamo traces the
+        # backward while tracing apply (its recomputation must not update them again)
+        with torch.no_grad(), _forward_run():
             for i, f in enumerate(spec.branches):
                 mine = [tensors[j] for j in spec.tensor_index[i]]
                 if i % 2 == 0:
