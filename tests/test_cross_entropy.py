@@ -20,7 +20,8 @@ from bwskc.kernels.cross_entropy import chunk_rows, linear_cross_entropy
 from bwskc.runtime.head import scope, split_head, try_split_head
 from bwskc.train.objectives import IGNORE, CausalLM, MaskedLM, Seq2SeqLM, outputs_by_name
 
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+# float32: the chunked sums add in another order than one matmul (a few ulps over up to 37 rows)
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=2e-5)}
 
 
 def _case(n, d, v, bias, dtype, ignored, seed):
