@@ -26,6 +26,10 @@ import torch
 from bwskc.ir import Comb, Program, rev_shared
 from bwskc.kernels.dispatch import stream_update  # the steps' add/subtract: Triton kernels on CUDA
 
+# chains of this many steps and more record their last step's graph in forward instead of recomputing it
+# first thing in backward (a shorter chain would store a large share of its activations that way)
+KEEP_LAST_FROM = 4
+
 
 def coupling_functions(program: Program, chain: Comb) -> tuple[Callable, Callable]:
     """Eager ``forward(*m, x) -> (a, b)`` and ``inverse(*m, a, b) -> (x,)`` of a chain's coupling (the
@@ -92,15 +96,33 @@ class CouplingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: ChainSpec, seed: int, x, *rest):
         shared, tensors = rest[:spec.shared], rest[spec.shared:]
+        n = len(spec.branches)
+        keep = n >= KEEP_LAST_FROM
         a, b = x, x
         with torch.no_grad():
-            for i, f in enumerate(spec.branches):
+            for i, f in enumerate(spec.branches[:n - 1] if keep else spec.branches):
                 mine = [tensors[j] for j in spec.tensor_index[i]]
                 if i % 2 == 0:
                     a = stream_update(a, f(*shared, b, seed, *mine))
                 else:
                     b = stream_update(b, f(*shared, a, seed, *mine))
-        if len(spec.branches) == 1:
+        ctx.kept = None
+        if keep:
+            # the last step's activations are what backward needs first: recorded now, as revlib keeps
+            # its final block, instead of recomputed at once (one branch stored per chain, any depth)
+            i = n - 1
+            src_in = (b if i % 2 == 0 else a).detach().requires_grad_(True)
+            shared_in = [m.detach().requires_grad_(m.requires_grad) for m in shared]
+            mine = [tensors[j] for j in spec.tensor_index[i]]
+            with torch.enable_grad():
+                y = spec.branches[i](*shared_in, src_in, seed, *mine)
+            with torch.no_grad():
+                if i % 2 == 0:
+                    a = stream_update(a, y.detach())
+                else:
+                    b = stream_update(b, y.detach())
+            ctx.kept = (y, src_in, shared_in, mine)
+        if n == 1:
             b = b.clone()  # an output must not be the input itself
         ctx.spec, ctx.seed, ctx.autocast = spec, seed, _autocast_state()
         ctx.save_for_backward(a, b, *shared, *tensors)
@@ -117,20 +139,27 @@ class CouplingFunction(torch.autograd.Function):
         tensor_grads: list = [None] * len(tensors)
         dev, enabled, dtype = ctx.autocast
         shared_in = [m.detach().requires_grad_(m.requires_grad) for m in shared]
+        kept, ctx.kept = ctx.kept, None  # used once: a second backward (retain_graph) recomputes
         for i in reversed(range(len(spec.branches))):
             f = spec.branches[i]
             index = spec.tensor_index[i]
             mine = [tensors[j] for j in index]
-            src = b if i % 2 == 0 else a
-            src_in = src.detach().requires_grad_(True)
-            with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
-                y = f(*shared_in, src_in, ctx.seed, *mine)
+            if kept is not None and i == len(spec.branches) - 1:
+                y, src_in, kept_shared, mine = kept  # the forward's own tensors: y's graph reads them
+                kept = None
+                wrt_shared = kept_shared
+            else:
+                src = b if i % 2 == 0 else a
+                src_in = src.detach().requires_grad_(True)
+                with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+                    y = f(*shared_in, src_in, ctx.seed, *mine)
+                wrt_shared = shared_in
             with torch.no_grad():  # undo the step: the updated stream loses y again
                 if i % 2 == 0:
                     a = stream_update(a, y, subtract=True)
                 else:
                     b = stream_update(b, y, subtract=True)
-            wrt = [src_in] + [m for m in shared_in if m.requires_grad] + [t for t in mine if t.requires_grad]
+            wrt = [src_in] + [m for m in wrt_shared if m.requires_grad] + [t for t in mine if t.requires_grad]
             grads = torch.autograd.grad(y, wrt, grad_a if i % 2 == 0 else grad_b, allow_unused=True)
             del y
             it = iter(grads)
@@ -140,7 +169,7 @@ class CouplingFunction(torch.autograd.Function):
                     grad_b = grad_b + g_src
                 else:
                     grad_a = grad_a + g_src
-            for j, m in enumerate(shared_in):
+            for j, m in enumerate(wrt_shared):
                 if m.requires_grad:
                     g = next(it)
                     if g is not None:
