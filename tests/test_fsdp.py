@@ -140,6 +140,7 @@ def test_each_rank_holds_half_the_state(runs):
     assert per_rank <= 0.5 + (2 * slack + steps) / sum(whole.values()) + 1e-9, per_rank
 
 
+@pytest.mark.slow  # reason: three 2-process trainer runs, about 2 minutes on 2 cores; the DDP resume test stays in the default run
 def test_sharded_resume_after_kill(setup, runs, tmp_path):
     """A sharded run killed after step 3 (its checkpoint is step 2's) resumes into the sharded module
     and optimizer and continues step for step as the run that never stopped."""
