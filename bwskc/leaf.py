@@ -17,7 +17,7 @@ from bwskc.ir import (
     Type,
 )
 from bwskc.runtime.denote import Denoter, fill, resolve_op
-from bwskc.runtime.interp import _EagerBackend
+from bwskc.runtime.interp import EagerBackend
 
 
 class Values:
@@ -29,7 +29,7 @@ class Values:
             n in program.weights and program.weights[n].device.type != "meta" for n in program.tensors)
         if not program.tensors:
             self.known = True
-        self._denoter = Denoter(program, _EagerBackend(program.weights)) if self.known else None
+        self._denoter = Denoter(program, EagerBackend(program.weights)) if self.known else None
 
     def get(self, ref) -> torch.Tensor | None:
         if not self.known:

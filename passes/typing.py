@@ -205,8 +205,8 @@ def _pointwise_fold(term: Term, result: TypingResult) -> Verdict | None:
         return None
     from bwskc.leaf_rules import _fold_point
     from bwskc.runtime.denote import Denoter
-    from bwskc.runtime.interp import _EagerBackend
-    fn = Denoter(result._program, _EagerBackend({})).term(term)
+    from bwskc.runtime.interp import EagerBackend
+    fn = Denoter(result._program, EagerBackend({})).term(term)
 
     def phi(t):
         with torch.no_grad():
@@ -542,9 +542,9 @@ class _Backend64:
 
 def _term_call(term, result, f64: bool = False):
     from bwskc.runtime.denote import Denoter
-    from bwskc.runtime.interp import _EagerBackend
+    from bwskc.runtime.interp import EagerBackend
     program = result._program
-    backend = _Backend64(program.weights) if f64 else _EagerBackend(program.weights)
+    backend = _Backend64(program.weights) if f64 else EagerBackend(program.weights)
     f = Denoter(program, backend).term(term)
 
     def call(*xs):

@@ -18,7 +18,7 @@ from bwskc.ir import REV_KINDS, Comb, subterms
 from bwskc.passes.reversible import sequential_term
 from bwskc.runtime import rng
 from bwskc.runtime.denote import Denoter
-from bwskc.runtime.interp import _EagerBackend
+from bwskc.runtime.interp import EagerBackend
 from bwskc.runtime.memory import saved_bytes
 from conftest import ZOO_SPECS, build_zoo_model
 
@@ -276,8 +276,8 @@ def test_rewritten_zoo_verifies_round_trips_and_reads_back(zoo, name):
         if not (isinstance(body, Comb) and body.kind == "R"):
             continue  # shared inputs (T5, Switch): checked through gradients above
         inputs = [torch.randn(d.inputs[0].shape, generator=gen)]
-        seq = Denoter(rewritten, _EagerBackend(rewritten.weights)).term(sequential_term(body))
-        orig = Denoter(fused, _EagerBackend(fused.weights)).term(fused.defs[chain["name"]].body)
+        seq = Denoter(rewritten, EagerBackend(rewritten.weights)).term(sequential_term(body))
+        orig = Denoter(fused, EagerBackend(fused.weights)).term(fused.defs[chain["name"]].body)
         with torch.no_grad():
             torch.testing.assert_close(seq(*inputs), orig(*inputs), rtol=1e-5, atol=1e-5)
 

@@ -35,7 +35,7 @@ from bwskc.evidence import GRAY, K, S, check_witness, outputs_equal
 from bwskc.ir import Comb, Prim, Ref, TensorType, TupleType, subterms
 from bwskc.leaf import Leaf, Values
 from bwskc.runtime.denote import Denoter, fill, resolve_op
-from bwskc.runtime.interp import _EagerBackend
+from bwskc.runtime.interp import EagerBackend
 
 # run_deep raises the recursion limit during a test, which hypothesis reports at every test
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
@@ -216,7 +216,7 @@ def leaf_of(program, site) -> Leaf:
 
 def term_fn(program, term, weights=None):
     """The curried function a term denotes, as a function of all its inputs at once."""
-    f = Denoter(program, _EagerBackend(program.weights if weights is None else weights)).term(term)
+    f = Denoter(program, EagerBackend(program.weights if weights is None else weights)).term(term)
 
     def call(*xs):
         out = f

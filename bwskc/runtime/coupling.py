@@ -35,11 +35,11 @@ def coupling_functions(program: Program, chain: Comb) -> tuple[Callable, Callabl
     """Eager ``forward(*m, x) -> (a, b)`` and ``inverse(*m, a, b) -> (x,)`` of a chain's coupling (the
     typing pass's evidence; no merge), evaluated with the program's bound weights."""
     from bwskc.runtime.denote import Denoter
-    from bwskc.runtime.interp import _EagerBackend
+    from bwskc.runtime.interp import EagerBackend
     k = rev_shared(chain.kind)
 
     def branches(shared):
-        den = Denoter(program, _EagerBackend(program.weights))
+        den = Denoter(program, EagerBackend(program.weights))
         fs = []
         for f in chain.args[1:]:
             g = den.term(f)

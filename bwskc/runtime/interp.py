@@ -9,7 +9,7 @@ from bwskc.ir import Program, type_of_value
 from bwskc.runtime.denote import Denoter, resolve_op
 
 
-class _EagerBackend:
+class EagerBackend:
     def __init__(self, weights):
         self.weights = weights
 
@@ -56,5 +56,5 @@ class Interpreter:
             raise BwskError(f"no weights bound for {missing[0]!r} ({len(missing)} missing): "
                             "use program.with_weights(state_dict)")
         inputs = bind_inputs(program, args, kwargs)
-        denoter = Denoter(program, _EagerBackend(program.weights))
+        denoter = Denoter(program, EagerBackend(program.weights))
         return run_deep(denoter.run_entry, inputs)
