@@ -181,10 +181,10 @@ def rebuild_pair(types, collision: dict) -> tuple[list, list]:
         raise EvidenceError(a_rec.get("not_recorded", "the first input is not recorded"))
     if len(b_rec) != len(a):
         raise EvidenceError(f"{len(b_rec)} records of b for {len(a)} inputs")
-    return a, [_rebuild_b(x, rec) for x, rec in zip(a, b_rec)]
+    return a, [rebuild_b(x, rec) for x, rec in zip(a, b_rec)]
 
 
-def _rebuild_b(a: torch.Tensor, rec: dict) -> torch.Tensor:
+def rebuild_b(a: torch.Tensor, rec: dict) -> torch.Tensor:
     """One input of b from a: ``same``; ``values``; ``sparse`` (b.flat[index] = values); ``shift``
     (``(a.double() + D).to(dtype)``, D broadcast over the leading dimensions); ``scale`` (``(a.double() *
     m).to(dtype)``)."""

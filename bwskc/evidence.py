@@ -200,11 +200,11 @@ def evaluate(leaf, verdict: Verdict, seed: int = WITNESS_SEED) -> Verdict:
         if verdict.type == S and verdict.rule != "nullary":
             return _evaluate_injective(leaf, verdict, seed)
     except Exception as exc:  # evidence that cannot be evaluated is no evidence
-        return _rejected(verdict, f"its evidence could not be evaluated: {_first_line(exc)}")
+        return rejected(verdict, f"its evidence could not be evaluated: {_first_line(exc)}")
     return verdict
 
 
-def _rejected(verdict: Verdict, why: str) -> Verdict:
+def rejected(verdict: Verdict, why: str) -> Verdict:
     """The GRAY verdict replacing one whose evidence failed (the rule's claim kept, marked unproven)."""
     v = gray(verdict.rule, f"{verdict.claim} [unproven: {why}]", f"the {verdict.type} claim holds, "
              f"but its evidence failed: {why}", "evidence that holds (a corrected rule)", None,
@@ -225,24 +225,24 @@ def _evaluate_witness(leaf, verdict: Verdict, seed: int) -> Verdict:
     try:
         a, b, replay = seeded_witness(verdict, torch.Generator().manual_seed(seed))
         if not inputs_differ(a, b):
-            return _rejected(verdict, "the witness's two inputs are equal")
+            return rejected(verdict, "the witness's two inputs are equal")
         ya, yb = run_seeded(leaf.call, a, replay), run_seeded(leaf.call, b, replay)
     except Exception as exc:  # a witness that cannot be built or run is no evidence
-        return _rejected(verdict, f"the witness could not be evaluated: {_first_line(exc)}")
+        return rejected(verdict, f"the witness could not be evaluated: {_first_line(exc)}")
     own = outputs_equal(ya, yb)
     diff = max_abs_diff(ya, yb)
     f64 = _float64_collision(leaf, a, b, replay)
     domain = verdict.extra.get("domain")
     if not own and not (domain == "reals" and f64.get("collides")):
         f64_text = f", {number(f64['max_abs_diff'])} in float64" if "max_abs_diff" in f64 else ""
-        return _rejected(verdict, f"witness did not collide: max |f(a)-f(b)| = {diff:.3g} "
+        return rejected(verdict, f"witness did not collide: max |f(a)-f(b)| = {diff:.3g} "
                          f"({_dtype_name(a)}){f64_text}")
     checked = {"seed": seed, "replay_seed": replay, "dtype": _dtype_name(a), "collides": own,
                "max_abs_diff": number(diff), "tolerance": {"rtol": 1e-5, "atol": 1e-6}, "float64": f64,
                **_domain(domain, f64)}
     if not own:
         checked["collides_in"] = "float64"
-    checked.update(_encode_pair(leaf, a, b, seed))
+    checked.update(encode_pair(leaf, a, b, seed))
     verdict.extra["checked"] = checked
     return verdict
 
@@ -269,9 +269,10 @@ def _float64_collision(leaf, a, b, replay) -> dict:
     return {"max_abs_diff": number(max_abs_diff(ya, yb)), "collides": outputs_equal(ya, yb)}
 
 
-def _to64(v):
+def to64(v):
+    """Floating tensors (also inside tuples and lists) in float64; anything else as it is."""
     if isinstance(v, (tuple, list)):
-        return type(v)(_to64(x) for x in v)
+        return type(v)(to64(x) for x in v)
     if isinstance(v, torch.Tensor) and v.is_floating_point():
         return v.double()
     return v
@@ -282,10 +283,10 @@ def float64_call(leaf):
     from bwskc.runtime.denote import fill, resolve_op
 
     def bound(ref):
-        return _to64(leaf.values.get(ref))
+        return to64(leaf.values.get(ref))
 
     def call(*operands):
-        ops = [_to64(o) for o in operands]
+        ops = [to64(o) for o in operands]
         args = fill(leaf.prim.args, ops, bound)
         kwargs = dict(zip((k for k, _ in leaf.prim.kwargs),
                           fill(tuple(v for _, v in leaf.prim.kwargs), ops, bound)))
@@ -330,7 +331,7 @@ def _identical(x: torch.Tensor, y: torch.Tensor) -> bool:
     return torch.equal(x, y)
 
 
-def _encode_pair(leaf, a, b, seed: int) -> dict:
+def encode_pair(leaf, a, b, seed: int) -> dict:
     """``{"a", "b"}`` records from which check-evidence rebuilds the witness exactly (each candidate
     encoding is rebuilt here and kept only if it gives the same tensors), or ``not_recorded`` saying
     why."""
@@ -359,7 +360,7 @@ def _encode_pair(leaf, a, b, seed: int) -> dict:
 def _encode_b(a: torch.Tensor, b: torch.Tensor, small: bool) -> dict:
     """The most compact record that rebuilds b from a exactly: candidates are tried cheapest first and
     each is rebuilt (as check-evidence will) before it is kept."""
-    from bwskc.check_evidence import _rebuild_b, encode_tensor
+    from bwskc.check_evidence import encode_tensor, rebuild_b
     if _identical(a, b):
         return {"same": True}
     if small:  # written out in full (exact: encode_tensor's numbers are the stored values)
@@ -376,7 +377,7 @@ def _encode_b(a: torch.Tensor, b: torch.Tensor, small: bool) -> dict:
     for make in makers:
         for rec in make():
             try:
-                if _identical(_rebuild_b(a, rec), b):
+                if _identical(rebuild_b(a, rec), b):
                     return rec
             except Exception:  # a candidate that does not rebuild is not used
                 continue
@@ -451,7 +452,7 @@ def _evaluate_injective(leaf, verdict: Verdict, seed: int) -> Verdict:
     if verdict.rank is not None:
         why, checked["rank"] = _check_rank(leaf, verdict.rank)
         if why:
-            return _rejected(verdict, why)
+            return rejected(verdict, why)
     if verdict.inverse is None:
         checked["round_trip"] = {"not_run": "no inverse: the rank certificate is the evidence"}
     elif verdict.rank is not None and _bound_elements(leaf) > ROUND_TRIP_WEIGHT_LIMIT:
@@ -461,7 +462,7 @@ def _evaluate_injective(leaf, verdict: Verdict, seed: int) -> Verdict:
     else:
         rt = _round_trip(leaf, verdict, seed)
         if not rt["passed"]:
-            return _rejected(verdict, f"the inverse did not round-trip: {rt['failure']}")
+            return rejected(verdict, f"the inverse did not round-trip: {rt['failure']}")
         checked["round_trip"] = rt
     verdict.extra["checked"] = checked
     return verdict
@@ -475,7 +476,7 @@ def _bound_elements(leaf) -> int:
                if r.name in leaf.values.program.tensors)
 
 
-def _relative_error(back, x) -> tuple[float, float]:
+def relative_error(back, x) -> tuple[float, float]:
     """(max |back - x|, that divided by max |x|), over every input tensor, in float64."""
     from bwskc.check_evidence import max_abs_diff
     xs, bs = _flat_tensors(x), _flat_tensors(back)
@@ -486,7 +487,7 @@ def _relative_error(back, x) -> tuple[float, float]:
     return err, err / scale
 
 
-def _tolerance(x) -> tuple[str, float]:
+def tolerance(x) -> tuple[str, float]:
     """The round-trip tolerance of the least precise floating input (discrete inputs: exact)."""
     from bwskc.check_evidence import DTYPE_NAMES, ROUND_TRIP_TOL
     tols = [(ROUND_TRIP_TOL.get(DTYPE_NAMES.get(t.dtype), 0.0), DTYPE_NAMES.get(t.dtype, str(t.dtype)))
@@ -502,17 +503,17 @@ def _round_trip(leaf, verdict: Verdict, seed: int) -> dict:
     from bwskc.check_evidence import number
     g = torch.Generator().manual_seed(seed)
     x = verdict.sample(g) if verdict.sample is not None else leaf.random(g)
-    name, tol = _tolerance(x)
+    name, tol = tolerance(x)
     checks = {}
     for label, call, xs, limit in ((name, leaf.call, x, tol),
-                                   ("f64", float64_call(leaf), _to64(x), ROUND_TRIP_F64_TOL)):
+                                   ("f64", float64_call(leaf), to64(x), ROUND_TRIP_F64_TOL)):
         if label in checks or (label == "f64" and not any(t.is_floating_point() for t in _flat_tensors(x))):
             continue  # the op is already float64, or has no floating input
         if label != name and checks[name].get("passed"):  # already evidence: spare the second run
             checks[label] = {"not_run": f"the {name} round trip passed"}
             continue
         try:
-            err, rel = _relative_error(tuple(verdict.inverse(call(*xs))), xs)
+            err, rel = relative_error(tuple(verdict.inverse(call(*xs))), xs)
         except Exception as exc:  # an inverse that fails on this evaluation is no evidence from it
             checks[label] = {"error": _first_line(exc)}
             continue

@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 import bwskc
-from bwskc import emit, leaf_rules
+from bwskc import emit
 from bwskc.check_evidence import EvidenceError, check_document, resolve
 from bwskc.cli import main
 from bwskc.evidence import GRAY, K, S, erasing, injective
+from bwskc.passes.typing import table as leaf_rules
 
 
 class Small(nn.Module):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from test_typing import SETTINGS, Fn, collide, differ, lower_typed, mismatch, term_fn
 
 from bwskc.evidence import GRAY, K, S, Verdict
-from bwskc.passes import typing as T
+from bwskc.passes.typing import symbolic as T
 
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
 

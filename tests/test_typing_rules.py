@@ -562,7 +562,7 @@ def test_hard_cases(case):
 def test_gram_certificate_is_a_lower_bound_and_never_certifies_a_deficient_weight(k, d, planted, scale, seed):
     """The large-weight rank certificate (Cholesky of a shifted Gram matrix) certifies only full column
     rank, and its sigma_min never exceeds the float64 SVD's."""
-    from bwskc.leaf_rules import _gram_certificate
+    from bwskc.passes.typing.rank import gram_certificate as _gram_certificate
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(max(k, d), d, generator=gen, dtype=torch.float64) * scale
     if planted and d >= 2:

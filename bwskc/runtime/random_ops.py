@@ -3,7 +3,7 @@
 A reversible backward recomputes each branch, and a checkpointed layer its interior; both are exact
 only if every random number is drawn again as in the forward pass. ``bwskc.runtime.rng`` makes
 dropout masks a hash of their coordinates; this module does the same for the other random ops, one
-rule a op, registered with ``@replays`` (as ``bwskc.leaf_rules`` registers typing rules): uniform,
+rule a op, registered with ``@replays`` (as ``bwskc.passes.typing`` registers typing rules): uniform,
 normal, Bernoulli, exponential, geometric, Cauchy, log-normal, integer, permutation and multinomial
 draws, alpha and feature dropout, and RReLU's random slopes. Each rule takes the op's filled
 arguments, the step's seed (``(key, shard)``, or None in evaluation) and its site ``where`` (chain,
