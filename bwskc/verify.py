@@ -4,7 +4,8 @@ Typing is inference by unification over simple types: a tensor/tuple/scalar type
 Combinators have their usual principal types (``S : (a -> b -> c) -> (a -> b) -> a -> c`` ...), a
 primitive with k holes has type ``h1 -> ... -> hk -> T`` with fresh ``h_i``, and a definition has its
 declared signature. Inference fixes the type of every hole, and then each primitive is re-run on meta
-tensors of those types: the type it declares must be the type its inputs give.
+tensors of those types: the type it declares must be the type its inputs give. Ops and their filled-in
+arguments come from ``bwskc.op_values``: the verifier imports nothing from ``bwskc.runtime``.
 """
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ from bwskc.ir import (
     subterms,
     type_of_value,
 )
+from bwskc.op_values import fill, resolve_op
 from bwskc.ops import lookup_overload
-from bwskc.runtime.denote import fill, resolve_op
 from bwskc.text import MAX_TENSOR_BYTES
 
 

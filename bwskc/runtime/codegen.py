@@ -1,7 +1,9 @@
 """Codegen: a program becomes a torch.fx GraphModule, one node per primitive application.
 
 The same denotation as the interpreter runs once with fx nodes for values, so combinators cost nothing
-at run time. Parameters and buffers are registered under their state-dict names.
+at run time. Parameters and buffers are registered under their state-dict names. ``FxBackend``,
+``module_tree``, ``register_tensor`` and ``placeholder_name`` are shared with ``bwskc.compile``'s
+training codegen (``bwskc.runtime.compiled``).
 """
 from __future__ import annotations
 
@@ -10,10 +12,14 @@ from torch import fx
 
 from bwskc._deep import run_deep
 from bwskc.ir import Program
-from bwskc.runtime.denote import Denoter, resolve_op
+from bwskc.op_values import resolve_op
+from bwskc.runtime.denote import Denoter
 
 
-class _FxBackend:
+class FxBackend:
+    """The denotation's backend that emits fx: a primitive becomes a ``call_function`` node, a bound
+    tensor a ``get_attr`` node (one per name); ``tuple``/``getitem`` of Python tuples fold away."""
+
     def __init__(self, graph: fx.Graph):
         self.graph = graph
         self.attrs: dict[str, fx.Node] = {}
@@ -31,7 +37,8 @@ class _FxBackend:
         return self.attrs[name]
 
 
-def _module_tree(program: Program) -> torch.nn.Module:
+def module_tree(program: Program) -> torch.nn.Module:
+    """A module holding the program's tensors under their dotted names (meta where no weight is bound)."""
     root = torch.nn.Module()
     for name, decl in program.tensors.items():
         register_tensor(root, name, decl, program.weights.get(name))
@@ -55,7 +62,7 @@ def register_tensor(root: torch.nn.Module, name: str, decl, value) -> None:
         mod.register_buffer(leaf, value, persistent=decl.kind == "buffer")
 
 
-def _placeholder_name(name: str, index: int) -> str:
+def placeholder_name(name: str, index: int) -> str:
     """Entry input names as fx argument names, unless they would clash with Python or fx codegen."""
     import keyword
     if name.isidentifier() and not keyword.iskeyword(name) and name not in ("self", "torch"):
@@ -66,11 +73,11 @@ def _placeholder_name(name: str, index: int) -> str:
 def to_graph_module(program: Program) -> fx.GraphModule:
     def build():
         graph = fx.Graph()
-        placeholders = [graph.placeholder(_placeholder_name(n, i))
+        placeholders = [graph.placeholder(placeholder_name(n, i))
                         for i, n in enumerate(program.entry.input_names)]
-        out = Denoter(program, _FxBackend(graph)).run_entry(placeholders)
+        out = Denoter(program, FxBackend(graph)).run_entry(placeholders)
         graph.output(out)
         return graph
     graph = run_deep(build)
-    gm = fx.GraphModule(_module_tree(program), graph, class_name=program.name)
+    gm = fx.GraphModule(module_tree(program), graph, class_name=program.name)
     return gm

@@ -14,6 +14,9 @@ The program becomes one ``torch.fx.GraphModule`` (parameters under their state-d
   branches are compiled to their own small graphs (taking the parameters they use as inputs), so the
   chain stores only its two final streams. With ``store_activations=True`` (the reference) the chain is
   unrolled into plain ATen calls with the same masks: plain autograd over the same architecture.
+
+Under ``torch.compile`` a chain runs as ``TracedCouplingFunction``, the traceable twin of
+``CouplingFunction``; both take their steps from ``bwskc.runtime.steps``.
 """
 from __future__ import annotations
 
@@ -28,10 +31,12 @@ from torch import fx
 from bwskc._deep import run_deep
 from bwskc.errors import BwskError
 from bwskc.ir import Comb, Const, Prim, Program, Ref, rev_shared, subterms
+from bwskc.op_values import resolve_op
 from bwskc.runtime import random_ops, rng
-from bwskc.runtime.codegen import _FxBackend, _module_tree, _placeholder_name, register_tensor
-from bwskc.runtime.coupling import ChainSpec, CouplingFunction, _autocast_state
-from bwskc.runtime.denote import Denoter, implied_updates, resolve_op, sub_prim, update_target
+from bwskc.runtime.codegen import FxBackend, module_tree, placeholder_name, register_tensor
+from bwskc.runtime.coupling import ChainSpec, CouplingFunction, autocast_state
+from bwskc.runtime.denote import Denoter, implied_updates, sub_prim, update_target
+from bwskc.runtime.steps import backward_step, forward_step, inverse_step, step_streams
 from bwskc.passes.reversible import unreplayable_draw
 
 RNG_BUFFER = "bwskc_rng_state"
@@ -72,7 +77,7 @@ def assign_buffer(buffer: torch.Tensor, value: torch.Tensor, seed, when: str, st
         (buffer.data if statistics else buffer).copy_(value.detach())
 
 
-class _TrainBackend(_FxBackend):
+class _TrainBackend(FxBackend):
     """fx emission with counter-based dropout; ``reversible`` turns chains into CouplingFunction calls.
     ``updates`` is how buffer updates apply in this graph (``assign_buffer``'s ``when``)."""
 
@@ -244,13 +249,10 @@ class TracedCouplingFunction(torch.autograd.Function):
         with torch.no_grad(), _forward_run():
             for i, f in enumerate(spec.branches):
                 mine = [tensors[j] for j in spec.tensor_index[i]]
-                if i % 2 == 0:
-                    a = a + f(*shared, b, seed, *mine)
-                else:
-                    b = b + f(*shared, a, seed, *mine)
+                a, b = forward_step(i, a, b, lambda src: f(*shared, src, seed, *mine))
         if len(spec.branches) == 1:
             b = b.clone()  # an output must not be the input itself
-        ctx.spec, ctx.autocast, ctx.seeded = spec, _autocast_state(), seed is not None
+        ctx.spec, ctx.autocast, ctx.seeded = spec, autocast_state(), seed is not None
         ctx.save_for_backward(*((seed,) if seed is not None else ()), a, b, *shared, *tensors)
         return a, b
 
@@ -282,17 +284,11 @@ class TracedCouplingFunction(torch.autograd.Function):
                     mn[m] = v
                 with torch.autocast(dev, dtype=dtype, enabled=enabled):
                     return f(*sh, src, seed, *mn)
-            src = b if i % 2 == 0 else a
-            y, vjp = torch.func.vjp(branch, src, *(shared[j] for j in shared_need),
+            y, vjp = torch.func.vjp(branch, step_streams(i, a, b)[0], *(shared[j] for j in shared_need),
                                     *(mine[m] for m in mine_need))
-            g = grad_a if i % 2 == 0 else grad_b
-            grads = vjp(g.to(y.dtype))
-            if i % 2 == 0:  # undo the step: the updated stream loses y again
-                a = a - y
-                grad_b = grad_b + grads[0].to(grad_b.dtype)
-            else:
-                b = b - y
-                grad_a = grad_a + grads[0].to(grad_a.dtype)
+            grads = vjp(step_streams(i, grad_a, grad_b)[1].to(y.dtype))
+            a, b = inverse_step(i, a, b, y)  # undo the step: the updated stream loses y again
+            grad_a, grad_b = backward_step(i, grad_a, grad_b, grads[0], _add_cast)
             del y
             for j, gj in zip(shared_need, grads[1:]):
                 shared_grads[j] = gj if shared_grads[j] is None else shared_grads[j] + gj
@@ -300,6 +296,11 @@ class TracedCouplingFunction(torch.autograd.Function):
                 j = index[m]
                 tensor_grads[j] = gm if tensor_grads[j] is None else tensor_grads[j] + gm
         return (None, None, grad_a + grad_b, *shared_grads, *tensor_grads)
+
+
+def _add_cast(grad, g):
+    """``grad + g`` in ``grad``'s dtype (a branch's input gradient comes in the branch's dtype)."""
+    return grad + g.to(grad.dtype)
 
 
 class _CheckpointCall:
@@ -482,7 +483,7 @@ def _program_graph(program: Program, *, reversible: bool, checkpoint: bool, chai
     they run; the ``update:<buffer>`` outputs, at the end) assigned to the module's buffers."""
     def build():
         graph = fx.Graph()
-        placeholders = [graph.placeholder(_placeholder_name(n, i))
+        placeholders = [graph.placeholder(placeholder_name(n, i))
                         for i, n in enumerate(program.entry.input_names)]
         state = graph.get_attr(RNG_BUFFER)
         # the module's training flag as a Python bool (torch.compile guards on it; the state's copy of
@@ -516,7 +517,7 @@ def compile_program(program: Program, *, reversible: bool, seed: int = 0, checkp
     mode), ``module.eval()`` runs that one, over the same parameters and buffers."""
     chains: list = []
     graph = _program_graph(program, reversible=reversible, checkpoint=checkpoint, chains=chains)
-    root = _module_tree(program)
+    root = module_tree(program)
     updated = set(updated_buffers(program)) | (set() if eval_program is None else set(updated_buffers(eval_program)))
     for name in sorted(updated & set(program.tensors)):
         value = program.weights.get(name)

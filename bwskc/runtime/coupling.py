@@ -14,7 +14,9 @@ value as ``s - y``, and back-propagates through ``y`` alone, then frees it. Each
 the dropout masks of its forward run: they are drawn from a counter-based generator keyed on the step's
 seed, the chain, the branch and the site (``bwskc.runtime.rng``), never from global RNG state. The
 steps' own ``+ y`` and ``- y`` go through ``bwskc.kernels.stream_update`` (Triton on CUDA, torch on CPU,
-``BWSKC_KERNELS`` to force one).
+``BWSKC_KERNELS`` to force one). Which stream a step reads and which it updates is
+``bwskc.runtime.steps``'s rule, shared with the traced twin (``compiled.TracedCouplingFunction``) and the
+unrolled denotation.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 
 from bwskc.ir import Comb, Program, rev_shared
 from bwskc.kernels.dispatch import stream_update  # the steps' add/subtract: Triton kernels on CUDA
+from bwskc.runtime.steps import backward_step, forward_step, inverse_step, step_streams, update_step
 
 # chains of this many steps and more record their last step's graph in forward instead of recomputing it
 # first thing in backward (a shorter chain would store a large share of its activations that way)
@@ -53,10 +56,7 @@ def coupling_functions(program: Program, chain: Comb) -> tuple[Callable, Callabl
         with torch.no_grad():
             a, b = x, x
             for i, f in enumerate(branches(shared)):
-                if i % 2 == 0:
-                    a = a + f(b)
-                else:
-                    b = b + f(a)
+                a, b = forward_step(i, a, b, f)
         return a, b
 
     def inverse(*args):
@@ -64,10 +64,7 @@ def coupling_functions(program: Program, chain: Comb) -> tuple[Callable, Callabl
         with torch.no_grad():
             fs = branches(shared)
             for i in reversed(range(len(fs))):
-                if i % 2 == 0:
-                    a = a - fs[i](b)
-                else:
-                    b = b - fs[i](a)
+                a, b = inverse_step(i, a, b, fs[i](step_streams(i, a, b)[0]))
         return (a,)
     return forward, inverse
 
@@ -85,9 +82,14 @@ class ChainSpec:
     record_drift: bool = False
 
 
-def _autocast_state():
+def autocast_state():
+    """``(device type, enabled, dtype)`` of the autocast in effect: what a recomputation re-enters."""
     dev = "cuda" if torch.cuda.is_available() and torch.is_autocast_enabled("cuda") else "cpu"
     return dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+
+
+def _stream_subtract(stream, y):
+    return stream_update(stream, y, subtract=True)
 
 
 class CouplingFunction(torch.autograd.Function):
@@ -102,29 +104,23 @@ class CouplingFunction(torch.autograd.Function):
         with torch.no_grad():
             for i, f in enumerate(spec.branches[:n - 1] if keep else spec.branches):
                 mine = [tensors[j] for j in spec.tensor_index[i]]
-                if i % 2 == 0:
-                    a = stream_update(a, f(*shared, b, seed, *mine))
-                else:
-                    b = stream_update(b, f(*shared, a, seed, *mine))
+                a, b = forward_step(i, a, b, lambda src: f(*shared, src, seed, *mine), stream_update)
         ctx.kept = None
         if keep:
             # the last step's activations are what backward needs first: recorded now, as revlib keeps
             # its final block, instead of recomputed at once (one branch stored per chain, any depth)
             i = n - 1
-            src_in = (b if i % 2 == 0 else a).detach().requires_grad_(True)
+            src_in = step_streams(i, a, b)[0].detach().requires_grad_(True)
             shared_in = [m.detach().requires_grad_(m.requires_grad) for m in shared]
             mine = [tensors[j] for j in spec.tensor_index[i]]
             with torch.enable_grad():
                 y = spec.branches[i](*shared_in, src_in, seed, *mine)
             with torch.no_grad():
-                if i % 2 == 0:
-                    a = stream_update(a, y.detach())
-                else:
-                    b = stream_update(b, y.detach())
+                a, b = update_step(i, a, b, y.detach(), stream_update)
             ctx.kept = (y, src_in, shared_in, mine)
         if n == 1:
             b = b.clone()  # an output must not be the input itself
-        ctx.spec, ctx.seed, ctx.autocast = spec, seed, _autocast_state()
+        ctx.spec, ctx.seed, ctx.autocast = spec, seed, autocast_state()
         ctx.save_for_backward(a, b, *shared, *tensors)
         return a, b
 
@@ -149,26 +145,17 @@ class CouplingFunction(torch.autograd.Function):
                 kept = None
                 wrt_shared = kept_shared
             else:
-                src = b if i % 2 == 0 else a
-                src_in = src.detach().requires_grad_(True)
+                src_in = step_streams(i, a, b)[0].detach().requires_grad_(True)
                 with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
                     y = f(*shared_in, src_in, ctx.seed, *mine)
                 wrt_shared = shared_in
             with torch.no_grad():  # undo the step: the updated stream loses y again
-                if i % 2 == 0:
-                    a = stream_update(a, y, subtract=True)
-                else:
-                    b = stream_update(b, y, subtract=True)
+                a, b = inverse_step(i, a, b, y, _stream_subtract)
             wrt = [src_in] + [m for m in wrt_shared if m.requires_grad] + [t for t in mine if t.requires_grad]
-            grads = torch.autograd.grad(y, wrt, grad_a if i % 2 == 0 else grad_b, allow_unused=True)
+            grads = torch.autograd.grad(y, wrt, step_streams(i, grad_a, grad_b)[1], allow_unused=True)
             del y
             it = iter(grads)
-            g_src = next(it)
-            if g_src is not None:
-                if i % 2 == 0:
-                    grad_b = grad_b + g_src
-                else:
-                    grad_a = grad_a + g_src
+            grad_a, grad_b = backward_step(i, grad_a, grad_b, next(it))
             for j, m in enumerate(wrt_shared):
                 if m.requires_grad:
                     g = next(it)

@@ -2,20 +2,20 @@
 
 A backend decides what a primitive does (call the ATen op, or emit an fx node) and what a bound tensor
 is (a tensor, or a ``get_attr`` node); the combinators are the same for both. Every value is computed
-once per application, so the fx graph holds exactly one node per primitive application.
+once per application, so the fx graph holds exactly one node per primitive application. What an op
+name and a primitive's arguments are as values (``resolve_op``, ``fill``) is ``bwskc.op_values``'s,
+re-exported here; a coupling chain's steps follow ``bwskc.runtime.steps``.
 """
 from __future__ import annotations
 
 import contextlib
-import operator
 from collections.abc import Callable
-from functools import cache
 from typing import Any
 
-import torch
-
 from bwskc.errors import BwskError
-from bwskc.ir import HOLE, REV_KINDS, Comb, Const, ConstRef, Prim, Program, Ref, TensorRef, rev_shared
+from bwskc.ir import HOLE, REV_KINDS, Comb, Const, Prim, Program, Ref, TensorRef, rev_shared
+from bwskc.op_values import fill, resolve_op  # re-exported: the runtime and the passes import them from here
+from bwskc.runtime.steps import forward_step
 
 _COMB: dict[str, Callable] = {
     "I": lambda x: x,
@@ -26,8 +26,6 @@ _COMB: dict[str, Callable] = {
     "S": lambda f: lambda g: lambda x: f(x)(g(x)),
 }
 
-
-_AS_RESHAPE = ("aten.view.default", "aten._unsafe_view.default")
 
 # Buffer updates. A model exported in training mode mutates buffers (batch norm's running statistics and
 # ``num_batches_tracked``); torch.export's functional graph returns each buffer's new value. Two forms
@@ -62,41 +60,10 @@ def implied_updates(prim: Prim) -> list[tuple[int, int, str]]:
     return out
 
 
-@cache
-def resolve_op(name: str) -> Callable:
-    """The callable for an IR op name: ``aten.add.Tensor`` -> ``torch.ops.aten.add.Tensor``."""
-    if name == "getitem":
-        return operator.getitem
-    if name == "tuple":
-        return lambda *xs: tuple(xs)
-    if name in _AS_RESHAPE:
-        # The IR is functional: a view's meaning is its values, not its strides. torch.export's fake
-        # strides can disagree with a CPU kernel's (T5's attention output), so run views as reshape.
-        return torch.ops.aten.reshape.default
-    # never getattr from torch.ops on an untrusted name: the registry-checked allow-list does it
-    from bwskc.ops import lookup_overload
-    return lookup_overload(name)
-
-
 def sub_prim(add: Prim) -> Prim:
     """``aten.sub.Tensor(_, _)`` of the same type as a coupling chain's combining ``add``: the inverse
     of each coupling step and the ``- x`` of the merge."""
     return Prim("aten.sub.Tensor", (HOLE, HOLE), (), add.type)
-
-
-def fill(args: tuple, operands: list, bound: Callable[[Any], Any]) -> list:
-    """Replace holes by operands (consumed in order) and references by their values; tuples -> lists."""
-    out = []
-    for a in args:
-        if a is HOLE:
-            out.append(operands.pop(0))
-        elif isinstance(a, tuple):
-            out.append(fill(a, operands, bound))
-        elif isinstance(a, (TensorRef, ConstRef)):
-            out.append(bound(a))
-        else:
-            out.append(a)
-    return out
 
 
 class Denoter:
@@ -184,6 +151,9 @@ class Denoter:
         add, sub = t.args[0], sub_prim(t.args[0])
         hook = getattr(self.backend, "rev", None)
 
+        def combine(stream, y):
+            return self.call_prim(add, [stream, y])
+
         def run(shared, x):
             fs = []
             for f in branches:
@@ -195,10 +165,7 @@ class Denoter:
             a = b = x
             for i, f in enumerate(fs):
                 with self.branch_scope(t, i):
-                    if i % 2 == 0:
-                        a = self.call_prim(add, [a, f(b)])
-                    else:
-                        b = self.call_prim(add, [b, f(a)])
+                    a, b = forward_step(i, a, b, f, combine)
             return self.call_prim(add, [a, self.call_prim(sub, [b, x])])
 
         def collect(got):

@@ -1,4 +1,9 @@
-"""The reference interpreter: evaluates a program's terms eagerly on tensors."""
+"""The reference interpreter: evaluates a program's terms eagerly on tensors.
+
+``EagerBackend`` is the denotation's eager backend (each primitive calls its ATen op at once), also used
+by the typing rules, the leaf checks and the coupling evidence; ``Interpreter`` runs a program's entry
+with its bound weights (``program(*args)``), checking the inputs against the entry's types.
+"""
 from __future__ import annotations
 
 import torch
@@ -6,10 +11,13 @@ import torch
 from bwskc._deep import run_deep
 from bwskc.errors import BwskError
 from bwskc.ir import Program, type_of_value
-from bwskc.runtime.denote import Denoter, resolve_op
+from bwskc.op_values import resolve_op
+from bwskc.runtime.denote import Denoter
 
 
 class EagerBackend:
+    """Primitives run at once on tensors; bound tensors are the given weights."""
+
     def __init__(self, weights):
         self.weights = weights
 
