@@ -6,18 +6,21 @@ Exit status: 0 on success, 2 on bad input or usage (one line on stderr, no trace
 Importing this module (and building the parser) imports neither torch nor transformers nor triton:
 each command imports what it needs when it runs, so ``bwskc --help`` starts in a fraction of a second
 (``benchmarks/startup.py`` measures it).
+
+The CLI dispatches to the trainer (``bwskc.train.run``), never the reverse: what both need lives in
+neutral modules, ``bwskc.files`` (atomic writes with the umask's mode) and ``bwskc.command`` (exit
+statuses and one-line errors, ``guarded``).
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import tempfile
-import warnings
 from pathlib import Path
 
-from bwskc.errors import BwskError, IRSyntaxError
+from bwskc.command import guarded, quiet_torch
+from bwskc.errors import BwskError
+from bwskc.files import umask_mode, write_output  # noqa: F401  (also bwskc.cli's, as before)
 
 EMITS = ("ir", "json", "dot", "report")
 
@@ -110,45 +113,6 @@ def _version() -> str:
     return f"bwskc {__version__}"
 
 
-def write_output(text: str, output: str | None) -> None:
-    """Print, or replace OUTPUT atomically (a failure leaves an existing file untouched)."""
-    if output is None:
-        sys.stdout.write(text)
-        return
-    target = Path(output)
-    if target.is_dir():
-        raise BwskError(f"{output}: is a directory")
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise BwskError(f"{output}: directory {directory} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise BwskError(f"{output}: cannot write ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, umask_mode())  # mkstemp makes 0600; the file is the user's, as open() would make it
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def umask_mode(mode: int = 0o666) -> int:
-    """``mode`` less the process's umask: what ``open(path, "w")`` gives a new file (0644 under 022)."""
-    try:  # Linux: read it, rather than set and restore it (which another thread could see)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return mode & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    current = os.umask(0o022)
-    os.umask(current)
-    return mode & ~current
-
-
 def _read_text(path: str) -> str:
     p = Path(path)
     if not p.exists():
@@ -228,55 +192,13 @@ def cmd_check_evidence(args) -> None:
         raise failed
 
 
-def _quiet(torch_logs: bool = True):
-    warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if torch_logs:
-        _quiet_torch()
-
-
-def _quiet_torch():
-    import torch._logging  # torch logs tracebacks of its own before our one-line error
-    torch._logging.set_logs(all=logging.CRITICAL)
-
-
 def main(argv=None) -> int:
     def body():
         args = build_parser().parse_args(argv)
-        _quiet_torch()  # a command runs: torch is imported now, not for --help or a usage error
+        quiet_torch()  # a command runs: torch is imported now, not for --help or a usage error
         {"lower": cmd_lower, "parse": cmd_parse, "train": cmd_train,
          "check-evidence": cmd_check_evidence, "check-gradients": cmd_check_gradients}[args.command](args)
     return guarded(body, torch_logs=False)
-
-
-def guarded(body, torch_logs: bool = True) -> int:
-    """Run ``body`` as a command: 0 on success, one line on stderr and 2 on bad input (1 where the
-    error says so, such as a diverged training run), 1 on an internal error; no traceback.
-    ``torch_logs=False``: the body quiets torch's logs itself, once it knows it needs torch."""
-    _quiet(torch_logs)
-    try:
-        body()
-        return 0
-    except IRSyntaxError as exc:
-        print(f"bwskc: {exc}\n{exc.caret_display()}", file=sys.stderr)
-        return 2
-    except BwskError as exc:
-        if str(exc):  # empty: a child process said it already
-            print(f"bwskc: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
-    except KeyboardInterrupt:
-        print("bwskc: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
-    except Exception as exc:  # an internal error: say so plainly
-        if os.environ.get("BWSKC_DEBUG"):
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"bwskc: internal error: {type(exc).__name__}: {first} (BWSKC_DEBUG=1 shows the "
-              "traceback)", file=sys.stderr)
-        return 1
 
 
 def cmd_check_gradients(args) -> None:

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 
 from bwskc.errors import BwskError
+from bwskc.files import honour_umask, write_text_atomic  # noqa: F401  (ckpt.write_text_atomic)
 
 CHECKPOINT = "checkpoint"
 BWSKC_JSON = "bwskc.json"
@@ -46,22 +47,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` whole: a kill leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def honour_umask(*paths: Path) -> None:
-    """Give files the mode ``open()`` would (0644 under umask 022): safetensors writes through a
-    temporary file and leaves 0600, and the published model and checkpoints are the user's to share."""
-    from bwskc.cli import umask_mode
-    mode = umask_mode()
-    for path in paths:
-        os.chmod(path, mode)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from bwskc.errors import BwskError
-from bwskc.train.checkpoint import write_text_atomic
+from bwskc.files import write_text_atomic
 from bwskc.train.loop import MODE_DIRS
 
 SCHEMA = "bwskc.train/1"

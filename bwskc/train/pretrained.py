@@ -634,7 +634,7 @@ def write_remote_code(variant_dir, task: str | None = None) -> str:
     text = _REMOTE_TEMPLATE.format(what=what, auto=tasks.AUTO_CLASS[task], module=base.__module__,
                                    base=base.__name__, name=name, task=task, mode=meta["mode"],
                                    seed=int(meta.get("seed", 0) or 0))
-    from bwskc.train.checkpoint import write_text_atomic
+    from bwskc.files import write_text_atomic
     write_text_atomic(path / REMOTE_FILE, text)
     config_path = path / "config.json"
     config = json.loads(config_path.read_text())

@@ -461,11 +461,12 @@ def write_error(exc: OSError, where: Path) -> str:
 def _write_runs(args, out: Path, variants, data, prepared, finetune_from, prepare_s: float = 0.0) -> dict:
     from bwskc.train import checkpoint as ckpt
     from bwskc import __version__
+    from bwskc.files import write_text_atomic
     from bwskc.train.output import write_summary
     out.mkdir(parents=True, exist_ok=True)
     if not (out / RUN_MARKER).exists():
-        ckpt.write_text_atomic(out / RUN_MARKER, json.dumps({"schema": "bwskc.train/1",
-                                                             "bwskc": __version__}) + "\n")
+        write_text_atomic(out / RUN_MARKER, json.dumps({"schema": "bwskc.train/1",
+                                                        "bwskc": __version__}) + "\n")
     if prepared is not None:
         data = ckpt.save_data(out, *prepared)
         info = prepared[2]

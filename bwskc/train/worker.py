@@ -20,7 +20,7 @@ RESULTS = "training_results.json"
 
 def run_variant(cfg, world=None, log=None) -> dict:
     """Train one variant; the main rank writes ``training_results.json`` and returns the results."""
-    from bwskc.train.checkpoint import write_text_atomic
+    from bwskc.files import write_text_atomic
     from bwskc.train.loop import Trainer, World
     world = world or World()
     log = log or (lambda message: print(message, flush=True))  # a log file sees progress as it happens
@@ -68,7 +68,7 @@ def _train(config_path: str) -> None:
 
 
 def main(argv=None) -> int:
-    from bwskc.cli import guarded
+    from bwskc.command import guarded
     from bwskc.train import distributed
     args = sys.argv[1:] if argv is None else argv
     where = distributed.supervised()
