@@ -197,3 +197,32 @@ def test_failing_evidence_turns_gray():
     assert v.type == GRAY and "did not collide" in v.extra["rejected"]["why"]
     v = T._checked(dag, Verdict(S, "bogus", "not injective", 0, inverse=lambda y: (y[:, :1],)), result)
     assert v.type == GRAY and "round-trip" in v.extra["rejected"]["why"]
+
+
+# ------------------------------------------------------------------- degrees of freedom of composites
+
+_DOF_CASES = {
+    "shifted sum": lambda x: (x + 1).sum(-1),  # a bijection, then a sum: the sum's count (K, pulled back)
+    "scaled mean": lambda x: (2 * x).mean(-1, keepdim=True),
+    "x * sigmoid(x)": lambda x: x * torch.sigmoid(x),  # a joint product fed twice from x
+    "residual": lambda x: x + torch.tanh(x).sum(-1, keepdim=True),
+    "sum of tanh": lambda x: torch.tanh(x).sum(-1),
+    "centering": lambda x: x - x.mean(-1, keepdim=True),
+}
+
+
+@pytest.mark.parametrize("name", list(_DOF_CASES))
+def test_composite_dof_is_the_jacobian_deficit_or_not_claimed(name):
+    """A composite's ``dof_lost``, where it states one, is the input size minus the rank of the
+    Jacobian at a random point (float64), and never more than the input size; the leaves' counts summed
+    (a joint op fed twice from one value counts its domain twice) is not a count."""
+    shape = (3, 4)
+    _, _, v, fn = entry(_DOF_CASES[name], shape, dtype=torch.float64)
+    if v.dof_lost is None:
+        assert v.type != S
+        return
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    jac = torch.autograd.functional.jacobian(lambda t: fn(t).reshape(-1), x).reshape(-1, x.numel())
+    rank = int(torch.linalg.matrix_rank(jac))
+    assert 0 <= v.dof_lost <= x.numel()
+    assert v.dof_lost == x.numel() - rank, (v.type, v.rule, v.dof_lost, rank)

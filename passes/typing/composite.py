@@ -61,7 +61,7 @@ def _combinator_rules(term: Term, result: TypingResult) -> Verdict:
             return gray("residual", "x + F(x) is injective when F is a contraction (Lip(F) < 1) and "
                         "not in general (F = -x)", "x -> x + F(x) is injective (e.g. Lip(F) < 1)",
                         "a Lipschitz bound on F, or the reversible rewrite (a coupling layer is "
-                        "injective whatever F is)", _dof_sum(term, result))
+                        "injective whatever F is)", None)
         if isinstance(f, Prim) and f.op in _PAIRING:
             return Verdict(S, "pairing", "S f g x = f x (g x) and x -> (x, g x) is injective; f pairs "
                            "its arguments injectively", 0)
@@ -123,18 +123,14 @@ def _structural(term: Term, result: TypingResult) -> Verdict:
         return Verdict(S, "structural", "every leaf is jointly injective and no K discards a value: "
                        "each combinator passes an injective image of its inputs on", 0)
     return gray("composite", "a composite with an erasing or undecided part", "its parts' collisions "
-                "do not survive the combination", "a finer rule for this combinator shape",
-                _dof_sum(term, result))
+                "do not survive the combination", "a finer rule for this combinator shape", None)
 
 
-def _dof_sum(term: Term, result: TypingResult):
-    total = 0
-    for p in prims(term):
-        d = result.leaf_verdict(p).dof_lost
-        if d is None:
-            return None
-        total += d
-    return total
+# Degrees of freedom of composites. The leaves' counts do not add up: a leaf's count is relative to its
+# own inputs, and a joint binary op fed twice from one value (S(mul, sigmoid) x = x * sigmoid(x)) counts
+# a domain twice the composite's. Only a composition whose erasing part is preceded by bijections and
+# followed by injective maps has a count that follows from its parts: the erasing part's (bijections
+# and injective smooth maps keep the generic rank). Everywhere else the count is not derived (None).
 
 
 def _compose(term: Comb, result: TypingResult) -> Verdict:
@@ -163,16 +159,16 @@ def _compose(term: Comb, result: TypingResult) -> Verdict:
         return erasing("B: pulled-back collision", f"component {j + 1} of {len(parts)} erases and the "
                        "maps inside it are bijections, so its collision pulls back", None,
                        "the component's witness mapped back through the inverses inside it",
-                       _dof_sum(term, result))
+                       parts[j].dof_lost)
     if parts[j].type == K:
         return gray("B: erasing after injective", f"component {j + 1} erases, after injective maps that "
                     "are not onto", "its collisions miss the image of the maps inside it",
-                    "the image of the inner maps", _dof_sum(term, result))
+                    "the image of the inner maps", None)
     folded = pointwise_fold(term, result)
     if folded is not None:
         return folded
     return gray("B: undecided part", f"component {j + 1} is GRAY: {parts[j].claim}", parts[j].condition,
-                parts[j].decided_by, _dof_sum(term, result))
+                parts[j].decided_by, None)
 
 
 def _output_only(parts: list[Verdict], args) -> list[Verdict]:
