@@ -8,12 +8,19 @@
    path leaves it and comes back) becomes a definition named after the module (``h.0.attn``); a
    non-convex call is inlined into its parent, its own children still outlined.
 4. Each region is turned into a point-free term by bracket abstraction (``bwskc.abstraction``).
+
+The pieces, in the order ``_lower`` runs them: ``_read_signature`` (declarations, inputs, outputs),
+``_Leaves`` and ``_classify`` (node-by-node translation into leaves; constants versus activations),
+``_ScopeNames`` (definition names for module calls), ``_Regions`` (region assembly, one method per step
+of ``lower_region``: partition, order, interfaces, translate, close; ``_Bindings`` keeps a region's
+substitutions and lets).
 """
 from __future__ import annotations
 
 import operator
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
@@ -44,6 +51,7 @@ from bwskc.ir import (
     Program,
     Ref,
     TensorDecl,
+    Term,
     TensorRef,
     TupleType,
     type_of_value,
@@ -82,89 +90,130 @@ def lower_exported(ep: ExportedProgram, name: str | None = None, *, decompose: b
     if decompose:
         ep = run_decompositions(ep)
     ep = differentiable(ep, owned=decompose)
-    return run_deep(lambda: _Lowerer(ep, name).run())
+    return run_deep(lambda: _lower(ep, name))
 
 
-class _Lowerer:
-    def __init__(self, ep: ExportedProgram, name: str | None):
-        self.ep = ep
-        self.graph = ep.graph
-        self.name = name or _model_name(ep)
-        self.tensors: dict[str, TensorDecl] = {}
-        self.weights: dict[str, torch.Tensor] = {}
-        self.bound: dict[Node, Any] = {}  # placeholder -> TensorRef or literal
-        self.inputs: list[Node] = []
-        self.input_names: list[str] = []
+def _lower(ep: ExportedProgram, name: str | None) -> Program:
+    """The steps in order: signature, constants and activations, scope names, then the entry region."""
+    sig = _read_signature(ep)
+    leaves = _Leaves(sig.bound, {n: i for i, n in enumerate(ep.graph.nodes)})
+    body_nodes = _classify(ep.graph, sig, leaves)
+    scopes = _ScopeNames()
+    chains = {n: scopes.chain(n) for n in body_nodes}
+    regions = _Regions(leaves, chains, scopes.def_names, sig)
+    body = regions.lower_region(body_nodes, sig.inputs, sig.outputs, scope=())
+    in_types = tuple(type_of_value(n.meta["val"]) for n in sig.inputs)
+    out_types = tuple(sig.value_type(o) for o in sig.outputs)
+    entry = Entry(tuple(sig.input_names), in_types, tuple(sig.output_names), out_types, body)
+    return Program(name or _model_name(ep), sig.tensors, leaves.consts, dict(regions.defs), entry,
+                   sig.weights)
+
+
+# ---------------------------------------------------------------------------------------- signature
+@dataclass
+class _Signature:
+    """What the graph signature says: tensor declarations and weights, the placeholders bound to them
+    (or to literals), the user inputs and the entry outputs (user outputs, then buffer updates)."""
+
+    tensors: dict[str, TensorDecl] = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    bound: dict[Node, Any] = field(default_factory=dict)  # placeholder -> TensorRef or literal
+    inputs: list[Node] = field(default_factory=list)
+    input_names: list[str] = field(default_factory=list)
+    outputs: list[Any] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+
+    def value_type(self, v):
+        """The type of an entry output: its tensor declaration's, or its fx value's."""
+        if isinstance(v, Node):
+            if v in self.bound and isinstance(self.bound[v], TensorRef):
+                return self.tensors[self.bound[v].name].type
+            return type_of_value(v.meta["val"])
+        raise BwskError(f"unsupported output {v!r}")
+
+
+def _read_signature(ep: ExportedProgram) -> _Signature:
+    """The program's signature: its inputs (``_read_inputs``), then its outputs (``_read_outputs``)."""
+    sig = _Signature()
+    buffers = _read_inputs(ep, sig)
+    _read_outputs(ep, sig, buffers)
+    return sig
+
+
+def _read_inputs(ep: ExportedProgram, sig: _Signature) -> dict[str, Node]:
+    """Declare tensors, bind placeholders and list the user inputs; returns buffer name -> placeholder."""
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    state = {**ep.state_dict, **ep.constants}
+    placeholder_of: dict[str, Node] = {}
+    for spec in ep.graph_signature.input_specs:
+        node = nodes[spec.arg.name]
+        if spec.kind == InputKind.BUFFER:
+            placeholder_of[spec.target] = node
+        if spec.kind in _KIND:
+            value = state.get(spec.target)
+            val = node.meta.get("val", value)
+            sig.tensors[spec.target] = TensorDecl(_KIND[spec.kind], type_of_value(val))
+            if value is not None:
+                sig.weights[spec.target] = value
+            sig.bound[node] = TensorRef(spec.target)
+        elif spec.kind == InputKind.USER_INPUT:
+            if isinstance(spec.arg, TensorArgument):
+                sig.inputs.append(node)
+                sig.input_names.append(spec.arg.name)
+            elif isinstance(spec.arg, ConstantArgument):
+                sig.bound[node] = _literal(spec.arg.value, node)
+            else:
+                raise BwskError(f"unsupported input {spec.arg} ({type(spec.arg).__name__})")
+        else:
+            raise BwskError(f"unsupported input kind {spec.kind.name} for {spec.arg.name}")
+    return placeholder_of
+
+
+def _read_outputs(ep: ExportedProgram, sig: _Signature, placeholder_of: dict[str, Node]) -> None:
+    """The entry outputs: the user outputs, named from the output pytree, then the buffer updates."""
+    flat = list(ep.graph.output_node().args[0])
+    specs = ep.graph_signature.output_specs
+    sig.outputs = [flat[i] for i, spec in enumerate(specs) if spec.kind == OutputKind.USER_OUTPUT]
+    sig.output_names = _output_names(ep, len(sig.outputs))
+    # buffer updates (batch norm in training mode): those a functional leaf implies need nothing
+    # more; the others become entry outputs ``update:<buffer>`` after the user outputs
+    for i, spec in enumerate(specs):
+        if spec.kind == OutputKind.BUFFER_MUTATION \
+                and not _implied_update(flat[i], placeholder_of.get(spec.target)):
+            sig.outputs.append(flat[i])
+            sig.output_names.append(UPDATE_PREFIX + spec.target)
+
+
+# ------------------------------------------------------------------------------------------- leaves
+def _literal(value, node: Node | None = None):
+    """A literal argument as the IR carries it (lists become tuples); anything else is refused."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_literal(v, node) for v in value)
+    if isinstance(value, _LITERAL_TYPES):
+        return value
+    where = f" in {node.name}" if node is not None else ""
+    raise BwskError(f"cannot lower argument of type {type(value).__name__}{where}")
+
+
+class _Leaves:
+    """Node-by-node translation: an fx call as a primitive leaf with its tensors, constants and literals
+    bound and its activation arguments left as holes; and the constants ``%N`` found so far."""
+
+    def __init__(self, bound: dict[Node, Any], position: dict[Node, int]):
+        self.bound = bound  # placeholder -> TensorRef or literal
+        self.position = position  # node -> index in the graph
+        self.activation: set[Node] = set()
         self.consts: list[Prim] = []
         self.const_index: dict[Node, int] = {}
-        self.defs: OrderedDict[str, Def] = OrderedDict()
-        self.def_names: dict[str, str] = {}  # scope key -> definition name
-        self.next_var = 0
 
-    # ------------------------------------------------------------------------------------ signature
-    def _signature(self):
-        sig = self.ep.graph_signature
-        nodes = {n.name: n for n in self.graph.nodes if n.op == "placeholder"}
-        state = {**self.ep.state_dict, **self.ep.constants}
-        placeholder_of: dict[str, Node] = {}
-        for spec in sig.input_specs:
-            node = nodes[spec.arg.name]
-            if spec.kind == InputKind.BUFFER:
-                placeholder_of[spec.target] = node
-            if spec.kind in _KIND:
-                value = state.get(spec.target)
-                val = node.meta.get("val", value)
-                self.tensors[spec.target] = TensorDecl(_KIND[spec.kind], type_of_value(val))
-                if value is not None:
-                    self.weights[spec.target] = value
-                self.bound[node] = TensorRef(spec.target)
-            elif spec.kind == InputKind.USER_INPUT:
-                if isinstance(spec.arg, TensorArgument):
-                    self.inputs.append(node)
-                    self.input_names.append(spec.arg.name)
-                elif isinstance(spec.arg, ConstantArgument):
-                    self.bound[node] = self._literal(spec.arg.value, node)
-                else:
-                    raise BwskError(f"unsupported input {spec.arg} ({type(spec.arg).__name__})")
-            else:
-                raise BwskError(f"unsupported input kind {spec.kind.name} for {spec.arg.name}")
-        out_node = self.graph.output_node()
-        flat = list(out_node.args[0])
-        self.outputs = [flat[i] for i, spec in enumerate(sig.output_specs)
-                        if spec.kind == OutputKind.USER_OUTPUT]
-        self.output_names = _output_names(self.ep, len(self.outputs))
-        # buffer updates (batch norm in training mode): those a functional leaf implies need nothing
-        # more; the others become entry outputs ``update:<buffer>`` after the user outputs
-        for i, spec in enumerate(sig.output_specs):
-            if spec.kind == OutputKind.BUFFER_MUTATION \
-                    and not _implied_update(flat[i], placeholder_of.get(spec.target)):
-                self.outputs.append(flat[i])
-                self.output_names.append(UPDATE_PREFIX + spec.target)
-
-    # -------------------------------------------------------------------------------------- leaves
-    def _literal(self, value, node: Node | None = None):
-        if isinstance(value, (list, tuple)):
-            return tuple(self._literal(v, node) for v in value)
-        if isinstance(value, _LITERAL_TYPES):
-            return value
-        where = f" in {node.name}" if node is not None else ""
-        raise BwskError(f"cannot lower argument of type {type(value).__name__}{where}")
-
-    def _arg(self, a, operands: list[Node], node: Node):
-        if isinstance(a, Node):
-            if a in self.activation:
-                operands.append(a)
-                return HOLE
-            if a in self.bound:
-                return self.bound[a]
-            if a in self.const_index:
-                return ConstRef(self.const_index[a])
-            raise BwskError(f"{node.name}: argument {a.name} is neither an input nor a constant")
-        if isinstance(a, (list, tuple)):
-            return tuple(self._arg(b, operands, node) for b in a)
-        return self._literal(a, node)
+    def add_constant(self, node: Node) -> None:
+        """Make ``node`` (computed from tensors and literals only) the next constant ``%N``."""
+        prim, _ = self.leaf(node)
+        self.const_index[node] = len(self.consts)
+        self.consts.append(prim)
 
     def leaf(self, node: Node) -> tuple[Prim, list[Node]]:
+        """The node's primitive leaf and its activation operands, in hole order."""
         operands: list[Node] = []
         fx_args = list(node.args)
         if (node.target in _COMMUTATIVE and len(fx_args) == 2 and not node.kwargs
@@ -182,35 +231,56 @@ class _Lowerer:
             raise BwskError(f"{node.name} ({node.target}): no static type ({exc})") from None
         return Prim(op_name(node.target), args, kwargs, typ), operands
 
-    # -------------------------------------------------------------------------------- classification
-    def _classify(self):
-        self.activation: set[Node] = set(self.inputs)
-        self.position = {n: i for i, n in enumerate(self.graph.nodes)}
-        live: list[Node] = []
-        for node in self.graph.nodes:
-            if node.op != "call_function":
-                continue
-            if not node.users and node.meta.get("val") is None:
-                continue  # an assertion (_assert_tensor_metadata and kin): no value, no meaning
-            if any(i in self.activation for i in node.all_input_nodes) or is_random_target(node.target):
-                # a random draw is never a constant: the runtime redraws it per step, keyed on its
-                # site, so that a reversible backward can replay it (bwskc.runtime.random_ops)
-                self.activation.add(node)
-                live.append(node)
-            else:
-                prim, _ = self.leaf(node)
-                self.const_index[node] = len(self.consts)
-                self.consts.append(prim)
-        # drop activation nodes that no output needs (torch.export leaves few; assertions leave some)
-        needed: set[Node] = set()
-        stack = [o for o in self.outputs if isinstance(o, Node)]
-        while stack:
-            n = stack.pop()
-            if n in needed or n not in self.activation:
-                continue
-            needed.add(n)
-            stack.extend(n.all_input_nodes)
-        self.body_nodes = [n for n in live if n in needed]
+    def _arg(self, a, operands: list[Node], node: Node):
+        if isinstance(a, Node):
+            if a in self.activation:
+                operands.append(a)
+                return HOLE
+            if a in self.bound:
+                return self.bound[a]
+            if a in self.const_index:
+                return ConstRef(self.const_index[a])
+            raise BwskError(f"{node.name}: argument {a.name} is neither an input nor a constant")
+        if isinstance(a, (list, tuple)):
+            return tuple(self._arg(b, operands, node) for b in a)
+        return _literal(a, node)
+
+
+def _classify(graph, sig: _Signature, leaves: _Leaves) -> list[Node]:
+    """Each call node an activation or a constant (into ``leaves``); the activations the outputs need."""
+    leaves.activation.update(sig.inputs)
+    live: list[Node] = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if not node.users and node.meta.get("val") is None:
+            continue  # an assertion (_assert_tensor_metadata and kin): no value, no meaning
+        if any(i in leaves.activation for i in node.all_input_nodes) or is_random_target(node.target):
+            # a random draw is never a constant: the runtime redraws it per step, keyed on its
+            # site, so that a reversible backward can replay it (bwskc.runtime.random_ops)
+            leaves.activation.add(node)
+            live.append(node)
+        else:
+            leaves.add_constant(node)
+    # drop activation nodes that no output needs (torch.export leaves few; assertions leave some)
+    needed: set[Node] = set()
+    stack = [o for o in sig.outputs if isinstance(o, Node)]
+    while stack:
+        n = stack.pop()
+        if n in needed or n not in leaves.activation:
+            continue
+        needed.add(n)
+        stack.extend(n.all_input_nodes)
+    return [n for n in live if n in needed]
+
+
+# -------------------------------------------------------------------------------------------- names
+class _ScopeNames:
+    """Definition names for module calls: the module path, ``path@k`` for the module's k-th extra call."""
+
+    def __init__(self):
+        self.def_names: dict[str, str] = {}  # scope key -> definition name
+        self._paths: dict[str, str] = {}  # scope key -> module path
 
     def chain(self, node: Node) -> tuple[str, ...]:
         """Scope keys of the module calls enclosing node, outermost first, the model itself left out."""
@@ -221,32 +291,78 @@ class _Lowerer:
                 continue
             keys.append(key)
             if key not in self.def_names:
-                self._name_scope(key, path)
+                self._name(key, path)
         return tuple(keys)
 
-    def _name_scope(self, key: str, path: str):
-        taken = sum(1 for k in self.scope_paths if self.scope_paths[k] == path)
-        self.scope_paths[key] = path
+    def _name(self, key: str, path: str):
+        taken = sum(1 for k in self._paths if self._paths[k] == path)
+        self._paths[key] = path
         self.def_names[key] = path if taken == 0 else f"{path}@{taken}"
 
-    # ------------------------------------------------------------------------------------- regions
-    def run(self) -> Program:
-        self.scope_paths: dict[str, str] = {}
-        self._signature()
-        self._classify()
-        self.chains = {n: self.chain(n) for n in self.body_nodes}
-        body = self.lower_region(self.body_nodes, self.inputs, self.outputs, scope=(), top=True)
-        in_types = tuple(type_of_value(n.meta["val"]) for n in self.inputs)
-        out_types = tuple(self._value_type(o) for o in self.outputs)
-        entry = Entry(tuple(self.input_names), in_types, tuple(self.output_names), out_types, body)
-        return Program(self.name, self.tensors, self.consts, dict(self.defs), entry, self.weights)
 
-    def _value_type(self, v):
-        if isinstance(v, Node):
-            if v in self.bound and isinstance(self.bound[v], TensorRef):
-                return self.tensors[self.bound[v].name].type
-            return type_of_value(v.meta["val"])
-        raise BwskError(f"unsupported output {v!r}")
+# ------------------------------------------------------------------------------------------ regions
+class _Bindings:
+    """A region's values as abstraction expressions: one used once is substituted into its use, one
+    used more than once (or not at all) is let-bound to a fresh variable."""
+
+    def __init__(self, uses: dict[Node, int], fresh):
+        self.uses = uses
+        self.fresh = fresh
+        self.exprs: dict[Node, Any] = {}
+        self.lets: list[tuple[int, Any]] = []
+
+    def input(self, node: Node) -> int:
+        """A fresh variable for a region input."""
+        v = self.fresh()
+        self.exprs[node] = ab.Var(v)
+        return v
+
+    def bind(self, node: Node, expr) -> None:
+        """``node``'s value is ``expr``: substituted where used once, else let-bound."""
+        if self.uses.get(node, 0) == 1:
+            self.exprs[node] = expr
+        else:
+            v = self.fresh()
+            self.lets.append((v, expr))
+            self.exprs[node] = ab.Var(v)
+
+
+class _Regions:
+    """Region assembly: a region (the model, or a module call) becomes a closed point-free term, and each
+    convex child call in it a definition, lowered first (``defs`` lists callees first)."""
+
+    def __init__(self, leaves: _Leaves, chains: dict[Node, tuple[str, ...]], def_names: dict[str, str],
+                 sig: _Signature):
+        self.leaves = leaves
+        self.chains = chains  # node -> scope keys around it
+        self.def_names = def_names
+        self.sig = sig
+        self.defs: OrderedDict[str, Def] = OrderedDict()
+        self.next_var = 0
+
+    def fresh(self) -> int:
+        """A variable number not used before in the program."""
+        self.next_var += 1
+        return self.next_var
+
+    def lower_region(self, nodes, inputs, outputs, scope) -> Term:
+        """The region's nodes as a term of its inputs to its outputs: the five steps below, in order."""
+        region = set(nodes)
+        groups, own = self._partition(nodes, scope, region)
+        order = self._order(nodes, own, groups)
+        calls, uses = self._interfaces(order, groups, region, outputs)
+        in_vars, b = self._translate(order, calls, uses, inputs, scope)
+        return self._close(outputs, b, in_vars)
+
+    def _partition(self, nodes, scope, region: set) -> tuple[OrderedDict[str, list[Node]], list[Node]]:
+        """1. The child calls (convex ones; a non-convex call is inlined) and the region's own nodes."""
+        inlined: set[str] = set()
+        while True:
+            groups, own = self._groups(nodes, scope, inlined)
+            bad = [k for k, g in groups.items() if not _convex(set(g), region)]
+            if not bad:
+                return groups, own
+            inlined.update(bad)
 
     def _groups(self, nodes, scope, inlined):
         groups: OrderedDict[str, list[Node]] = OrderedDict()
@@ -259,51 +375,40 @@ class _Lowerer:
                 groups.setdefault(child, []).append(n)
         return groups, own
 
-    @staticmethod
-    def _convex(group: set, region: set) -> bool:
-        frontier = [u for g in group for u in g.users if u in region and u not in group]
-        seen = set()
-        while frontier:
-            n = frontier.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            for u in n.users:
-                if u in group:
-                    return False
-                if u in region and u not in seen:
-                    frontier.append(u)
-        return True
-
-    def lower_region(self, nodes, inputs, outputs, scope, top=False):
-        region = set(nodes)
-        inlined: set[str] = set()
-        while True:
-            groups, own = self._groups(nodes, scope, inlined)
-            bad = [k for k, g in groups.items() if not self._convex(set(g), region)]
-            if not bad:
-                break
-            inlined.update(bad)
+    def _order(self, nodes, own, groups) -> list:
+        """2. Units (own nodes and child calls) in a topological order, ties broken by graph position."""
         unit_of: dict[Node, Any] = {n: n for n in own}
         for key, g in groups.items():
             for n in g:
                 unit_of[n] = key
-        order = self._order(nodes, unit_of)
-        out_set = set(o for o in outputs if isinstance(o, Node))
+        position = self.leaves.position
+        first: dict[Any, int] = {}
+        dag = nx.DiGraph()
+        for n in nodes:
+            u = unit_of[n]
+            first.setdefault(u, position[n])
+            dag.add_node(u)
+            for a in n.all_input_nodes:
+                ua = unit_of.get(a)
+                if ua is not None and ua != u:
+                    dag.add_edge(ua, u)
+        return list(nx.lexicographical_topological_sort(dag, key=lambda u: first[u]))
 
-        # use counts decide inlining (one use) versus let-binding (several)
+    def _interfaces(self, order, groups, region: set, outputs) -> tuple[dict, dict[Node, int]]:
+        """3. Each child call's nodes, inputs and outputs, and how often each value is used."""
+        out_set = set(o for o in outputs if isinstance(o, Node))
         uses: dict[Node, int] = {}
         calls = {}
         for unit in order:
             if isinstance(unit, Node):
-                for a in self.leaf(unit)[1]:
+                for a in self.leaves.leaf(unit)[1]:
                     uses[a] = uses.get(a, 0) + 1
             else:
                 g = groups[unit]
                 gset = set(g)
                 ins = sorted({a for n in g for a in n.all_input_nodes
-                              if a in self.activation and a not in gset},
-                             key=self.position.__getitem__)
+                              if a in self.leaves.activation and a not in gset},
+                             key=self.leaves.position.__getitem__)
                 outs = [n for n in g if n in out_set
                         or any(u in region and u not in gset for u in n.users)]
                 calls[unit] = (g, ins, outs)
@@ -312,107 +417,108 @@ class _Lowerer:
         for o in outputs:
             if isinstance(o, Node):
                 uses[o] = uses.get(o, 0) + 1
+        return calls, uses
 
-        exprs: dict[Node, Any] = {}
-        lets: list[tuple[int, Any]] = []
-
-        def fresh() -> int:
-            self.next_var += 1
-            return self.next_var
-
-        def bind(node, expr):
-            if uses.get(node, 0) == 1:
-                exprs[node] = expr
-            else:
-                v = fresh()
-                lets.append((v, expr))
-                exprs[node] = ab.Var(v)
-
-        in_vars = []
-        for n in inputs:
-            v = fresh()
-            in_vars.append(v)
-            exprs[n] = ab.Var(v)
+    def _translate(self, order, calls, uses, inputs, scope) -> tuple[list[int], _Bindings]:
+        """4. Every unit as an expression: a leaf applied to its operands, or a call of a definition."""
+        b = _Bindings(uses, self.fresh)
+        in_vars = [b.input(n) for n in inputs]
         for unit in order:
             if isinstance(unit, Node):
-                prim, operands = self.leaf(unit)
+                prim, operands = self.leaves.leaf(unit)
                 if not operands:  # a random draw (all else without activation operands is a constant)
-                    bind(unit, self._draw_expr(unit, prim, in_vars))
-                    continue
-                bind(unit, ab.apply(ab.Lit(prim), *(exprs[a] for a in operands)))
-                continue
-            g, ins, outs = calls[unit]
-            name = self.def_names[unit]
-            body = self.lower_region(g, ins, outs, scope + (unit,))
-            out_types = [type_of_value(o.meta["val"]) for o in outs]
-            out_type = out_types[0] if len(outs) == 1 else TupleType(tuple(out_types))
-            self.defs[name] = Def(name, tuple(type_of_value(i.meta["val"]) for i in ins), out_type, body)
-            call = ab.apply(ab.Lit(Ref(name)), *(exprs[a] for a in ins))
-            if len(outs) == 1:
-                bind(outs[0], call)
-            else:
-                tv = fresh()
-                lets.append((tv, call))
-                for i, o in enumerate(outs):
-                    bind(o, ab.App(ab.Lit(Prim("getitem", (HOLE, i), (), out_types[i])), ab.Var(tv)))
-
-        if len(outputs) == 1:
-            body = self._output_expr(outputs[0], exprs)
-        else:
-            # constant outputs are bound in the tuple leaf itself, activations are its holes
-            slots, results = [], []
-            for o in outputs:
-                if o in exprs:
-                    slots.append(HOLE)
-                    results.append(exprs[o])
-                elif o in self.const_index:
-                    slots.append(ConstRef(self.const_index[o]))
-                elif isinstance(self.bound.get(o), TensorRef):
-                    slots.append(self.bound[o])
+                    b.bind(unit, _draw_expr(unit, prim, in_vars))
                 else:
-                    raise BwskError(f"unsupported output {o!r}")
-            types = tuple(self._value_type(o) for o in outputs)
-            body = ab.apply(ab.Lit(Prim("tuple", tuple(slots), (), TupleType(types))), *results)
-        for v, e in reversed(lets):
+                    b.bind(unit, ab.apply(ab.Lit(prim), *(b.exprs[a] for a in operands)))
+            else:
+                self._call(unit, calls[unit], b, scope)
+        return in_vars, b
+
+    def _call(self, unit: str, call, b: _Bindings, scope) -> None:
+        """A child call: its definition (lowered now), applied to its inputs, its results bound."""
+        g, ins, outs = call
+        name = self.def_names[unit]
+        body = self.lower_region(g, ins, outs, scope + (unit,))
+        out_types = [type_of_value(o.meta["val"]) for o in outs]
+        out_type = out_types[0] if len(outs) == 1 else TupleType(tuple(out_types))
+        self.defs[name] = Def(name, tuple(type_of_value(i.meta["val"]) for i in ins), out_type, body)
+        call_expr = ab.apply(ab.Lit(Ref(name)), *(b.exprs[a] for a in ins))
+        if len(outs) == 1:
+            b.bind(outs[0], call_expr)
+            return
+        tv = self.fresh()
+        b.lets.append((tv, call_expr))
+        for i, o in enumerate(outs):
+            b.bind(o, ab.App(ab.Lit(Prim("getitem", (HOLE, i), (), out_types[i])), ab.Var(tv)))
+
+    def _close(self, outputs, b: _Bindings, in_vars: list[int]) -> Term:
+        """5. The outputs' expression, wrapped in the region's lets, abstracted over its inputs."""
+        if len(outputs) == 1:
+            body = _output_expr(outputs[0], b.exprs, self.leaves)
+        else:
+            body = _tuple_expr(outputs, b.exprs, self.leaves, self.sig)
+        for v, e in reversed(b.lets):
             body = ab.let(v, e, body)
         for v in reversed(in_vars):
             body = ab.abstract(v, body)
         return ab.to_term(body)
 
-    @staticmethod
-    def _draw_expr(node: Node, prim: Prim, in_vars: list[int]):
-        """A draw with no activation operand (``torch.rand(shape)``) as ``K(draw) x``, x the region's
-        innermost input: a term has no closed application, and the draw must stay in the region (a
-        constant would be computed once and treated as fixed by the analyses). ``K`` ignores x, so
-        the value is the draw, evaluated where the region runs (a recomputed branch draws again,
-        keyed on its site)."""
-        if not in_vars:
-            raise BwskError(f"{node.name} ({node.target}): a random draw in a module call with no "
-                            "activation input cannot be placed")
-        return ab.App(ab.Lit(Comb("K", (prim,))), ab.Var(in_vars[-1]))
 
-    def _output_expr(self, o, exprs):
+def _tuple_expr(outputs, exprs, leaves: _Leaves, sig: _Signature):
+    """Several outputs as one ``tuple`` leaf: constants bound in it, activations its holes."""
+    slots, results = [], []
+    for o in outputs:
         if o in exprs:
-            return exprs[o]
-        if isinstance(o, Node) and o in self.const_index:
-            return ab.Lit(Const(self.const_index[o]))
-        if isinstance(o, Node) and isinstance(self.bound.get(o), TensorRef):
-            return ab.Lit(Ref(self.bound[o].name))
-        raise BwskError(f"unsupported output {o!r}")
+            slots.append(HOLE)
+            results.append(exprs[o])
+        elif o in leaves.const_index:
+            slots.append(ConstRef(leaves.const_index[o]))
+        elif isinstance(leaves.bound.get(o), TensorRef):
+            slots.append(leaves.bound[o])
+        else:
+            raise BwskError(f"unsupported output {o!r}")
+    types = tuple(sig.value_type(o) for o in outputs)
+    return ab.apply(ab.Lit(Prim("tuple", tuple(slots), (), TupleType(types))), *results)
 
-    def _order(self, nodes, unit_of):
-        """Units (own nodes and child calls) in a topological order, ties broken by graph position."""
-        first: dict[Any, int] = {}
-        g = nx.DiGraph()
-        for n in nodes:
-            u = unit_of[n]
-            first.setdefault(u, self.position[n])
-            g.add_node(u)
-            for a in n.all_input_nodes:
-                ua = unit_of.get(a)
-                if ua is not None and ua != u:
-                    g.add_edge(ua, u)
-        return list(nx.lexicographical_topological_sort(g, key=lambda u: first[u]))
+
+def _output_expr(o, exprs, leaves: _Leaves):
+    """One output: its expression, or the constant or tensor it is."""
+    if o in exprs:
+        return exprs[o]
+    if isinstance(o, Node) and o in leaves.const_index:
+        return ab.Lit(Const(leaves.const_index[o]))
+    if isinstance(o, Node) and isinstance(leaves.bound.get(o), TensorRef):
+        return ab.Lit(Ref(leaves.bound[o].name))
+    raise BwskError(f"unsupported output {o!r}")
+
+
+def _convex(group: set, region: set) -> bool:
+    """Whether no path leaves ``group`` and comes back (a search from its outside successors)."""
+    frontier = [u for g in group for u in g.users if u in region and u not in group]
+    seen = set()
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for u in n.users:
+            if u in group:
+                return False
+            if u in region and u not in seen:
+                frontier.append(u)
+    return True
+
+
+def _draw_expr(node: Node, prim: Prim, in_vars: list[int]):
+    """A draw with no activation operand (``torch.rand(shape)``) as ``K(draw) x``, x the region's
+    innermost input: a term has no closed application, and the draw must stay in the region (a
+    constant would be computed once and treated as fixed by the analyses). ``K`` ignores x, so
+    the value is the draw, evaluated where the region runs (a recomputed branch draws again,
+    keyed on its site)."""
+    if not in_vars:
+        raise BwskError(f"{node.name} ({node.target}): a random draw in a module call with no "
+                        "activation input cannot be placed")
+    return ab.App(ab.Lit(Comb("K", (prim,))), ab.Var(in_vars[-1]))
 
 
 def _implied_update(value, buffer: Node | None) -> bool:
