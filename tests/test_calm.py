@@ -1,4 +1,4 @@
-"""CALM coordination analysis (passes/calm.py): every claim is checked by running it.
+"""CALM coordination analysis (passes/calm/): every claim is checked by running it.
 
 A leaf is coordination-free along an axis if ``f(cat(a, b, d)) == cat(f(a), f(b), d')``. The pass gives,
 for every application of a leaf and every axis, a plan: how each operand is cut for a shard and where the
