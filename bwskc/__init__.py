@@ -5,8 +5,8 @@ Public API (see README.md and docs/ARCHITECTURE.md):
 * ``bwskc.lower(model_or_exported_program, example_args=(), example_kwargs=None) -> Program``
 * ``bwskc.parse(text) -> Program``; ``program.text()``; ``==`` is structural equality
 * ``program(*args, **kwargs)`` evaluates the IR eagerly; ``program.to_fx()`` gives a GraphModule
-* ``bwskc.run_passes(program, ["typing", "calm", "fusion", "reversible"]) -> Program`` (analyses in
-  ``.analyses``)
+* ``bwskc.run_passes(program, ["typing", "calm", "fusion", "reversible"], options={...}) -> Program``
+  (analyses in ``.analyses``; the pass manager, ``bwskc.passes.manager``, which ``compile`` also uses)
 * ``bwskc.compile(model, example_args, mode="conventional" | "analyzed" | "reversible")`` -> a trainable
   ``torch.nn.Module`` whose parameters keep the model's state-dict names
 * ``bwskc.load_trained(path)`` -> a variant ``bwskc train`` wrote, as the module it was trained as
@@ -24,6 +24,10 @@ from bwskc.errors import BwskError, IRSyntaxError, VerifyError
 # ``bwskc --help`` and the CLI's argument checks start in a fraction of a second
 
 __version__ = "0.1.0"
+# How programs run: ``bwskc.ir`` has an executor hook (``bwskc.ir.register_executor``) and imports no
+# runtime; this module registers the interpreter and the fx codegen when imported, and the IR imports it
+# on the first ``program(*args)`` or ``program.to_fx()`` if nothing has registered by then.
+DEFAULT_EXECUTOR = "bwskc.runtime"
 __all__ = ["BwskError", "IRSyntaxError", "Program", "VerifyError", "compile", "load_trained", "lower", "parse", "run_passes",
            "verify"]
 MODES = ("conventional", "analyzed", "reversible")
@@ -55,11 +59,13 @@ def parse(text: str, filename: str = "<string>") -> Program:
 
 
 def run_passes(program: Program, passes, *, axes: str | None = None, print_after=(),
-               printer=None) -> Program:
-    """Run named passes (``typing``, ``calm``, ``fusion``) in order, verifying the IR between them; the
-    result carries each analysis in ``program.analyses[name]``. See ``bwskc.passes.manager``."""
+               printer=None, options: dict | None = None) -> Program:
+    """Run named passes (``typing``, ``calm``, ``fusion``, ``reversible``) in order, verifying the IR
+    between them; the result carries each analysis in ``program.analyses[name]``. ``options`` per pass
+    (``{"fusion": {"s_regions": False}}``); ``axes`` is calm's. See ``bwskc.passes.manager``."""
     from bwskc.passes.manager import run_passes as _run
-    return _run(program, passes, options={"axes": axes}, print_after=print_after, printer=printer)
+    return _run(program, passes, options={"axes": axes, **(options or {})}, print_after=print_after,
+                printer=printer)
 
 
 def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str = "conventional",
@@ -131,12 +137,13 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
 
 
 def _reversible_rewrite(program: Program) -> Program:
-    """The chains are all the rewrite needs: fusion without the typing analysis (every term GRAY, so
-    no S-phase is outlined) finds them at a fraction of the cost of the full pipeline."""
-    from bwskc.passes.fusion import fuse
-    from bwskc.passes.reversible import to_reversible
+    """The chains are all the rewrite needs: fusion without the typing analysis (``s_regions=False``:
+    every term GRAY, so no S-phase is outlined) finds them at a fraction of the cost of the full
+    pipeline. Through the pass manager, verified once, after the rewrite."""
+    from bwskc.passes.manager import run_passes as _run
     from bwskc.verify import verify_program
-    program = to_reversible(fuse(program, lambda term: "GRAY"))
+    program = _run(program, ["fusion", "reversible"], options={"fusion": {"s_regions": False}},
+                   verify=False)
     verify_program(program, filename="<after reversible>")
     return program
 

@@ -19,10 +19,16 @@ function of its activation inputs. Terms are built from
 * ``ConstRef``: a reference to a constant value ``%N`` computed from parameters and literals only.
 
 Equality is structural (positions from parsed text are carried but never compared).
+
+Also here: ``reachable_defs``/``walk_terms`` (the definitions and terms a program reaches from its
+entry, following references), the front end's layer naming (``is_layer``, ``layer_of``, ``stack_of``)
+and the executor hook through which ``bwskc.runtime`` runs programs (``register_executor``: this module
+imports nothing from the runtime).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -274,6 +280,15 @@ class TensorDecl:
     type: TensorType
 
 
+# What a pass made a definition for (``Def.role``), set by the pass that creates or rewrites it and
+# tested by the passes that read it; names are for people (``OWNER.residualN``), never matched.
+ROLES: dict[str, str] = {
+    "s_phase": "an S-region the fusion pass outlined (OWNER.phaseN)",
+    "residual": "a maximal residual chain the fusion pass outlined (OWNER.residualN)",
+    "coupling": "a residual chain the reversible pass rewrote into a coupling chain Rk(add, f1, .., fn)",
+}
+
+
 @dataclass(frozen=True)
 class Def:
     """A named definition: a closed term of the given signature.
@@ -281,7 +296,8 @@ class Def:
     ``module`` is the owning module path from ``nn_module_stack`` ('' for the model itself); the name is the
     module path, with ``@k`` for the k-th extra call of the same module. ``kind`` is ``def`` for a module
     call, ``phase`` for a region the fusion pass outlined (its name is ``OWNER.phaseN`` or
-    ``OWNER.residualN``; its module is the owner's).
+    ``OWNER.residualN``; its module is the owner's). ``role`` (one of ``ROLES``, or None) says what a pass
+    made the definition for; the text form prints it as ``{role=residual}`` after the name.
     """
 
     name: str
@@ -290,6 +306,11 @@ class Def:
     body: Term
     pos: Any = field(default=None, compare=False, repr=False)
     kind: str = "def"
+    role: str | None = None
+
+    def __post_init__(self):
+        if self.role is not None and self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r} (known: {', '.join(ROLES)})")
 
     @property
     def module(self) -> str:
@@ -377,12 +398,101 @@ class Program:
                        {k: weights[k] for k in self.tensors}, self.analyses)
 
     def __call__(self, *args, **kwargs):
-        from bwskc.runtime.interp import Interpreter
+        """Evaluate the program eagerly (the registered interpreter: ``bwskc.runtime``'s)."""
         if self._interpreter is None:
-            self._interpreter = Interpreter(self)
+            self._interpreter = executor("interpret")(self)
         return self._interpreter(*args, **kwargs)
 
     def to_fx(self):
-        """A ``torch.fx.GraphModule`` running this program as a flat graph of ATen calls."""
-        from bwskc.runtime.codegen import to_graph_module
-        return to_graph_module(self)
+        """A ``torch.fx.GraphModule`` running this program as a flat graph of ATen calls (the registered
+        codegen: ``bwskc.runtime``'s)."""
+        return executor("to_fx")(self)
+
+
+# ---------------------------------------------------------------------------------- reachable terms
+
+def walk_terms(program: Program, roots: Iterable[Term] | None = None) -> Iterator[tuple[str | None, Term]]:
+    """Every subterm reachable from ``roots`` (default: the entry's body), as ``(scope, term)``: the
+    roots' subterms with scope None, then, following each ``Ref`` to a definition of ``program``, that
+    definition's subterms with its name as scope, each definition walked once (in the order first
+    reached). Pre-order within a body, without recursion. A generator: stop it early to search."""
+    roots = [program.entry.body] if roots is None else list(roots)
+    seen: set[str] = set()
+    stack: list[tuple[str | None, Term]] = [(None, r) for r in reversed(roots)]
+    while stack:
+        scope, body = stack.pop()
+        later = []
+        for t in subterms(body):
+            yield scope, t
+            if isinstance(t, Ref) and t.name in program.defs and t.name not in seen:
+                seen.add(t.name)
+                later.append((t.name, program.defs[t.name].body))
+        stack.extend(reversed(later))
+
+
+def reachable_defs(program: Program, roots: Iterable[Term] | None = None) -> list[str]:
+    """The names of the definitions ``roots`` (default: the entry's body) reach through references,
+    directly or through other definitions, in the order first reached (a root that is a ``Ref`` counts)."""
+    found: list[str] = []
+    seen: set[str] = set()
+    for _, t in walk_terms(program, roots):
+        if isinstance(t, Ref) and t.name in program.defs and t.name not in seen:
+            seen.add(t.name)
+            found.append(t.name)
+    return found
+
+
+# ------------------------------------------------------------------------------- the front end's names
+
+_LAYER_NAME = re.compile(r".+\.[0-9]+")  # a module-list element: ``transformer.h.3``
+_FIRST_LAYER = re.compile(r"^(.*?\.[0-9]+)(\.|$)")  # a module path up to its first numbered component
+_STACK = re.compile(r"(.+?)\.[0-9]+(\.|$)")
+
+
+def is_layer(name: str) -> bool:
+    """Whether a definition's name is a module-list element (``transformer.h.3``, ``layers.0``): one layer
+    of a stack, as the front end names module calls (``bwskc.lowering``)."""
+    return _LAYER_NAME.fullmatch(name) is not None
+
+
+def layer_of(module: str) -> str | None:
+    """The layer a module path belongs to: the path up to its first numbered component
+    (``transformer.h.3`` for ``transformer.h.3.attn.c_attn``), or None if it has none."""
+    m = _FIRST_LAYER.match(module)
+    return m.group(1) if m else None
+
+
+def stack_of(name: str) -> str | None:
+    """The module list a layer belongs to (``encoder.block`` for ``encoder.block.2.layer.1``), or None."""
+    m = _STACK.match(name)
+    return m.group(1) if m else None
+
+
+# ------------------------------------------------------------------------------------- executor hook
+
+_EXECUTORS: dict[str, Callable] = {}
+
+
+def register_executor(*, interpret: Callable[[Program], Callable], to_fx: Callable[[Program], Any]) -> None:
+    """Install how programs run: ``interpret(program)`` gives a callable evaluating it eagerly
+    (``program(*args)``), ``to_fx(program)`` a ``torch.fx.GraphModule`` (``program.to_fx()``).
+    ``bwskc.runtime`` registers its interpreter and codegen when it is imported."""
+    _EXECUTORS.update(interpret=interpret, to_fx=to_fx)
+
+
+def executor(what: str) -> Callable:
+    """The registered ``interpret`` or ``to_fx`` function. If none is registered yet, the package's
+    default provider (``bwskc.DEFAULT_EXECUTOR``, a module name the package root chooses) is imported
+    once, to register itself; a clear error if that leaves none."""
+    if what not in _EXECUTORS:
+        import importlib
+
+        import bwskc
+        provider = getattr(bwskc, "DEFAULT_EXECUTOR", None)
+        if provider:
+            importlib.import_module(provider)
+    if what not in _EXECUTORS:
+        raise RuntimeError(f"no executor registered to {what.replace('_', ' ')} a BWSK program: import "
+                           "bwskc.runtime (it registers the interpreter and the fx codegen), or call "
+                           "bwskc.ir.register_executor")
+    return _EXECUTORS[what]

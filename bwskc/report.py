@@ -1,22 +1,22 @@
 """``--emit report``: per-layer and total tables (markdown, in the seeds' style) of what the passes found:
-S, K and GRAY counts and ratios, degrees of freedom erased per example, barriers per axis, phases."""
+S, K and GRAY counts and ratios, degrees of freedom erased per example, barriers per axis, phases (by
+their role, ``Def.role``: S-phases and residual chains) and the reversible rewrite's chains."""
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 
+from bwskc import ir
 from bwskc.ir import Program, TensorType
 from bwskc.sites import sites
 
-_LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
-
 
 def layer_of(module: str) -> str:
-    """The layer a module belongs to: its path up to the first numbered component (``transformer.h.3``),
-    else its first component (``lm_head``), or ``(model)`` for the model itself and constants."""
-    m = _LAYER.match(module)
-    if m:
-        return m.group(1)
+    """The layer a module belongs to: its path up to the first numbered component (``transformer.h.3``,
+    ``bwskc.ir.layer_of``), else its first component (``lm_head``), or ``(model)`` for the model itself
+    and constants."""
+    layer = ir.layer_of(module)
+    if layer is not None:
+        return layer
     return module.split(".", 1)[0] if module else "(model)"
 
 
@@ -65,7 +65,7 @@ def report(program: Program) -> str:
     if phases:
         out += ["## Phases", "", "| Phase | Kind | Operations |", "|---|---|---|"]
         for d in phases:
-            kind = "residual chain" if ".residual" in d.name else "S-phase"
+            kind = "residual chain" if d.role in ("residual", "coupling") else "S-phase"
             n = sum(1 for s in sites(program) if s.scope == d.name)
             if n == 0 and kind == "residual chain":  # its operations are all in the blocks it calls
                 continue

@@ -1,7 +1,10 @@
 """The IR's text form: a stable printer and a Lark (LALR, strict) parser with one Transformer.
 
 ``parse_program(print_program(p)) == p`` for every program, and printing is deterministic byte for byte.
-Names that are not plain identifiers, or that collide with a keyword, are printed in backquotes.
+Names that are not plain identifiers, or that collide with a keyword, are printed in backquotes. A
+definition's role (``Def.role``, set by the pass that made it) is printed after its name,
+``phase transformer.residual0 {role=residual} : (f32[2,16,64]) -> f32[2,16,64] =``; text without it
+(a definition no pass made, or text older than roles) parses with no role.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from bwskc.grammar import grammar_text
 from bwskc.ir import (
     DTYPE_BY_NAME,
     HOLE,
+    ROLES,
     SCALAR_KINDS,
     Comb,
     Const,
@@ -56,6 +60,7 @@ _MAX_INDENT = 40  # deeper nesting is printed at this indent, so text stays line
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.@]*$")
 KEYWORDS = {"bwsk", "program", "param", "buffer", "constant", "const", "def", "phase", "entry", "B", "C",
             "I", "K", "S", "W", "R", "R1", "R2", "R3", "R4", "True", "False", "None", "inf", "nan", "_"}
+DEF_ATTRIBUTES = ("role",)  # what ``{key=value}`` after a definition's name may set
 _TORCH_ATTRS = {str(v): v for v in [
     *DTYPE_BY_NAME.values(), torch.strided, torch.sparse_coo, torch.sparse_csr, torch._mkldnn,
     torch.contiguous_format, torch.channels_last, torch.channels_last_3d, torch.preserve_format]}
@@ -181,7 +186,8 @@ def _print_program(p: Program) -> str:
     for d in p.defs.values():
         sig = ", ".join(type_text(t) for t in d.inputs)
         keyword = "phase" if d.kind == "phase" else "def"
-        out = [f"{keyword} {name_text(d.name)} : ({sig}) -> {type_text(d.output)} =\n  "]
+        attrs = f" {{role={name_text(d.role)}}}" if d.role is not None else ""
+        out = [f"{keyword} {name_text(d.name)}{attrs} : ({sig}) -> {type_text(d.output)} =\n  "]
         printer.render(d.body, 2, out)
         lines.append("".join(out))
         lines.append("")
@@ -382,12 +388,31 @@ class _ToIR(Transformer_NonRecursive):
         return ("const", _int(tok, "constant"), prim, tok)
 
     @v_args(meta=True, inline=True)
-    def def_(self, meta, name, inputs, output, body):
-        return ("def", Def(_unquote(name), inputs, output, body, pos=_pos(meta)), name)
+    def def_(self, meta, name, attrs, inputs, output, body):
+        return ("def", Def(_unquote(name), inputs, output, body, pos=_pos(meta), **(attrs or {})), name)
 
     @v_args(meta=True, inline=True)
-    def phase_def(self, meta, name, inputs, output, body):
-        return ("def", Def(_unquote(name), inputs, output, body, pos=_pos(meta), kind="phase"), name)
+    def phase_def(self, meta, name, attrs, inputs, output, body):
+        return ("def", Def(_unquote(name), inputs, output, body, pos=_pos(meta), kind="phase",
+                           **(attrs or {})), name)
+
+    def def_attr(self, key, value):
+        return (key, value)
+
+    def def_attrs(self, *items):
+        """``{role=NAME}``: the definition's attributes as ``Def`` keywords (each known, given once)."""
+        out = {}
+        for key, value in items:
+            k, v = _unquote(key), _unquote(value)
+            if k not in DEF_ATTRIBUTES:
+                raise _Semantic(f"unknown definition attribute {_clip(k)!r} (known: "
+                                f"{', '.join(DEF_ATTRIBUTES)})", key)
+            if k in out:
+                raise _Semantic(f"definition attribute {k!r} given twice", key)
+            if k == "role" and v not in ROLES:
+                raise _Semantic(f"unknown role {_clip(v)!r} (known: {', '.join(ROLES)})", value)
+            out[k] = v
+        return out
 
     def type_list(self, *items):
         return tuple(t for t in items if t is not None)

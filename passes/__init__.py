@@ -1,5 +1,7 @@
-"""Passes over the BWSK IR (``bwskc.passes``), one file a pass.
+"""Passes over the BWSK IR (``bwskc.passes``), one module (or package) a pass.
 
-The pass manager, S/K typing, CALM coordination analysis, S-phase fusion and the reversible rewrite
-land here (see the open issues); the IR verifier they run between passes is ``bwskc.verify``.
+``manager`` runs them by name (``REGISTRY``), verifying the IR between them (``bwskc.verify``); the
+passes are ``typing`` (S/K typing), ``calm`` (CALM coordination), ``fusion`` (S-phases and residual
+chains outlined) and ``reversible`` (residual chains to coupling chains). ``residual`` is the symbolic
+reducer fusion and reversible share to recognise residual blocks.
 """

@@ -1,7 +1,10 @@
 """The ``fusion`` pass: maximal S-regions and maximal residual chains become named phases.
 
 A phase is an outlined region: a definition of kind ``phase`` whose body is the region's term, while the
-place the region held becomes a reference to it. Phases are named after the definition they were found
+place the region held becomes a reference to it. The pass marks each phase with its role
+(``Def.role``: ``s_phase`` or ``residual``, printed ``{role=residual}``), which later passes test (the
+``reversible`` pass rewrites the ``residual`` ones); names are for people. The symbolic reduction that
+recognises residual blocks is ``bwskc.passes.residual``. Phases are named after the definition they were found
 in (their *owner*): ``OWNER.phaseN`` for an S-region, ``OWNER.residualN`` for a residual chain, N counting
 from 0 within the owner in the order regions are found (an enclosing region before those inside it).
 Regions found in the entry are owned by ``entry`` (``entry.phase0``); a name already taken is skipped.
@@ -57,7 +60,9 @@ stream passes through, which the symbolic check records; the residual functions 
 stream, and chains inside them are outlined). So GPT-2's ``transformer.h.0`` holds no phase, and
 ``transformer.residual0 = B(h.1, h.0)`` is the one chain, of 4 blocks; a lone chain element that holds
 two blocks or more is a phase by itself (a one-layer GPT-2: ``transformer.residual0 = transformer.h.0``).
-A lone reference to a phase is not outlined again, which makes the pass idempotent.
+A lone reference to a phase is not outlined again, which makes the pass idempotent. A phase without a
+role (text printed before roles existed) whose body is a chain of two blocks or more gets the role
+``residual``.
 
 Subterms are searched everywhere (the arguments of ``S``, ``W``, ``C``, ``K`` and partial ``B``, and
 components not outlined). The pass is linear in the IR size: one type inference per definition, one
@@ -66,7 +71,7 @@ size.
 """
 from __future__ import annotations
 
-import re
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -90,19 +95,24 @@ from bwskc.ir import (
     Term,
     TupleType,
 )
+from bwskc.passes.residual import (  # noqa: F401  (LINK_OPS, POST_OPS, chain_blocks: public here too)
+    LINK_OPS,
+    POST_OPS,
+    RESIDUAL_ADD,
+    Call,
+    OutOfSteps,
+    Reducer,
+    Thunk,
+    Var,
+    chain_and_path,
+    chain_blocks,
+    is_link,
+    is_post_op,
+)
 from bwskc.verify import Fn, Inference, TVar, fn_type
 
-RESIDUAL_ADD = "aten.add.Tensor"
-LINK_OPS = frozenset({"aten.view.default", "aten._unsafe_view.default", "aten.reshape.default",
-                      "aten.clone.default", "aten.alias.default"})
-# normalisations and activations a post-norm or post-activation block applies after its residual add
-POST_OPS = frozenset({"aten.layer_norm.default", "aten.rms_norm.default", "aten.relu.default",
-                      "aten.gelu.default", "aten.silu.default", "aten.tanh.default",
-                      "aten.hardtanh.default", "aten.leaky_relu.default", "aten.elu.default"})
 MAX_SHARED = 4  # extra inputs a conditioned block may take (T5's decoder blocks take 2)
-_STEP_BUDGET = 20_000  # symbolic reduction steps per chain check (well-typed terms always normalise)
 _VALUE_TYPES = (TensorType, TupleType, ScalarType)
-_S_PHASE = re.compile(r".+\.phase[0-9]+")
 
 
 def _is_value(t) -> bool:
@@ -165,218 +175,6 @@ def _arrow(inputs, output):
     for i in reversed(inputs):
         output = Arrow(i, output)
     return output
-
-
-# ---------------------------------------------------------------------- symbolic reduction (blocks)
-
-class _Var:
-    __slots__ = ("type",)
-
-    def __init__(self, type):
-        self.type = type
-
-
-class _Thunk:
-    """``fun args``, unevaluated: ``fun`` is a closed term or a node; reduced once, on demand."""
-
-    __slots__ = ("args", "fun", "value")
-
-    def __init__(self, fun, args=()):
-        self.fun, self.args, self.value = fun, tuple(args), None
-
-
-class _Call:
-    """A primitive applied to all its holes (a value, not reduced further)."""
-
-    __slots__ = ("args", "prim")
-
-    def __init__(self, prim, args):
-        self.prim, self.args = prim, tuple(args)
-
-
-class _Pap:
-    """A term applied to too few arguments (a function value)."""
-
-    __slots__ = ("args", "term")
-
-    def __init__(self, term, args):
-        self.term, self.args = term, tuple(args)
-
-
-class _Stuck:
-    """Something that is not a function application we can reduce (a variable applied, a bound value)."""
-
-    __slots__ = ("args",)
-
-    def __init__(self, args=()):
-        self.args = tuple(args)
-
-
-class _OutOfSteps(Exception):
-    pass
-
-
-def _node(x):
-    return x if isinstance(x, (_Var, _Thunk, _Call, _Pap, _Stuck)) else _Thunk(x)
-
-
-class _Reducer:
-    """Weak-head reduction of combinator terms applied to symbolic values, definitions unfolded."""
-
-    def __init__(self, program: Program):
-        self.defs = program.defs
-        self.steps = 0
-        self.reduced: set[int] = set()  # ids of the combinator terms reduced (the stream's path)
-
-    def whnf(self, n):
-        if not isinstance(n, _Thunk):
-            return n
-        if n.value is None:
-            n.value = self._reduce(n.fun, list(n.args))
-        return n.value
-
-    def _reduce(self, fun, args):
-        while True:
-            self.steps += 1
-            if self.steps > _STEP_BUDGET:
-                raise _OutOfSteps
-            if isinstance(fun, (_Var, _Thunk, _Call, _Pap, _Stuck)):
-                fun = self.whnf(fun)
-                if isinstance(fun, _Pap):
-                    fun, args = fun.term, list(fun.args) + args
-                    continue
-                return fun if not args else _Stuck((fun, *args))
-            if isinstance(fun, Prim):
-                n = fun.arity
-                return _Pap(fun, args) if len(args) < n else (
-                    _Call(fun, args) if len(args) == n else _Stuck(args))
-            if isinstance(fun, Ref) and fun.name in self.defs:
-                if not args:
-                    return _Pap(fun, ())
-                fun = self.defs[fun.name].body
-                continue
-            if not isinstance(fun, Comb):  # a bound tensor or constant used as a value
-                return _Stuck(args)
-            if fun.kind in REV_KINDS:  # a coupling chain is opaque here: not a residual chain of adds
-                return _Stuck(args)
-            self.reduced.add(id(fun))
-            kind, cargs = fun.kind, fun.args
-            if kind == "B" and len(cargs) >= 2:
-                if not args:
-                    return _Pap(fun, ())
-                inner = args[0]
-                for f in reversed(cargs[1:]):
-                    inner = _Thunk(f, (inner,))
-                fun, args = cargs[0], [inner] + args[1:]
-                continue
-            full = [_node(a) for a in cargs] + args
-            need = {"I": 1, "K": 2, "W": 2, "B": 3, "C": 3, "S": 3}[kind]
-            if len(full) < need:
-                return _Pap(fun, args)
-            rest = full[need:]
-            if kind in ("I", "K"):
-                fun, args = full[0], rest
-            elif kind == "W":
-                fun, args = full[0], [full[1], full[1]] + rest
-            elif kind == "B":
-                fun, args = full[0], [_Thunk(full[1], (full[2],))] + rest
-            elif kind == "C":
-                fun, args = full[0], [full[2], full[1]] + rest
-            else:  # S
-                fun, args = full[0], [full[2], _Thunk(full[1], (full[2],))] + rest
-
-
-def _depends(node, target, barrier) -> bool:
-    """Whether ``node`` can reach ``target`` without passing through ``barrier`` (structurally: the
-    arguments a node was built from; terms are closed, so only nodes carry free variables)."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n is barrier or id(n) in seen:
-            continue
-        if n is target:
-            return True
-        seen.add(id(n))
-        if isinstance(n, _Thunk):
-            stack.extend(a for a in (n.fun, *n.args) if not isinstance(a, Term))
-        elif isinstance(n, (_Call, _Pap, _Stuck)):
-            stack.extend(n.args)
-    return False
-
-
-def _value_type(v):
-    return v.type if isinstance(v, _Var) else (v.prim.type if isinstance(v, _Call) else None)
-
-
-def _is_residual_add(p: Prim) -> bool:
-    return (p.op == RESIDUAL_ADD and p.args == (HOLE, HOLE)
-            and all(k == "alpha" and v == 1 and not isinstance(v, bool) for k, v in p.kwargs))
-
-
-def is_post_op(p: Prim) -> bool:
-    """A normalisation or activation applied to the stream right after a residual add (BERT's
-    ``LN(x + F(x))``, ResNet's ``relu(x + F(x))``): a one-input primitive from the stream's type to
-    itself whose other operands (weights, constants) are bound."""
-    return p.op in POST_OPS and p.arity == 1 and isinstance(p.type, TensorType)
-
-
-def _is_link(p: Prim, in_type) -> bool:
-    out = p.type
-    return (p.op in LINK_OPS and p.arity == 1 and isinstance(out, TensorType)
-            and isinstance(in_type, TensorType) and out.dtype == in_type.dtype
-            and out.numel == in_type.numel)
-
-
-def chain_blocks(program: Program, term: Term, inputs: list, stream: int = -1) -> int:
-    """How many residual blocks ``term`` applies to its input number ``stream`` (the last by default;
-    its other inputs are shared by every block), or 0 if it is not a chain: ``term`` applied to fresh
-    variables must reduce to the stream ``x`` through residual adds ``a + t`` (``t`` reaching ``x``
-    only through the stream ``a``) and links."""
-    return _chain(program, term, inputs, stream)[0]
-
-
-def _chain(program: Program, term: Term, inputs: list, stream: int = -1) -> tuple[int, frozenset]:
-    """``chain_blocks`` and the ids of the combinator terms the stream passes through (the residual
-    functions ``t`` are never reduced, so the terms inside them are not among these)."""
-    reducer = _Reducer(program)
-    count = _chain_count(reducer, term, inputs, stream)
-    return count, frozenset(reducer.reduced) if count else frozenset()
-
-
-def _chain_count(reducer: _Reducer, term: Term, inputs: list, stream: int) -> int:
-    args = [_Var(t) for t in inputs]
-    x = args[stream]
-    cur, expect, count, post = _Thunk(term, args), None, 0, False
-    try:
-        while True:
-            v = reducer.whnf(cur)
-            if expect is not None and _value_type(v) != expect:
-                return 0
-            if post and not (isinstance(v, _Call) and _is_residual_add(v.prim)):
-                return 0  # a post-op belongs to the residual add right below it
-            if v is x:
-                return count
-            if not isinstance(v, _Call):
-                return 0
-            p, post = v.prim, False
-            if _is_residual_add(p):
-                a, t = v.args
-                if not _depends(t, x, a):
-                    cur = a
-                elif not _depends(a, x, t):
-                    cur = t
-                else:
-                    return 0
-                count += 1
-                expect = p.type
-            elif is_post_op(p) and v.args and _value_type(reducer.whnf(v.args[0])) == p.type:
-                cur, expect, post = v.args[0], p.type, True
-            elif _is_link(p, _value_type(reducer.whnf(v.args[0])) if v.args else None):
-                cur, expect = v.args[0], None
-            else:
-                return 0
-    except _OutOfSteps:
-        return 0
 
 
 # ------------------------------------------------------------------------------ lifting templates
@@ -470,10 +268,13 @@ class _Fuser:
     def run(self) -> Program:
         defs: dict[str, Def] = {}
         for d in self.program.defs.values():
-            s_phase = d.kind == "phase" and _S_PHASE.fullmatch(d.name) is not None
+            if d.kind == "phase" and d.role is None and len(d.inputs) <= MAX_SHARED + 1 \
+                    and chain_blocks(self.program, Ref(d.name), list(d.inputs)) >= 2:
+                d = dataclasses.replace(d, role="residual")  # a chain outlined before roles existed
+            s_phase = d.role == "s_phase"
             body = self.scope(d.name, d.body, d.inputs, d.output, whole_ok=False, s_on=not s_phase)
             defs.update((p.name, p) for p in self.phases.get(d.name, []))
-            defs[d.name] = d if body is d.body else Def(d.name, d.inputs, d.output, body, d.pos, d.kind)
+            defs[d.name] = d if body is d.body else dataclasses.replace(d, body=body)
         e = self.program.entry
         body = self.scope("entry", e.body, e.inputs, e.output, whole_ok=True)
         defs.update((p.name, p) for p in self.phases.get("entry", []))
@@ -573,7 +374,7 @@ class _Fuser:
 
     @staticmethod
     def is_link(c: Term, ty) -> bool:
-        return isinstance(c, Prim) and _unary(ty) and _is_link(c, ty.arg)
+        return isinstance(c, Prim) and _unary(ty) and is_link(c, ty.arg)
 
     def post_before(self, elem: _Elem | None, c: Term, ty) -> bool:
         """Whether component ``c`` is a post-op (``LN``, ``relu``) applied right after the unconditioned
@@ -582,13 +383,13 @@ class _Fuser:
             return False
         key = id(c)
         if key not in self.post_cache:
-            x = _Var(ty.arg)
-            reducer = _Reducer(self.program)
+            x = Var(ty.arg)
+            reducer = Reducer(self.program)
             try:
-                v = reducer.whnf(_Thunk(c, [x]))
-                ok = isinstance(v, _Call) and is_post_op(v.prim) and len(v.args) == 1 \
+                v = reducer.whnf(Thunk(c, [x]))
+                ok = isinstance(v, Call) and is_post_op(v.prim) and len(v.args) == 1 \
                     and reducer.whnf(v.args[0]) is x
-            except _OutOfSteps:
+            except OutOfSteps:
                 ok = False
             self.post_cache[key] = (c, ok)  # the term is kept alive with its id
         return self.post_cache[key][1]
@@ -637,7 +438,7 @@ class _Fuser:
         key = (term.name, len(inputs), stream) if isinstance(term, Ref) else None
         if key is not None and key in self.chain_cache:
             return self.chain_cache[key]
-        found = _chain(self.program, term, inputs, stream)
+        found = chain_and_path(self.program, term, inputs, stream)
         if key is not None:
             self.chain_cache[key] = found
         return found
@@ -645,15 +446,16 @@ class _Fuser:
     # outlining
     def outline(self, comps, types, kind, elems) -> Term:
         name = self.fresh("residual" if kind == "residual" else "phase")
+        role = "residual" if kind == "residual" else "s_phase"
         k = elems[0].k if kind == "residual" else 0
         if k:  # a conditioned chain: P m.. x = bn m.. (.. (b1 m.. x)), used as lift_k(P) or clift_k(P)
             blocks = [(self.term(e.block, True), e.stream_first) for e in elems]
             self.add_phase(name, elems[0].shared + (elems[-1].stream,), elems[0].output,
-                           _chain_body(blocks, k))
+                           _chain_body(blocks, k), role)
             return _instantiate(_TEMPLATES[(k, elems[-1].lifted)], Ref(name))
         inner = [self.term(c, kind == "residual") for c in comps]
         body = inner[0] if len(inner) == 1 else Comb("B", tuple(inner))
-        self.add_phase(name, (types[-1].arg,), types[0].res, body)
+        self.add_phase(name, (types[-1].arg,), types[0].res, body, role)
         return Ref(name)
 
     def fresh(self, label: str) -> str:
@@ -666,9 +468,9 @@ class _Fuser:
         self.taken.add(name)
         return name
 
-    def add_phase(self, name, inputs, output, body):
+    def add_phase(self, name, inputs, output, body, role):
         self.phases.setdefault(self.owner, []).append(
-            Def(name, tuple(inputs), output, body, kind="phase"))
+            Def(name, tuple(inputs), output, body, kind="phase", role=role))
 
 
 def fuse(program: Program, typing) -> Program:
@@ -678,14 +480,36 @@ def fuse(program: Program, typing) -> Program:
     return run_deep(lambda: _Fuser(program, term_type).run())
 
 
+@dataclass(frozen=True)
+class FusionOptions:
+    """``s_regions``: outline S-regions, which needs the typing analysis (False: residual chains only,
+    every term taken as GRAY, and typing is not required: what the reversible rewrite needs);
+    ``typing``: a typing result (an object with ``term_type``, or such a function) used instead of the
+    ``typing`` analysis (which still runs first)."""
+
+    s_regions: bool = True
+    typing: Any = None
+
+
+def _gray(term: Term) -> str:
+    return "GRAY"
+
+
 class FusionPass(Pass):
     name = "fusion"
     kind = "rewrite"
     requires = ("typing",)
+    Options = FusionOptions
 
-    def rewrite(self, program: Program, options: dict) -> Program:
-        """Options: ``fusion.typing`` replaces the typing analysis (an object with ``term_type``)."""
-        typing = options.get("fusion.typing") or program.analyses.get("typing")
+    def required(self, options) -> tuple[str, ...]:
+        return self.requires if self.options_from(options).s_regions else ()
+
+    def rewrite(self, program: Program, options) -> Program:
+        """``options``: ``FusionOptions`` (or a mapping of its fields)."""
+        options = self.options_from(options)
+        if not options.s_regions:
+            return fuse(program, _gray)
+        typing = options.typing or program.analyses.get("typing")
         if typing is None:
             raise BwskError("the fusion pass needs the typing analysis: run it with --passes typing,fusion")
         return fuse(program, typing)

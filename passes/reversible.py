@@ -1,8 +1,10 @@
 """The ``reversible`` pass: residual chains become two-stream coupling chains ``Rk(add, f1, .., fn)``.
 
-The fusion pass outlines every maximal chain of residual blocks as a phase ``OWNER.residualN`` with
-signature ``(m1 .. mk, x) -> x`` (k shared inputs, such as an attention mask, then the stream). This pass
-reads each such phase symbolically (the reducer the fusion pass uses to recognise blocks): the phase
+The fusion pass outlines every maximal chain of residual blocks as a phase of role ``residual``
+(``Def.role``; named ``OWNER.residualN``) with signature ``(m1 .. mk, x) -> x`` (k shared inputs, such as
+an attention mask, then the stream); a phase this pass rewrites gets the role ``coupling``. This pass
+reads each such phase symbolically (``bwskc.passes.residual``, the reducer the fusion pass uses to
+recognise blocks): the phase
 applied to fresh variables reduces, along its stream, to ``a_n + t_n`` where ``a_n`` is the stream
 after n-1 blocks and ``t_n`` reaches ``x`` only through ``a_n``, and so on down to ``x``, possibly
 through links (reshapes and copies). Each ``t_i`` is read back into a term and abstracted over its
@@ -38,7 +40,7 @@ projection shortcut or a stride-2 block are boundaries).
 """
 from __future__ import annotations
 
-import re
+import dataclasses
 from dataclasses import dataclass, field
 
 from bwskc import abstraction as ab
@@ -55,27 +57,27 @@ from bwskc.ir import (
     Term,
     TensorType,
     TupleType,
+    is_layer,
+    reachable_defs,
+    stack_of,
     subterms,
-)
-from bwskc.passes.fusion import (
-    _Call,
-    _depends,
-    _is_link,
-    _is_residual_add,
-    _OutOfSteps,
-    is_post_op,
-    _Pap,
-    _Reducer,
-    _Stuck,
-    _Thunk,
-    _value_type,
-    _Var,
+    walk_terms,
 )
 from bwskc.passes.manager import Pass
-
-_RESIDUAL_PHASE = re.compile(r".+\.residual[0-9]+")
-_LAYER = re.compile(r".+\.[0-9]+")  # a module-list element: one layer of a stack
-
+from bwskc.passes.residual import (
+    Call,
+    OutOfSteps,
+    Pap,
+    Reducer,
+    Stuck,
+    Thunk,
+    Var,
+    depends,
+    is_link,
+    is_post_op,
+    is_residual_add,
+    value_type,
+)
 
 class NotLowered(Exception):
     """Why a residual chain cannot become a coupling chain (reported, never raised to the user)."""
@@ -114,19 +116,19 @@ class _Readback:
             return self.env[id(n)]
         if isinstance(n, Term):
             return ab.Lit(n)
-        if isinstance(n, _Var):
+        if isinstance(n, Var):
             raise NotLowered("a branch reads the stream other than through its block's input")
-        if isinstance(n, _Call) or (isinstance(n, _Thunk) and n.args):  # a computation, not a term
+        if isinstance(n, Call) or (isinstance(n, Thunk) and n.args):  # a computation, not a term
             if id(n) in self.seen:  # reading it twice would compute it twice
                 raise NotLowered("a branch shares a computation between two uses")
             self.seen.add(id(n))
-        if isinstance(n, _Thunk):
+        if isinstance(n, Thunk):
             return ab.apply(self.read(n.fun), *[self.read(a) for a in n.args])
-        if isinstance(n, _Call):
+        if isinstance(n, Call):
             return ab.apply(ab.Lit(n.prim), *[self.read(a) for a in n.args])
-        if isinstance(n, _Pap):
+        if isinstance(n, Pap):
             return ab.apply(ab.Lit(n.term), *[self.read(a) for a in n.args])
-        if isinstance(n, _Stuck) and n.args:
+        if isinstance(n, Stuck) and n.args:
             return ab.apply(self.read(n.args[0]), *[self.read(a) for a in n.args[1:]])
         raise NotLowered(f"a branch holds a value that is not a term ({type(n).__name__})")
 
@@ -139,7 +141,7 @@ class _Block:
     post: Prim | None = None  # a post-norm or post-activation T applied after the add: T(x + F(x))
 
 
-def branch_term(block: _Block, shared: list[_Var], stream_type: TensorType, pre: Prim | None = None) -> Term:
+def branch_term(block: _Block, shared: list[Var], stream_type: TensorType, pre: Prim | None = None) -> Term:
     """``\\m.. s. t[a := s]``, conjugated by reshapes when the block ran on a reshaped stream; with
     ``pre`` (the previous block's post-op T), ``\\m.. s. t[a := T s]``: the branch reads the stream
     through T, which the skip path no longer applies."""
@@ -176,31 +178,16 @@ def sequential_term(chain: Comb) -> Term:
 
 # ------------------------------------------------------------------------------------------ the pass
 
-def _reachable(program: Program) -> set[str]:
-    return _reachable_from(program, [program.entry.body])
-
-
-def _reachable_from(program: Program, roots) -> set[str]:
-    seen: set[str] = set()
-    stack = list(roots)
-    while stack:
-        for t in subterms(stack.pop()):
-            if isinstance(t, Ref) and t.name in program.defs and t.name not in seen:
-                seen.add(t.name)
-                stack.append(program.defs[t.name].body)
-    return seen
-
-
 def _residual_sites(program: Program, names) -> list[dict]:
     """Residual adds ``S(add, F)`` in the definitions ``names`` that no chain holds, with a reason."""
     out = []
     for name in names:
         d = program.defs[name]
-        if d.kind == "phase" and _RESIDUAL_PHASE.fullmatch(name):
+        if d.role in ("residual", "coupling"):
             continue
         for t in subterms(d.body):
             if isinstance(t, Comb) and t.kind == "S" and len(t.args) == 2 and isinstance(t.args[0], Prim) \
-                    and _is_residual_add(t.args[0]) and _reads_parameters(program, t.args[1]):
+                    and is_residual_add(t.args[0]) and _reads_parameters(program, t.args[1]):
                 out.append({"where": name, "reason": _why_not(d)})
                 break
     return out
@@ -209,16 +196,8 @@ def _residual_sites(program: Program, names) -> list[dict]:
 def _reads_parameters(program: Program, term: Term) -> bool:
     """Whether a residual function has weights (GELU's ``x + 0.044715 x^3`` is an add of that shape, not
     a residual block)."""
-    seen: set[str] = set()
-    stack = [term]
-    while stack:
-        for t in subterms(stack.pop()):
-            if isinstance(t, Prim) and any(True for _ in t.tensor_refs()):
-                return True
-            if isinstance(t, Ref) and t.name in program.defs and t.name not in seen:
-                seen.add(t.name)
-                stack.append(program.defs[t.name].body)
-    return False
+    return any(isinstance(t, Prim) and any(True for _ in t.tensor_refs())
+               for _, t in walk_terms(program, [term]))
 
 
 def _why_not(d: Def) -> str:
@@ -235,10 +214,13 @@ def _why_not(d: Def) -> str:
 
 
 def to_reversible(program: Program) -> Program:
+    """``program`` with every phase of role ``residual`` that can be coupled rewritten into a coupling
+    chain (its role then ``coupling``), the definitions only those chains used dropped, and
+    ``analyses["reversible"]`` a ``ReversibleReport`` of what was lowered and what was not, and why."""
     report = ReversibleReport()
     defs = dict(program.defs)
     for name, d in program.defs.items():
-        if d.kind != "phase" or not _RESIDUAL_PHASE.fullmatch(name):
+        if d.role != "residual":
             continue
         if isinstance(d.body, Comb) and d.body.kind in REV_KINDS:
             continue  # already coupled (the pass is idempotent)
@@ -251,18 +233,18 @@ def to_reversible(program: Program) -> Program:
         n = len(chain.args) - 1
         report.chains.append({"name": name, "blocks": n, "couplings": (n + 1) // 2,
                               "shared": len(d.inputs) - 1})
-        defs[name] = Def(name, d.inputs, d.output, body, d.pos, d.kind)
-    before = _reachable(program)
+        defs[name] = dataclasses.replace(d, body=body, role="coupling")
+    before = set(reachable_defs(program))
     out = program.replace(defs=defs)
-    after = _reachable(out)
+    after = set(reachable_defs(out))
     # definitions only the replaced chains used (the blocks' own wrappers) are dropped
     out = out.replace(defs={n: d for n, d in defs.items() if n in after or n not in before})
     report.not_lowered.extend(_residual_sites(out, [n for n in out.defs if n in after]))
     reported = {r["where"] for r in report.not_lowered}
-    in_chains = _reachable_from(out, [Ref(c["name"]) for c in report.chains])
+    in_chains = set(reachable_defs(out, [Ref(c["name"]) for c in report.chains]))
     for n in out.defs:  # module-list layers outside every chain (and not inside a branch)
         if n in after and n not in reported | in_chains and out.defs[n].kind == "def" \
-                and _LAYER.fullmatch(n):
+                and is_layer(n):
             report.not_lowered.append({"where": n, "reason": (
                 "not a residual block in a chain (a projection or stride-2 block, a lone block, or "
                 "no skip connection): kept, and checkpointed in reversible mode")})
@@ -278,29 +260,29 @@ def side_outputs(program: Program, d: Def) -> list | None:
     logits: Switch Transformers exported with ``output_router_logits``); None otherwise."""
     if not d.inputs or not isinstance(d.output, TupleType):
         return None
-    reducer = _Reducer(program)
-    args = [_Var(t) for t in d.inputs]
+    reducer = Reducer(program)
+    args = [Var(t) for t in d.inputs]
     x = args[-1]
 
     def value(n):
         v = reducer.whnf(n)
-        while isinstance(v, _Call) and v.prim.op == "getitem" and len(v.args) == 1 \
+        while isinstance(v, Call) and v.prim.op == "getitem" and len(v.args) == 1 \
                 and len(v.prim.args) == 2 and isinstance(v.prim.args[1], int):
             inner = reducer.whnf(v.args[0])
-            if not (isinstance(inner, _Call) and inner.prim.op == "tuple"):
+            if not (isinstance(inner, Call) and inner.prim.op == "tuple"):
                 break
             v = reducer.whnf(inner.args[v.prim.args[1]])
         return v
     try:
-        v = value(_Thunk(Ref(d.name), args))
-        if not (isinstance(v, _Call) and v.prim.op == "tuple"):
+        v = value(Thunk(Ref(d.name), args))
+        if not (isinstance(v, Call) and v.prim.op == "tuple"):
             return None
         items = [value(a) for a in v.args]
-    except (_OutOfSteps, IndexError):
+    except (OutOfSteps, IndexError):
         return None
     for i, it in enumerate(items):
-        if isinstance(it, _Call) and _is_residual_add(it.prim) and it.prim.type == d.inputs[-1] \
-                and any(_depends(o, x, None) for o in it.args):
+        if isinstance(it, Call) and is_residual_add(it.prim) and it.prim.type == d.inputs[-1] \
+                and any(depends(o, x, None) for o in it.args):
             return [t for j, t in enumerate(d.output.items) if j != i]
     return None
 
@@ -316,7 +298,7 @@ def _explain_side_outputs(program: Program, report: ReversibleReport, in_chains:
                 sides[n] = found
     if not sides:
         return
-    layers = sorted(n for n in sides if _LAYER.fullmatch(n) and not any(
+    layers = sorted(n for n in sides if is_layer(n) and not any(
         n != o and n.startswith(o + ".") for o in sides))  # the outermost: the stack's layers
     for r in report.not_lowered:
         n = r["where"]
@@ -327,25 +309,19 @@ def _explain_side_outputs(program: Program, report: ReversibleReport, in_chains:
                            "to the stream (Rk's s -> s), with no place for values that leave the chain, "
                            "so the chain ends before it")
             continue
-        stack = _stack(n)
-        breakers = [o for o in layers if stack is not None and _stack(o) == stack]
+        stack = stack_of(n)
+        breakers = [o for o in layers if stack is not None and stack_of(o) == stack]
         if breakers:
             r["reason"] += ("; the chain of its stack is broken by the blocks that return side outputs "
                             f"besides their stream ({', '.join(breakers)}): the stream between them reaches "
                             "each next block through a tuple projection")
 
 
-def _stack(name: str) -> str | None:
-    """The module list a layer belongs to (``encoder.block`` for ``encoder.block.2.layer.1``)."""
-    m = re.match(r"(.+?)\.[0-9]+(\.|$)", name)
-    return m.group(1) if m else None
-
-
 def _coupling_body(program: Program, d: Def) -> Term:
     inputs = list(d.inputs)
     k = len(inputs) - 1
-    reducer = _Reducer(program)
-    args = [_Var(t) for t in inputs]
+    reducer = Reducer(program)
+    args = [Var(t) for t in inputs]
     x = args[-1]
     blocks = _walk(reducer, d.body, args, x)
     if len(blocks) < 2:
@@ -389,56 +365,57 @@ def unreplayable_draw(program: Program, term: Term) -> str | None:
     """The first random op ``term`` applies (through the definitions it calls) that the runtime cannot
     draw again exactly, with why; None if there is none."""
     from bwskc.runtime.random_ops import unreplayable_reason
-    seen: set[str] = set()
-    stack = [term]
-    while stack:
-        for t in subterms(stack.pop()):
-            if isinstance(t, Prim):
-                reason = unreplayable_reason(t.op, t.args, t.kwargs)
-                if reason is not None:
-                    return reason
-            if isinstance(t, Ref) and t.name in program.defs and t.name not in seen:
-                seen.add(t.name)
-                stack.append(program.defs[t.name].body)
+    for _, t in walk_terms(program, [term]):
+        if isinstance(t, Prim):
+            reason = unreplayable_reason(t.op, t.args, t.kwargs)
+            if reason is not None:
+                return reason
     return None
 
 
-def _walk(reducer: _Reducer, body: Term, args: list, x) -> list[_Block]:
-    cur, blocks, post = _Thunk(body, args), [], None
+def _walk(reducer: Reducer, body: Term, args: list, x) -> list[_Block]:
+    cur, blocks, post = Thunk(body, args), [], None
     try:
         while True:
             v = reducer.whnf(cur)
-            if post is not None and not (isinstance(v, _Call) and _is_residual_add(v.prim)):
+            if post is not None and not (isinstance(v, Call) and is_residual_add(v.prim)):
                 raise NotLowered(f"{post.op} on the stream is not right after a residual add")
             if v is x:
                 return blocks[::-1]
-            if not isinstance(v, _Call):
+            if not isinstance(v, Call):
                 raise NotLowered("the stream does not reduce to residual adds and reshapes")
             p = v.prim
-            if _is_residual_add(p):
+            if is_residual_add(p):
                 a, t = v.args
-                if _depends(t, x, a):
+                if depends(t, x, a):
                     a, t = t, a
-                    if _depends(t, x, a):
+                    if depends(t, x, a):
                         raise NotLowered("both operands of a residual add read the stream")
                 blocks.append(_Block(a, t, p.type, post))
                 cur, post = a, None
             elif is_post_op(p) and v.args:
                 cur, post = v.args[0], p
-            elif v.args and _is_link(p, _value_type(reducer.whnf(v.args[0]))):
+            elif v.args and is_link(p, value_type(reducer.whnf(v.args[0]))):
                 cur = v.args[0]
             else:
                 raise NotLowered(f"{p.op} on the stream is neither a residual add nor a reshape")
-    except _OutOfSteps:
+    except OutOfSteps:
         raise NotLowered("the chain is too large to read symbolically") from None
+
+
+@dataclass(frozen=True)
+class ReversibleOptions:
+    """The reversible pass takes no options yet (any given is an error naming it)."""
 
 
 class ReversiblePass(Pass):
     name = "reversible"
     kind = "rewrite"
     requires = ("fusion",)
+    Options = ReversibleOptions
 
-    def rewrite(self, program: Program, options: dict) -> Program:
+    def rewrite(self, program: Program, options) -> Program:
+        self.options_from(options)
         return to_reversible(program)
 
 
