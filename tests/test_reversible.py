@@ -254,6 +254,34 @@ def test_post_norm_chain_is_the_documented_revnet_construction(n, post, seed):
         torch.testing.assert_close(rev(x), want, rtol=1e-5, atol=1e-5)
 
 
+def test_coupling_steps_alternate_invert_and_carry_gradients():
+    """``bwskc.runtime.steps``, the one place the alternation is written: step 0 updates ``a`` from
+    ``b``, step 1 ``b`` from ``a``; inverse steps walked backwards give ``x`` twice; and backward steps
+    (the destination's gradient as the branch's cotangent, its input gradient added to the source's)
+    give autograd's gradient of ``a + b``."""
+    from bwskc.runtime.steps import backward_step, forward_step, inverse_step, step_streams
+    assert step_streams(0, "a", "b") == ("b", "a") and step_streams(1, "a", "b") == ("a", "b")
+    torch.manual_seed(0)
+    ws = [torch.randn(4, 4, dtype=torch.float64) for _ in range(3)]
+    fs = [lambda v, w=w: torch.tanh(v @ w) for w in ws]
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    a, b = x, x
+    for i, f in enumerate(fs):
+        a, b = forward_step(i, a, b, f)
+    want = torch.autograd.grad((a + b).sum(), x)[0]
+    a, b = a.detach(), b.detach()
+    ga, gb = torch.ones_like(a), torch.ones_like(b)
+    for i in reversed(range(len(fs))):
+        src = step_streams(i, a, b)[0].detach().requires_grad_(True)
+        y = fs[i](src)
+        a, b = inverse_step(i, a, b, y.detach())
+        g_src = torch.autograd.grad(y, src, step_streams(i, ga, gb)[1])[0]
+        ga, gb = backward_step(i, ga, gb, g_src)
+    torch.testing.assert_close(a, x.detach())
+    torch.testing.assert_close(b, x.detach())
+    torch.testing.assert_close(ga + gb, want)
+
+
 # ---------------------------------------------------------------------------------- the rewrite
 
 @pytest.mark.parametrize("name", ["gpt2", "pythia", "opt", "llama", "t5", "switch", "vit", "mamba", "bert"])
