@@ -30,9 +30,6 @@ import statistics
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-
 BACKENDS = ("eager", "inductor", "aot_eager")
 MODES = ("conventional", "reversible")
 
@@ -46,7 +43,7 @@ def build(blocks: int, d: int, heads: int, seq: int, batch: int):
 
     import bwskc
     from bwskc.frontend import default_inputs
-    from conftest import ZOO_SPECS
+    from bwskc.testing import ZOO_SPECS
     _, config_cls, kwargs = ZOO_SPECS["gpt2"]
     kwargs = dict(kwargs, n_layer=max(1, blocks // 2), n_embd=d, n_head=heads, n_positions=max(seq, 64),
                   resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -34,8 +33,6 @@ if not GPU:  # must precede triton's first import: the CPU smoke run goes throug
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from bwskc.kernels import coupling as K  # noqa: E402
 from bwskc.kernels import reference as ref  # noqa: E402
@@ -151,9 +148,18 @@ def _smoke(ops, x, f, g, b, s):
             torch.testing.assert_close(a, w, rtol=2e-2, atol=5e-2)
 
 
+def _load(name: str):
+    """A sibling benchmark script as a module, without putting benchmarks/ on sys.path."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(HERE, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def end_to_end(seq: int, batch: int, repeats: int):
     """Step time of reversible (kernels and torch seam), conventional and checkpointing, one process."""
-    from memory import setup
+    setup = _load("memory").setup
     blocks, extra = (48, GPT2_MEDIUM) if GPU else (4, dict(n_embd=32, n_head=2, n_positions=64))
     seq, batch = (seq, batch) if GPU else (8, 1)
     print(f"# end to end: GPT-2 {'medium size' if GPU else 'tiny (smoke)'}, {blocks} blocks, seq {seq}, "

@@ -40,8 +40,6 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 FAMILIES = {  # name -> (layers per block count, seq, hidden) on top of the zoo's tiny configs
     "gpt2": dict(depth=("n_layer",), per_layer=2, extra=dict(n_embd=256, n_head=4, n_positions=256)),
@@ -84,7 +82,7 @@ def setup(name: str, blocks: int, seq: int, batch: int, device: str = "cpu", ext
 
     import bwskc
     from bwskc.frontend import default_inputs
-    from conftest import ZOO_SPECS
+    from bwskc.testing import ZOO_SPECS
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     fam = FAMILIES[name]
     model_cls, config_cls, kwargs = ZOO_SPECS[name]
@@ -245,7 +243,7 @@ def init_diff() -> list[dict]:
 
     import bwskc
     from bwskc.frontend import default_inputs
-    from conftest import ZOO_SPECS, build_zoo_model
+    from bwskc.testing import ZOO_SPECS, build_zoo_model
     rows = []
     for name in ZOO_SPECS:
         model = build_zoo_model(name)

@@ -5,20 +5,17 @@ prototype's S ratios, with the operations that account for the erasure.
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from collections import Counter
-from pathlib import Path
 
 warnings.filterwarnings("ignore")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 PROTOTYPE = {"gpt2": 60.8, "pythia": 67.0, "bert": 67.3, "t5": 70.5, "opt": 89.1, "switch": 52.6,
              "vit": 72.1, "mamba": 86.0}
 
 
 def main():
-    from conftest import ZOO_NAMES, lower_zoo_model
+    from bwskc.testing import ZOO_NAMES, lower_zoo_model
 
     from bwskc.passes.manager import run_passes
     print("| Model | Prototype S | bwskc S | bwskc K | bwskc GRAY | ops | most frequent K ops | GRAY ops |")

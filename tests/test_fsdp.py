@@ -19,9 +19,7 @@ import torch
 
 from bwskc.cli import main
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from test_train import _args, _corpus, _metrics  # noqa: E402
+from test_train import _args, _corpus, _metrics  # tests/: pytest's rootdir, or this script's own directory
 
 # a tiny GPT-2, dropout on (the masks are counter-based: each rank draws its rows' slice)
 GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64, "vocab_size": 300,

@@ -1,4 +1,4 @@
-"""The model zoo (tiny configurations, random weights; see conftest.py): each model lowers, round-trips
+"""The model zoo (tiny configurations, random weights; see bwskc/testing.py): each model lowers, round-trips
 through the text form, names its parameters and definitions after the model, and evaluates equal to eager
 (float32, relative error <= 1e-5) through both the interpreter and the fx codegen.
 
@@ -18,7 +18,7 @@ from bwskc.frontend import load_model
 from bwskc.ir import Comb, Prim
 from bwskc.lowering import lower_exported
 from bwskc.text import term_text
-from conftest import ZOO_NAMES, build_zoo_model, lower_zoo_model
+from bwskc.testing import ZOO_NAMES, build_zoo_model, lower_zoo_model
 
 REL_TOL = 1e-5
 
