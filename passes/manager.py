@@ -251,7 +251,9 @@ def _call(p: Pass, method, program: Program, options):
             exc.args = (prefix + message,) + exc.args[1:]
         raise
     except Exception as exc:
-        failed = BwskError(f"{prefix}internal error: {type(exc).__name__}: {exc}")
+        lines = str(exc).strip().splitlines() or [""]  # one line (the CLI's rule); the rest is chained
+        more = " (...)" if len(lines) > 1 else ""
+        failed = BwskError(f"{prefix}internal error: {type(exc).__name__}: {lines[0]}{more}")
         failed.exit_code = 1  # a bug, not bad input (the CLI's code for an internal error)
         raise failed from exc
 

@@ -382,3 +382,28 @@ def test_cli_reports_the_failing_pass(monkeypatch, block_file, capsys):
     monkeypatch.setattr("bwskc.cli.pass_names", lambda: list(manager.REGISTRY))
     assert main(["lower", block_file, "--passes", "fails"]) == 2
     assert "pass 'fails' failed: no chain here" in capsys.readouterr().err
+
+
+def test_random_programs_with_roles_round_trip():
+    import dataclasses
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from test_text_roundtrip import _Builder, _check_round_trip
+
+    from bwskc.ir import ROLES, Program
+    from bwskc.verify import verify_program
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.data())
+    def check(data):
+        p = _Builder(data).program()
+        marks = data.draw(st.lists(st.tuples(st.sampled_from(["def", "phase"]),
+                                             st.sampled_from([None, *ROLES])),
+                                   min_size=len(p.defs), max_size=len(p.defs)))
+        defs = {n: dataclasses.replace(d, kind=k, role=r) for (n, d), (k, r) in zip(p.defs.items(), marks)}
+        q = Program(p.name, p.tensors, p.consts, defs, p.entry)
+        verify_program(q)
+        back = _check_round_trip(q)
+        assert [(d.kind, d.role) for d in back.defs.values()] == marks
+    check()
