@@ -87,7 +87,7 @@ def encode_call(p, holes) -> dict:
 def _claim_weights(program: Program, ns: list[dict]) -> dict:
     """The bound tensors that typed claims read, written out while they total at most
     ``WEIGHT_EMBED_LIMIT`` elements (smallest first); the rest are named by claims as not at hand."""
-    from bwskc.check_evidence import encode_tensor
+    from bwskc.evidence_codec import encode_tensor
     names = set()
     for n in ns:
         if n.get("type") in ("S", "K"):

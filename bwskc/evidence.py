@@ -221,7 +221,7 @@ def _first_line(exc: Exception) -> str:
 # --------------------------------------------------------------------------------------- K: witnesses
 
 def _evaluate_witness(leaf, verdict: Verdict, seed: int) -> Verdict:
-    from bwskc.check_evidence import max_abs_diff, number
+    from bwskc.evidence_codec import max_abs_diff, number
     try:
         a, b, replay = seeded_witness(verdict, torch.Generator().manual_seed(seed))
         if not inputs_differ(a, b):
@@ -258,7 +258,7 @@ def _domain(domain, f64: dict) -> dict:
 
 def _float64_collision(leaf, a, b, replay) -> dict:
     """The witness with its floating inputs and bound tensors in float64 (where the op runs so)."""
-    from bwskc.check_evidence import max_abs_diff, number
+    from bwskc.evidence_codec import max_abs_diff, number
     if not any(t.is_floating_point() for t in _flat_tensors(a)):
         return {"not_run": "no floating-point input"}
     call = float64_call(leaf)
@@ -280,7 +280,7 @@ def to64(v):
 
 def float64_call(leaf):
     """``leaf.call`` with floating operands and bound tensors converted to float64."""
-    from bwskc.runtime.denote import fill, resolve_op
+    from bwskc.op_values import fill, resolve_op
 
     def bound(ref):
         return to64(leaf.values.get(ref))
@@ -302,7 +302,7 @@ def _flat_tensors(v) -> list[torch.Tensor]:
 
 
 def _dtype_name(inputs) -> str:
-    from bwskc.check_evidence import DTYPE_NAMES
+    from bwskc.evidence_codec import DTYPE_NAMES
     names = sorted({DTYPE_NAMES.get(t.dtype, str(t.dtype)) for t in _flat_tensors(inputs)})
     return ",".join(names)
 
@@ -335,7 +335,7 @@ def encode_pair(leaf, a, b, seed: int) -> dict:
     """``{"a", "b"}`` records from which check-evidence rebuilds the witness exactly (each candidate
     encoding is rebuilt here and kept only if it gives the same tensors), or ``not_recorded`` saying
     why."""
-    from bwskc.check_evidence import EvidenceError, encode_tensor, random_inputs
+    from bwskc.evidence_codec import EvidenceError, encode_tensor, random_inputs
     holes = encode_types(leaf.inputs)
     fa, fb = _flat_tensors(a), _flat_tensors(b)
     if any(t.is_complex() for t in fa + fb):
@@ -360,7 +360,7 @@ def encode_pair(leaf, a, b, seed: int) -> dict:
 def _encode_b(a: torch.Tensor, b: torch.Tensor, small: bool) -> dict:
     """The most compact record that rebuilds b from a exactly: candidates are tried cheapest first and
     each is rebuilt (as check-evidence will) before it is kept."""
-    from bwskc.check_evidence import encode_tensor, rebuild_b
+    from bwskc.evidence_codec import encode_tensor, rebuild_b
     if _identical(a, b):
         return {"same": True}
     if small:  # written out in full (exact: encode_tensor's numbers are the stored values)
@@ -391,7 +391,7 @@ def _changed(a, b) -> torch.Tensor:
 
 
 def _sparse(b, changed):
-    from bwskc.check_evidence import number
+    from bwskc.evidence_codec import number
     index = torch.nonzero(changed.reshape(-1)).flatten()
     values = b.reshape(-1)[index]
     values = [number(float(v)) for v in values.double().tolist()] if b.is_floating_point() else \
@@ -409,7 +409,7 @@ def _nice(lo: float, hi: float) -> list[float]:
 def _shift(a, b):
     """b = (a.double() + D).to(dtype), D constant over the leading dimensions (x + 1.5; x + v per row):
     D lies in every element's rounding interval [b - a - ulp, b - a + ulp]."""
-    from bwskc.check_evidence import encode_tensor
+    from bwskc.evidence_codec import encode_tensor
     if not a.is_floating_point() or not bool(torch.isfinite(b).all() & torch.isfinite(a).all()):
         return
     d = b.double() - a.double()
@@ -478,7 +478,7 @@ def _bound_elements(leaf) -> int:
 
 def relative_error(back, x) -> tuple[float, float]:
     """(max |back - x|, that divided by max |x|), over every input tensor, in float64."""
-    from bwskc.check_evidence import max_abs_diff
+    from bwskc.evidence_codec import max_abs_diff
     xs, bs = _flat_tensors(x), _flat_tensors(back)
     if len(xs) != len(bs) or any(p.shape != q.shape for p, q in zip(xs, bs)):
         return math.inf, math.inf
@@ -489,7 +489,7 @@ def relative_error(back, x) -> tuple[float, float]:
 
 def tolerance(x) -> tuple[str, float]:
     """The round-trip tolerance of the least precise floating input (discrete inputs: exact)."""
-    from bwskc.check_evidence import DTYPE_NAMES, ROUND_TRIP_TOL
+    from bwskc.evidence_codec import DTYPE_NAMES, ROUND_TRIP_TOL
     tols = [(ROUND_TRIP_TOL.get(DTYPE_NAMES.get(t.dtype), 0.0), DTYPE_NAMES.get(t.dtype, str(t.dtype)))
             for t in _flat_tensors(x)]
     tol, name = max(tols) if tols else (0.0, "none")
@@ -500,7 +500,7 @@ def _round_trip(leaf, verdict: Verdict, seed: int) -> dict:
     """The inverse on a random sample, in the op's own dtype and, if that fails, in float64: passed if
     either recovers the sample within its tolerance (the float64 one tests the claim on the reals, free
     of float32 rounding near saturation)."""
-    from bwskc.check_evidence import number
+    from bwskc.evidence_codec import number
     g = torch.Generator().manual_seed(seed)
     x = verdict.sample(g) if verdict.sample is not None else leaf.random(g)
     name, tol = tolerance(x)

@@ -64,6 +64,7 @@ from bwskc.ir import (
     walk_terms,
 )
 from bwskc.passes.manager import Pass
+from bwskc.runtime.random_ops import unreplayable_draw
 from bwskc.passes.residual import (
     Call,
     OutOfSteps,
@@ -359,18 +360,6 @@ def _check_replayable(program: Program, term: Term) -> None:
     reason = unreplayable_draw(program, term)
     if reason is not None:
         raise NotLowered(f"a branch cannot be recomputed exactly: {reason}")
-
-
-def unreplayable_draw(program: Program, term: Term) -> str | None:
-    """The first random op ``term`` applies (through the definitions it calls) that the runtime cannot
-    draw again exactly, with why; None if there is none."""
-    from bwskc.runtime.random_ops import unreplayable_reason
-    for _, t in walk_terms(program, [term]):
-        if isinstance(t, Prim):
-            reason = unreplayable_reason(t.op, t.args, t.kwargs)
-            if reason is not None:
-                return reason
-    return None
 
 
 def _walk(reducer: Reducer, body: Term, args: list, x) -> list[_Block]:

@@ -21,7 +21,6 @@ Under ``torch.compile`` a chain runs as ``TracedCouplingFunction``, the traceabl
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 from collections import Counter
 
@@ -30,17 +29,16 @@ from torch import fx
 
 from bwskc._deep import run_deep
 from bwskc.errors import BwskError
-from bwskc.ir import Comb, Const, Prim, Program, Ref, rev_shared, subterms
+from bwskc.ir import Comb, Const, Prim, Program, Ref, is_layer, rev_shared, subterms, walk_terms
 from bwskc.op_values import resolve_op
 from bwskc.runtime import random_ops, rng
 from bwskc.runtime.codegen import FxBackend, module_tree, placeholder_name, register_tensor
 from bwskc.runtime.coupling import ChainSpec, CouplingFunction, autocast_state
 from bwskc.runtime.denote import Denoter, implied_updates, sub_prim, update_target
 from bwskc.runtime.steps import backward_step, forward_step, inverse_step, step_streams
-from bwskc.passes.reversible import unreplayable_draw
+from bwskc.runtime.random_ops import unreplayable_draw
 
 RNG_BUFFER = "bwskc_rng_state"
-_LAYER = re.compile(r".+\.[0-9]+")  # a module-list element: one layer of a stack
 
 
 _FORWARD = threading.local()  # depth of forward runs of recomputed regions (chains, checkpointed layers)
@@ -115,7 +113,7 @@ class _TrainBackend(FxBackend):
         """A layer the rewrite left (``bert.encoder.layer.3``: a module-list element) runs under
         ``torch.utils.checkpoint``: its inputs are stored, its interior recomputed in backward. Its
         dropout sites keep the keys they have in conventional mode, so the masks are the same."""
-        if not self.checkpoint or d.kind != "def" or not _LAYER.fullmatch(d.name) or not d.inputs:
+        if not self.checkpoint or d.kind != "def" or not is_layer(d.name) or not d.inputs:
             return value
         if unreplayable_draw(denoter.program, Ref(d.name)) is not None:
             return value  # a recomputation would draw other numbers: stored, as conventional does
@@ -365,17 +363,11 @@ class _BranchDenoter(Denoter):
 def _consts_used(program: Program, term) -> set[int]:
     """Constants a term reads, through the definitions it calls."""
     out: set[int] = set()
-    seen: set[str] = set()
-    stack = [term]
-    while stack:
-        for t in subterms(stack.pop()):
-            if isinstance(t, Prim):
-                out.update(t.const_refs())
-            elif isinstance(t, Const):
-                out.add(t.index)
-            elif isinstance(t, Ref) and t.name in program.defs and t.name not in seen:
-                seen.add(t.name)
-                stack.append(program.defs[t.name].body)
+    for _, t in walk_terms(program, [term]):
+        if isinstance(t, Prim):
+            out.update(t.const_refs())
+        elif isinstance(t, Const):
+            out.add(t.index)
     return out
 
 

@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 
+from bwskc.ir import Prim, Program, Term, walk_terms
 from bwskc.runtime import rng
 
 REPLAY: dict[str, Callable] = {}  # op name -> rule(args, kwargs, seed, where) -> value
@@ -123,6 +124,17 @@ def unreplayable_reason(op: str, args, kwargs) -> str | None:
 
 
 # -------------------------------------------------------------------------------------- the draws
+
+def unreplayable_draw(program: Program, term: Term) -> str | None:
+    """The first random op ``term`` applies (through the definitions it calls) that the runtime cannot
+    draw again exactly, with why; None if there is none."""
+    for _, t in walk_terms(program, [term]):
+        if isinstance(t, Prim):
+            reason = unreplayable_reason(t.op, t.args, t.kwargs)
+            if reason is not None:
+                return reason
+    return None
+
 def _key(seed, where: tuple) -> tuple[int, int]:
     if seed is None:
         return rng.make_key(_EVAL_KEY, *where), 0

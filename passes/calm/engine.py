@@ -13,7 +13,8 @@ from bwskc.passes.calm.table import FALLBACKS, OVERLOADS, RULES, Rule
 
 from bwskc._deep import run_deep
 from bwskc.ir import Prim, Program, ScalarType, TensorRef, TensorType, TupleType
-from bwskc.runtime.denote import Denoter, resolve_op
+from bwskc.op_values import resolve_op
+from bwskc.runtime.denote import Denoter
 from bwskc.sites import sites
 
 MAX_PLANS = 4  # distinct plans kept per site and axis (a definition applied many times)
@@ -112,7 +113,7 @@ class Analysis:
 
         def bound(ref):
             return self.program.weights[ref.name] if isinstance(ref, TensorRef) else deps[ref.index]
-        from bwskc.runtime.denote import fill
+        from bwskc.op_values import fill
         try:
             args = fill(c.args, [], bound)
             kwargs = dict(zip((k for k, _ in c.kwargs), fill(tuple(v for _, v in c.kwargs), [],

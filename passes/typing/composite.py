@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bwskc.evidence import GRAY, K, S, Verdict, erasing, gray
-from bwskc.ir import REV_KINDS, Comb, Const, Prim, Ref, TensorType, Term, prims
+from bwskc.ir import REV_KINDS, Comb, Const, Prim, Ref, TensorType, Term
 from bwskc.passes.typing.normalisation import rms_verdict
 from bwskc.passes.typing.symbolic import decide, pointwise_fold
 

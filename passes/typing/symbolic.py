@@ -202,7 +202,7 @@ def _checked(dag: Dag, verdict: Verdict, result, seed: int = 0) -> Verdict:
 def _check_collision(dag, verdict, result, seed) -> Verdict:
     from types import SimpleNamespace
 
-    from bwskc.check_evidence import max_abs_diff, number
+    from bwskc.evidence_codec import max_abs_diff, number
     from bwskc.evidence import encode_pair, rejected, to64, inputs_differ, outputs_equal
     a, b = verdict.witness(torch.Generator().manual_seed(seed))
     if not inputs_differ(a, b):
@@ -231,7 +231,7 @@ def _check_collision(dag, verdict, result, seed) -> Verdict:
 
 
 def _check_round_trip(dag, verdict, result, seed) -> Verdict:
-    from bwskc.check_evidence import number
+    from bwskc.evidence_codec import number
     from bwskc.evidence import rejected, relative_error, to64, tolerance
     from bwskc.leaf import random_value
     x = (random_value(dag.x.type, torch.Generator().manual_seed(seed)),)
