@@ -189,7 +189,7 @@ def _residual_sites(program: Program, names) -> list[dict]:
         for t in subterms(d.body):
             if isinstance(t, Comb) and t.kind == "S" and len(t.args) == 2 and isinstance(t.args[0], Prim) \
                     and is_residual_add(t.args[0]) and _reads_parameters(program, t.args[1]):
-                out.append({"where": name, "reason": _why_not(d)})
+                out.append({"where": name, "reason": _why_not(program, d)})
                 break
     return out
 
@@ -201,7 +201,7 @@ def _reads_parameters(program: Program, term: Term) -> bool:
                for _, t in walk_terms(program, [term]))
 
 
-def _why_not(d: Def) -> str:
+def _why_not(program: Program, d: Def) -> str:
     body = d.body
     if isinstance(body, Comb) and body.kind == "B" and len(body.args) >= 2:
         head = body.args[0]
@@ -210,8 +210,13 @@ def _why_not(d: Def) -> str:
             what = head.op if isinstance(head, Prim) else (head.name if isinstance(head, Ref) else head.kind)
             return (f"{what} is applied after the residual add, and the block is not in a chain of "
                     "two or more blocks (post-norm or post-activation blocks are coupled when chained)")
-    return ("a lone residual block, or one whose branch reads an earlier stream value: not a chain of "
-            "two or more blocks")
+    blocks = sum(1 for t in subterms(body) if isinstance(t, Comb) and t.kind == "S" and len(t.args) == 2
+                 and isinstance(t.args[0], Prim) and is_residual_add(t.args[0])
+                 and _reads_parameters(program, t.args[1]))
+    if blocks <= 1:
+        return "a lone residual block: a chain needs two or more blocks in a row on one stream"
+    return (f"{blocks} residual blocks that do not form a chain: a branch reads an earlier stream value "
+            "than the block's own input, so no block's input is the previous block's output alone")
 
 
 def to_reversible(program: Program) -> Program:
