@@ -21,7 +21,8 @@ whatever its shape (a one-hole leaf, a reference, a combinator term).
 (``program.analyses["typing"].term_type(f) == "S"``) becomes ``OWNER.phaseN = B(fi, ..., fj)``;
 composition preserves injectivity, so the phase is S. Inside an S-region nothing more is outlined (it
 would not be maximal); a definition whose whole body is such a run is its own region (not outlined:
-it is one S component where it is used).
+it is one S component where it is used). The entry is not used anywhere, so a whole-body run of the
+entry is outlined (``entry.phase0``), which gives the S-phase a name the runtime and the report see.
 
 **Residual chains.** A residual block is a function ``x -> x + F(x)``, recognised semantically rather
 than by the shape of its term: the component is applied to a fresh variable ``x`` and reduced
