@@ -1,4 +1,4 @@
-"""S/K/GRAY ratios of the zoo (tiny configs of tests/conftest.py, random weights), against the published
+"""S/K/GRAY ratios of the zoo (tiny configs of bwskc/testing.py, random weights), against the published
 prototype's S ratios, with the operations that account for the erasure.
 
     python benchmarks/typing_table.py       # markdown table on stdout (docs/typing.md)

@@ -99,6 +99,7 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     """
     from bwskc import ir
     from bwskc.ir import Program
+    from bwskc.passes.reversible import reversible_rewrite
     from bwskc.runtime.compiled import compile_program
     if mode not in MODES:
         raise BwskError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
@@ -112,10 +113,10 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
         program = run_passes(program, ["typing", "calm"])
     elif mode == "reversible" and not any(
             isinstance(t, ir.Comb) and t.kind in ir.REV_KINDS for t in _all_subterms(program)):
-        program = _reversible_rewrite(program)
+        program = reversible_rewrite(program)
         if eval_program is not None:
             # evaluation runs the same coupling architecture, from the evaluation capture
-            eval_program = _matching_eval_rewrite(program, _reversible_rewrite(eval_program))
+            eval_program = _matching_eval_rewrite(program, reversible_rewrite(eval_program))
             if eval_program is None:
                 eval_note = ("not used: the evaluation capture's residual chains differ from the training "
                              "capture's, so eval runs the training capture with dropout off")
@@ -127,25 +128,13 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     if check:
         if mode != "reversible" or store_activations:
             raise BwskError("check=True checks the reversible gradients: use it with mode='reversible'")
-        from bwskc.runtime.check import check_reversible
+        from bwskc.runtime.check import check_reversible, entry_inputs
         given = example_args not in ((), None) or bool(example_kwargs)
-        inputs = _entry_inputs(program, example_args, example_kwargs) if given else None
+        inputs = entry_inputs(program, example_args, example_kwargs) if given else None
         module.check_report = check_reversible(program, inputs, seed=seed, checkpoint=checkpoint_rest)
     module.analyses = dict(program.analyses)
     module.eval_capture = eval_note  # what eval() runs, and why
     return module
-
-
-def _reversible_rewrite(program: Program) -> Program:
-    """The chains are all the rewrite needs: fusion without the typing analysis (``s_regions=False``:
-    every term GRAY, so no S-phase is outlined) finds them at a fraction of the cost of the full
-    pipeline. Through the pass manager, verified once, after the rewrite."""
-    from bwskc.passes.manager import run_passes as _run
-    from bwskc.verify import verify_program
-    program = _run(program, ["fusion", "reversible"], options={"fusion": {"s_regions": False}},
-                   verify=False)
-    verify_program(program, filename="<after reversible>")
-    return program
 
 
 def _matching_eval_rewrite(train: Program, evaluation: Program) -> Program | None:
@@ -155,17 +144,6 @@ def _matching_eval_rewrite(train: Program, evaluation: Program) -> Program | Non
     def chains(p):
         return [(c["name"], c["blocks"]) for c in p.analyses["reversible"].chains]
     return evaluation if chains(train) == chains(evaluation) else None
-
-
-def _entry_inputs(program: Program, args, kwargs) -> list | None:
-    """The example inputs in the entry's order (positional, then keyword by name), or None (made up)."""
-    import torch
-    args = args if isinstance(args, tuple) else (args,)
-    values = dict(zip(program.entry.input_names, args))
-    values.update({k: v for k, v in (kwargs or {}).items() if isinstance(v, torch.Tensor)})
-    if set(values) != set(program.entry.input_names):
-        return None
-    return [values[n] for n in program.entry.input_names]
 
 
 def _lower_both_modes(model, example_args, example_kwargs):

@@ -203,15 +203,13 @@ def main(argv=None) -> int:
 
 def cmd_check_gradients(args) -> None:
     """Exit 0 when every chain's gradients match plain autograd within the tolerance, 1 otherwise."""
-    import bwskc
     from bwskc.frontend import load_model
     from bwskc.lowering import lower_exported
-    from bwskc.passes.fusion import fuse
-    from bwskc.passes.reversible import to_reversible
-    from bwskc.runtime.check import check_reversible
+    from bwskc.passes.reversible import reversible_rewrite
+    from bwskc.runtime.check import check_reversible, entry_inputs
     loaded = load_model(args.model, inputs=args.input, trust_pickle=args.trust_pickle, train=True)
-    program = to_reversible(fuse(lower_exported(loaded.exported, loaded.name), lambda term: "GRAY"))
-    inputs = bwskc._entry_inputs(program, tuple(loaded.args), loaded.kwargs)
+    program = reversible_rewrite(lower_exported(loaded.exported, loaded.name))
+    inputs = entry_inputs(program, tuple(loaded.args), loaded.kwargs)
     try:
         report = check_reversible(program, inputs, seed=args.seed)
         failure = None

@@ -219,6 +219,19 @@ def _why_not(program: Program, d: Def) -> str:
             "than the block's own input, so no block's input is the previous block's output alone")
 
 
+def reversible_rewrite(program: Program) -> Program:
+    """``fusion`` then ``reversible``, as ``bwskc.compile`` and ``bwskc check-gradients`` run them: the
+    chains are all the rewrite needs, so fusion runs without the typing analysis (``s_regions=False``:
+    every term GRAY, no S-phase outlined), a fraction of the full pipeline's cost. Through the pass
+    manager, verified once, after the rewrite."""
+    from bwskc.passes.manager import run_passes
+    from bwskc.verify import verify_program
+    program = run_passes(program, ["fusion", "reversible"], options={"fusion": {"s_regions": False}},
+                         verify=False)
+    verify_program(program, filename="<after reversible>")
+    return program
+
+
 def to_reversible(program: Program) -> Program:
     """``program`` with every phase of role ``residual`` that can be coupled rewritten into a coupling
     chain (its role then ``coupling``), the definitions only those chains used dropped, and

@@ -7,9 +7,17 @@ names are re-exported here for the tests that import them from ``conftest``; new
 """
 from __future__ import annotations
 
-import pytest
+import os
 
-from bwskc.testing import (  # noqa: F401  (re-exported for ``from conftest import ...``)
+# Under pytest-xdist each worker takes its share of the cores (torch would start one thread a core in
+# every worker, oversubscribing them); set before torch is imported, inherited by spawned processes.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+
+import pytest  # noqa: E402
+
+from bwskc.testing import (  # noqa: F401, E402  (re-exported for ``from conftest import ...``)
     ZOO_NAMES,
     ZOO_SPECS,
     Block,

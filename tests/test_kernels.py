@@ -235,7 +235,7 @@ if not KERNELS_HERE:
     def test_interpreter_run_of_the_triton_checks():
         """The ``test_triton_*`` checks below, in a fresh process with the interpreter on."""
         env = dict(os.environ, TRITON_INTERPRET="1")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton",
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-k", "triton",
                                os.path.join(HERE, "test_kernels.py")], capture_output=True, text=True,
                               env=env, cwd=os.path.dirname(HERE))
         assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]

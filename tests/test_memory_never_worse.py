@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import bwskc
 from bwskc.frontend import default_inputs
+from bwskc.runtime.check import entry_inputs
 from bwskc.runtime.memory import saved_bytes
 from conftest import ZOO_NAMES, build_zoo_model
 
@@ -75,7 +76,7 @@ def test_reversible_stores_no_more_than_conventional_on_the_zoo(name):
     model = build_zoo_model(name)
     args, kwargs = default_inputs(model)
     program = bwskc.lower(model, args, kwargs, train=True)
-    inputs = bwskc._entry_inputs(program, args, kwargs)
+    inputs = entry_inputs(program, args, kwargs)
     rev, conv = _bytes(program, inputs, "reversible"), _bytes(program, inputs, "conventional")
     assert rev <= conv, (rev, conv)
 

@@ -76,19 +76,22 @@ def _rel_err(got: dict, want: dict) -> float:
 
 # ------------------------------------------------------------------------ gradients and memory
 
-@pytest.mark.parametrize("name", ["gpt2", "pythia", "switch", "mamba", "bert"])
-def test_reversible_gradients_equal_plain_autograd_and_memory_is_flat(name):
-    """At 32 blocks with dropout on: gradients equal the store-activations reference (same masks) to
-    1e-5; bytes saved for backward are within 1.25x of the 4-block model and at most 10% of
-    conventional; the chain's reconstruction of its input drifts by float32 rounding only. BERT is
-    post-norm: its LayerNorms move into the next blocks' branches."""
+# Mamba's selective scan is a sequential loop: 32 blocks take 2 minutes on 2 cores, 12 show the same
+# flatness (the 32-block run is slow-marked)
+@pytest.mark.parametrize("name,deep", [("gpt2", 32), ("pythia", 32), ("switch", 32), ("mamba", 12),
+                                       pytest.param("mamba", 32, marks=pytest.mark.slow), ("bert", 32)])
+def test_reversible_gradients_equal_plain_autograd_and_memory_is_flat(name, deep):
+    """At 32 blocks (Mamba 12 by default) with dropout on: gradients equal the store-activations
+    reference (same masks) to 1e-5; bytes saved for backward are within 1.25x of the 4-block model and
+    at most 10% of conventional; the chain's reconstruction of its input drifts by float32 rounding
+    only. BERT is post-norm: its LayerNorms move into the next blocks' branches."""
     program4, inputs4 = _depth_model(name, 4)
-    program32, inputs32 = _depth_model(name, 32)
+    program32, inputs32 = _depth_model(name, deep)
     rev32 = bwskc.compile(program32, mode="reversible", seed=7)
     ref32 = bwskc.compile(program32, mode="reversible", store_activations=True, seed=7)
     conv32 = bwskc.compile(program32, mode="conventional", seed=7)
     rev4 = bwskc.compile(program4, mode="reversible", seed=7)
-    assert max(c["blocks"] for c in rev32.analyses["reversible"].chains) >= 32
+    assert max(c["blocks"] for c in rev32.analyses["reversible"].chains) >= deep
 
     for spec in rev32.chains:
         spec.record_drift = True

@@ -225,6 +225,8 @@ def test_mask_rates_and_fixed_evaluation_masks():
 
 
 # ------------------------------------------------------------------------------------------ DDP
+@pytest.mark.slow  # two gloo processes of a Switch model, 75 s on 2 cores; DDP itself is checked on the
+# causal LM in the default run (test_train.py), and FSDP2 in test_fsdp.py
 def test_ddp_two_processes_equal_one_for_seq2seq(tmp_path):
     """Two gloo processes of a Switch model, half the global batch each, reversible, dropout and router
     jitter on: the single process's loss curve."""

@@ -25,6 +25,16 @@ _FLOATS = ("f16", "bf16", "f32")
 _TORCH_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def entry_inputs(program, args, kwargs) -> list | None:
+    """The example inputs in the entry's order (positional, then keyword by name), or None (made up)."""
+    args = args if isinstance(args, tuple) else (args,)
+    values = dict(zip(program.entry.input_names, args))
+    values.update({k: v for k, v in (kwargs or {}).items() if isinstance(v, torch.Tensor)})
+    if set(values) != set(program.entry.input_names):
+        return None
+    return [values[n] for n in program.entry.input_names]
+
+
 def _type64(t):
     if isinstance(t, TensorType) and t.dtype in _FLOATS:
         return TensorType("f64", t.shape)
