@@ -110,7 +110,9 @@ def scalar_loss(leaf: Leaf) -> Verdict:
 
 def _level_set_pair(leaf: Leaf):
     """(a,), (b,) with f(a) == f(b), a != b, for a scalar-valued continuous f of one input: b moves one
-    element by h, then another by the s that brings f back (sign change, then bisection)."""
+    element by h, then another by the s that brings f back (sign change, then bisection). Both signs of
+    h are tried: a convex per-element loss (BCE with logits) that the move raises can only be brought
+    back by an element above its minimum, one that the move lowers always can."""
     if leaf.x.numel < 2:
         return None
     g = torch.Generator().manual_seed(0)
@@ -120,9 +122,9 @@ def _level_set_pair(leaf: Leaf):
     def f(t):
         return float(torch.as_tensor(out_parts(leaf.call(t.reshape(a.shape)))[0].double().sum()))
     target = f(flat)
-    for j, i in ((0, 1), (1, 0), (0, flat.numel() - 1)):
+    for (j, i), h in ((pair, h) for h in (0.25, -0.25) for pair in ((0, 1), (1, 0), (0, flat.numel() - 1))):
         moved = flat.clone()
-        moved[j] += 0.25
+        moved[j] += h
         if f(moved) == target:
             return (a,), (moved.reshape(a.shape),)
 
