@@ -167,6 +167,7 @@ class Analysis:
         for a in range(len(self.axis_names)):
             ctx = Ctx(self, prim, args, kwargs, slots, locs, a)
             plan = plan_of(ctx)
+            self.on_plan(sids, ctx, plan)
             outs.append(plan.out)
             parted = bool(ctx.parted())
             for s in sids:
@@ -179,6 +180,9 @@ class Analysis:
                     lst.append(plan)
         return self._make(prim.type, outs, src)
 
+    def on_plan(self, sids: list[int], ctx: Ctx, plan: Plan) -> None:
+        """Called with every application's plan (a subclass derives its run from it: ``Scheduler``)."""
+
     def run(self):
         e = self.program.entry
         inputs = []
@@ -189,7 +193,7 @@ class Analysis:
                 parts.append(Part(dims[0]) if dims else None)
             inputs.append(AVal(t, tuple(parts)))
         denoter = Denoter(self.program, _Backend(self))
-        run_deep(denoter.run_entry, inputs)
+        return run_deep(denoter.run_entry, inputs)
 
     def result(self) -> CalmResult:
         names = self.axis_names
