@@ -70,7 +70,7 @@ def run_passes(program: Program, passes, *, axes: str | None = None, print_after
 
 def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str = "conventional",
             store_activations: bool = False, seed: int = 0, checkpoint_rest: bool = True,
-            check: bool = False):
+            check: bool = False, shard: dict | None = None, axes: str | None = None, group=None):
     """A trainable ``nn.Module`` running the model's lowered program (parameters keep their state-dict
     names; the weights are copied, so the model itself is left alone).
 
@@ -96,6 +96,15 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     on the example inputs in float64, dropout on, before returning; ``module.check_report`` has the
     relative error per chain, and a chain above the tolerance raises ``BwskError`` naming it
     (``bwskc.runtime.check``).
+
+    ``shard={"sequence": N}`` (or ``{"batch": N}``, or an axis ``axes`` defines as ``--axes`` does) runs
+    the program split along that axis over the N processes of ``group`` (the default process group:
+    initialise ``torch.distributed`` first, gloo on CPU, nccl on CUDA), as its CALM schedule says
+    (``passes/calm/schedule.py``): coordination-free regions on each shard alone, each barrier with the
+    collective the analysis named. Every process calls the module on the same whole inputs and gets
+    the outputs whole; gradients equal one process's. ``module.schedule`` is the schedule
+    (``module.schedule.comm`` the forward collectives it predicts, ``module.comm.log`` those a call
+    ran). Conventional and analyzed modes only.
     """
     from bwskc import ir
     from bwskc.ir import Program
@@ -103,6 +112,8 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     from bwskc.runtime.compiled import compile_program
     if mode not in MODES:
         raise BwskError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
+    if shard is not None:
+        return _compile_sharded(model_or_program, example_args, example_kwargs, mode, shard, axes, group)
     eval_program = None  # a Program alone has one capture: eval() then only switches dropout off
     eval_note = "not used: a Program has one capture, so eval runs it with dropout off"
     if isinstance(model_or_program, Program):
@@ -134,6 +145,39 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
         module.check_report = check_reversible(program, inputs, seed=seed, checkpoint=checkpoint_rest)
     module.analyses = dict(program.analyses)
     module.eval_capture = eval_note  # what eval() runs, and why
+    return module
+
+
+def _compile_sharded(model_or_program, example_args, example_kwargs, mode, shard, axes, group):
+    """``compile(..., shard={axis: N})``: the sharded module over the process group."""
+    import torch.distributed as dist
+
+    from bwskc.ir import Program
+    from bwskc.passes.calm.schedule import schedule
+    from bwskc.runtime.sharded import ShardedModule
+    if mode == "reversible":
+        raise BwskError("shard= runs conventional or analyzed programs: reversible coupling chains are "
+                        "not sharded yet (use mode='conventional', or FSDP2: bwskc train --shard)")
+    if not isinstance(shard, dict) or len(shard) != 1:
+        raise BwskError(f"shard={shard!r}: give one axis and a process count, e.g. {{'sequence': 2}}")
+    (axis, n), = shard.items()
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise BwskError(f"shard={shard!r}: the process count must be a positive int")
+    if not dist.is_available() or not dist.is_initialized():
+        raise BwskError("shard= runs under torch.distributed: initialise the process group first "
+                        "(torch.distributed.init_process_group, or torchrun)")
+    eval_program = None
+    if isinstance(model_or_program, Program):
+        program = model_or_program
+    else:
+        program, eval_program, _ = _lower_both_modes(model_or_program, example_args, example_kwargs)
+    if mode == "analyzed":
+        program = run_passes(program, ["typing", "calm"])
+    sch = schedule(program, axis, n, axes)
+    eval_sch = schedule(eval_program, axis, n, axes) if eval_program is not None else None
+    module = ShardedModule(program, sch, group=group, eval_program=eval_program, eval_schedule=eval_sch)
+    module.mode = mode
+    module.analyses = dict(program.analyses)
     return module
 
 

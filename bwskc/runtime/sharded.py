@@ -24,7 +24,7 @@ from bwskc.passes.calm.engine import plan_of
 from bwskc.passes.calm.plan import Part, local_literals, local_shape, shard
 from bwskc.passes.calm.schedule import Schedule, Scheduler, derive_step, local_size
 from bwskc.runtime.collectives import Comm, split_grad
-from bwskc.runtime.denote import Denoter, implied_updates
+from bwskc.runtime.denote import Denoter, implied_updates, update_target
 from bwskc.runtime.interp import bind_inputs
 from bwskc.runtime.sharded_reducers import RUNS
 
@@ -189,7 +189,7 @@ def _attach(root: nn.Module, name: str, value: torch.Tensor, param: bool) -> Non
             m.add_module(p, nn.Module())
         m = getattr(m, p)
     if param:
-        m.register_parameter(leaf, nn.Parameter(value))
+        m.register_parameter(leaf, value)
     else:
         m.register_buffer(leaf, value)
 
@@ -204,24 +204,56 @@ class ShardedModule(nn.Module):
     bytes), the same list as ``module.schedule.comm`` for one call.
     """
 
-    def __init__(self, program: Program, sch: Schedule, group=None, axes=None):
+    def __init__(self, program: Program, sch: Schedule, group=None, eval_program: Program | None = None,
+                 eval_schedule: Schedule | None = None):
         super().__init__()
-        if sch.problems:
-            raise BwskError(f"shard: {sch.problems[0]}")
-        self.program, self.schedule = program, sch
         self.comm = Comm(group)
-        if self.comm.n != sch.nproc:
-            raise BwskError(f"shard: the schedule is for {sch.nproc} processes, the group has "
-                            f"{self.comm.n}")
-        dims = [(n, p.dim) for n, p in sch.inputs.items() if p is not None]
-        self.scheduler = Scheduler(program, sch.axis, dims, sch.nproc)
-        for name, value in program.weights.items():
-            decl = program.tensors.get(name)
-            is_param = decl is not None and decl.kind == "param" and value.dtype.is_floating_point
-            _attach(self, name, value.detach().clone(), is_param)
-        self._params = {n for n, _ in self.named_parameters()}
+        self.captures = {True: (program, sch)}
+        if eval_program is not None:
+            self.captures[False] = (eval_program, eval_schedule)
+        for _prog, s in self.captures.values():
+            if s.problems:
+                raise BwskError(f"shard: {s.problems[0]}")
+            if self.comm.n != s.nproc:
+                raise BwskError(f"shard: the schedule is for {s.nproc} processes, the group has "
+                                f"{self.comm.n}")
+        self.schedulers = {k: Scheduler(p, s.axis, [(n, q.dim) for n, q in s.inputs.items()
+                                                     if q is not None], s.nproc)
+                           for k, (p, s) in self.captures.items()}
+        seen, made = set(), {}
+        for prog, _s in self.captures.values():  # the captures share their parameters and buffers
+            for name, value in prog.weights.items():
+                if name in seen:
+                    continue
+                seen.add(name)
+                decl = prog.tensors.get(name)
+                is_param = decl is not None and decl.kind == "param" and value.dtype.is_floating_point
+                # tied weights (an LM head sharing the embedding) stay one tensor under both names
+                own = made.get(id(value))
+                if own is None:
+                    own = made[id(value)] = nn.Parameter(value.detach().clone()) if is_param else \
+                        value.detach().clone()
+                _attach(self, name, own, is_param)
+        self._params = {n for n, _ in self.named_parameters(remove_duplicate=False)}
         for p in self.parameters():
             p.register_hook(self.comm.reduce_gradient)
+
+    @property
+    def _mode(self) -> bool:
+        return self.training if self.training in self.captures else True
+
+    @property
+    def program(self) -> Program:
+        """The capture a call runs: training, or evaluation after ``eval()`` when one was captured."""
+        return self.captures[self._mode][0]
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.captures[self._mode][1]
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.schedulers[self._mode]
 
     def tensor(self, name: str) -> torch.Tensor:
         return self.get_parameter(name) if name in self._params else self.get_buffer(name)
@@ -237,6 +269,13 @@ class ShardedModule(nn.Module):
         self.comm.log = []
         backend = ShardedBackend(self)
         out, updates = run_deep(Denoter(self.program, backend).run_entry, placed, updates=True)
+        names = self.program.entry.output_names
+        if isinstance(out, Placed) and len(names) > 1 and isinstance(out.local, tuple):
+            # the entry's tuple as one value: split it into the user outputs and the buffer updates
+            values = [Placed(v, a) for v, a in zip(out.local, out.aval.items)]
+            user = [v for n, v in zip(names, values) if update_target(n) is None]
+            updates = [(update_target(n), v) for n, v in zip(names, values) if update_target(n)]
+            out = user[0] if len(user) == 1 else tuple(user)
         if self.training:
             with torch.no_grad():
                 for name, v in backend.updates + [(n, backend.localize(v, None)) for n, v in updates]:
