@@ -6,7 +6,9 @@ schedule's prediction. ``bwskc check-shard`` and the tests use it.
 
 A case is a dict (picklable, so spawned processes rebuild everything themselves):
 ``model`` (a zoo name, ``bwskc.testing``), ``axis``, ``train`` (capture and run in training mode),
-``shape`` (the input's shape: ``[batch, seq]`` token ids or ``[batch, C, H, W]`` pixels), ``seed``.
+``shape`` (the input's shape: ``[batch, seq]`` token ids or ``[batch, C, H, W]`` pixels), ``seed``; or
+``build``, ``"module:function"`` called with the case and returning ``(model, inputs)`` (tests' own
+models; a case comes from code, never from a file).
 """
 from __future__ import annotations
 
@@ -52,11 +54,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
 
 def run_case(case: dict) -> dict:
     """One case on this process (the group is initialised): the errors and the communication."""
+    import importlib
+
     import bwskc
     from bwskc.testing import build_zoo_model
     torch.manual_seed(0)
-    model = build_zoo_model(case["model"]).train(case.get("train", False))
-    inputs = _inputs(model, case["shape"], case.get("seed", 0))
+    if "build" in case:  # "module:function", called with the case: (model, inputs)
+        mod, _, fn = case["build"].partition(":")
+        model, inputs = getattr(importlib.import_module(mod), fn)(case)
+        model.train(case.get("train", False))
+    else:
+        model = build_zoo_model(case["model"]).train(case.get("train", False))
+        inputs = _inputs(model, case["shape"], case.get("seed", 0))
     sharded = bwskc.compile(model, inputs, shard={case["axis"]: case["nproc"]})
     sharded.train(case.get("train", False))
     out = _first(sharded(*inputs))
