@@ -154,7 +154,7 @@ def _compile_sharded(model_or_program, example_args, example_kwargs, mode, shard
 
     from bwskc.ir import Program
     from bwskc.passes.calm.schedule import schedule
-    from bwskc.runtime.sharded import ShardedModule
+    from bwskc.sharding.module import ShardedModule
     if mode == "reversible":
         raise BwskError("shard= runs conventional or analyzed programs: reversible coupling chains are "
                         "not sharded yet (use mode='conventional', or FSDP2: bwskc train --shard)")

@@ -1,4 +1,4 @@
-"""CALM you can run (passes/calm/schedule.py, bwskc/runtime/sharded.py): a program split along an axis
+"""CALM you can run (passes/calm/schedule.py, bwskc/sharding/module.py): a program split along an axis
 over 2 processes gives the eager model's outputs and gradients, and runs the collectives its schedule
 predicts.
 
@@ -22,7 +22,7 @@ import bwskc
 from bwskc.errors import BwskError
 from bwskc.passes.calm.schedule import REDUCERS, placement, schedule
 from bwskc.runtime.denote import Denoter
-from bwskc.runtime.shard_check import check_sharded
+from bwskc.sharding.check import check_sharded
 from bwskc.sites import sites
 
 TOL = 1e-5

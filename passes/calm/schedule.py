@@ -40,7 +40,7 @@ MAX_GATHER_SEARCH = 6  # partitioned operands beyond this: gather them all (2^6 
 @dataclass(frozen=True)
 class Reducer:
     """An all-reduce executor for one family of ops: ``applies(ctx, plan)``, the all-reduce payloads
-    in bytes (``payload(ctx)``), and ``run`` (in ``bwskc.runtime.sharded_reducers``)."""
+    in bytes (``payload(ctx)``), and ``run`` (in ``bwskc.sharding.reducers``)."""
 
     name: str
     applies: object

@@ -23,10 +23,10 @@ from bwskc.passes.calm.context import AVal, Ctx, walk_slots
 from bwskc.passes.calm.engine import plan_of
 from bwskc.passes.calm.plan import Part, local_literals, local_shape, shard
 from bwskc.passes.calm.schedule import Schedule, Scheduler, derive_step, local_size
-from bwskc.runtime.collectives import Comm, split_grad
+from bwskc.sharding.collectives import Comm, split_grad
 from bwskc.runtime.denote import Denoter, implied_updates, update_target
 from bwskc.runtime.interp import bind_inputs
-from bwskc.runtime.sharded_reducers import RUNS
+from bwskc.sharding.reducers import RUNS
 
 
 class Placed:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from bwskc.passes.calm.context import Ctx, norm_dim
-from bwskc.runtime.collectives import Comm
+from bwskc.sharding.collectives import Comm
 
 RUNS: dict[str, Callable] = {}
 
