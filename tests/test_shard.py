@@ -22,6 +22,7 @@ import bwskc
 from bwskc.errors import BwskError
 from bwskc.passes.calm.schedule import REDUCERS, placement, schedule
 from bwskc.runtime.denote import Denoter
+from bwskc.runtime.interp import EagerBackend
 from bwskc.sharding.check import check_sharded
 from bwskc.sites import sites
 
@@ -143,7 +144,7 @@ def check_schedule_steps(program, sch, seed=0) -> int:
     """Every step's local plan (after its gathers) run on uneven shards equals the whole leaf."""
     rnd = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    const = Denoter(program, _Eager(program.weights)).const
+    const = Denoter(program, EagerBackend(program.weights)).const
     checked = 0
     for sid, steps in sch.steps.items():
         site = sites(program)[sid]
@@ -159,18 +160,6 @@ def check_schedule_steps(program, sch, seed=0) -> int:
                 f"site {sid} {site.prim.op}: the local plan after gathering {step.gather} fails")
             checked += 1
     return checked
-
-
-class _Eager:
-    def __init__(self, weights):
-        self.weights = weights
-
-    def prim(self, prim, args, kwargs):
-        from bwskc.op_values import resolve_op
-        return resolve_op(prim.op)(*args, **kwargs)
-
-    def tensor(self, name):
-        return self.weights[name]
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit", "t5"])
