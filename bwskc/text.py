@@ -59,7 +59,8 @@ _WIDTH = 100
 _MAX_INDENT = 40  # deeper nesting is printed at this indent, so text stays linear in the term's size
 _PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.@]*$")
 KEYWORDS = {"bwsk", "program", "param", "buffer", "constant", "const", "def", "phase", "entry", "B", "C",
-            "I", "K", "S", "W", "R", "R1", "R2", "R3", "R4", "True", "False", "None", "inf", "nan", "_"}
+            "I", "K", "S", "W", "R", "R1", "R2", "R3", "R4", "True", "False", "None", "inf", "nan", "_",
+            "shard"}
 DEF_ATTRIBUTES = ("role",)  # what ``{key=value}`` after a definition's name may set
 _TORCH_ATTRS = {str(v): v for v in [
     *DTYPE_BY_NAME.values(), torch.strided, torch.sparse_coo, torch.sparse_csr, torch._mkldnn,
@@ -197,6 +198,13 @@ def _print_program(p: Program) -> str:
     out = [f"entry ({ins}) -> ({outs}) =\n  "]
     printer.render(e.body, 2, out)
     lines.append("".join(out))
+    plans = p.analyses.get("shard") or {}
+    if plans:
+        from bwskc.passes.calm.shard_plan import plan_lines
+        from bwskc.sites import sites
+        scope = {s.id: s.scope for s in sites(p)}
+        for plan in plans.values():
+            lines += [""] + plan_lines(plan, name_text, scope.get)
     return "\n".join(lines) + "\n"
 
 
@@ -431,12 +439,118 @@ class _ToIR(Transformer_NonRecursive):
                                tuple(n for n, _ in outs), tuple(t for _, t in outs), body,
                                pos=_pos(meta)), meta)
 
+    # sharding plans
+    def placement_kw(self, key, value):
+        return (_unquote(key), _int(value, "placement factor"), key)
+
+    def placement_one(self, kind, *args):
+        from bwskc.passes.calm.plan import Part
+        args = [a for a in args if a is not None]
+        k = _unquote(kind)
+        if k == "Replicate":
+            if args:
+                raise _Semantic("Replicate() takes no arguments", kind)
+            return _REPLICATE
+        if k != "Shard":
+            raise _Semantic(f"unknown placement {_clip(k)!r} (expected Shard(DIM) or Replicate())", kind)
+        if not args or isinstance(args[0], tuple):
+            raise _Semantic("Shard needs its dim: Shard(DIM)", kind)
+        dim, kws = _int(args[0], "dim"), {}
+        for key, value, tok in args[1:]:
+            if key not in ("outer", "inner") or key in kws:
+                raise _Semantic(f"Shard: unknown or repeated factor {_clip(key)!r} (outer=, inner=)", tok)
+            if value < 1:
+                raise _Semantic(f"Shard: {key}={value} must be positive", tok)
+            kws[key] = value
+        if dim < 0:
+            raise _Semantic(f"Shard: negative dim {dim}", args[0])
+        return Part(dim, kws.get("outer", 1), kws.get("inner", 1))
+
+    def placement_tuple(self, *items):
+        return _PlacementTuple(i for i in items if i is not None)  # None: Lark's empty optional
+
+    def coll_gather(self, name, *slots):
+        if _unquote(name) != "all_gather":
+            raise _Semantic(f"unknown collective {_clip(_unquote(name))!r}[...]: expected all_gather[SLOTS]",
+                            name)
+        return ("gather", tuple(_int(t, "operand slot") for t in slots if t is not None))
+
+    def coll_reduce(self, name, executor):
+        if _unquote(name) != "all_reduce":
+            raise _Semantic(f"unknown collective {_clip(_unquote(name))!r}(...): expected "
+                            "all_reduce(EXECUTOR)", name)
+        return ("reduce", _unquote(executor))
+
+    @v_args(meta=True, inline=True)
+    def shard_input(self, meta, name, part):
+        return ("input", _unquote(name), _placement(part), _pos(meta))
+
+    @v_args(meta=True, inline=True)
+    def shard_step(self, meta, site, op, coll, made, want, note):
+        from bwskc.passes.calm.shard_plan import PlanStep
+        kind, what = coll
+        made = _placement(made)
+        step = PlanStep(_int(site, "site"), _unquote(op), what if kind == "gather" else (),
+                        what if kind == "reduce" else None, made,
+                        made if want is None else _placement(want),
+                        None if note is None else _json_string(note))
+        return ("step", step, _pos(meta))
+
+    @v_args(meta=True, inline=True)
+    def shard_output(self, meta, name, part):
+        return ("output", _unquote(name), _placement(part), _pos(meta))
+
+    @v_args(meta=True, inline=True)
+    def shard_def(self, meta, axis, nproc, *items):
+        from bwskc.passes.calm.shard_plan import ShardPlan
+        n = _int(nproc, "process count")
+        if n < 1:
+            raise _Semantic(f"shard: {n} processes (at least 1)", nproc)
+        plan = ShardPlan(_unquote(axis), n, {}, [], {}, pos={"header": _pos(meta)})
+        for item in items:
+            if item is None:
+                continue
+            kind = item[0]
+            if kind == "step":
+                plan.pos[("step", len(plan.steps))] = item[2]
+                plan.steps.append(item[1])
+                continue
+            _, name, part, pos = item
+            table = plan.inputs if kind == "input" else plan.outputs
+            if isinstance(part, tuple):
+                raise _Semantic(f"shard: {kind} {name!r} is one tensor, not a tuple", _At(pos))
+            if name in table:
+                raise _Semantic(f"shard: {kind} {name!r} placed twice", _At(pos))
+            table[name] = part
+            plan.pos[(kind, name)] = pos
+        plan.pos["end"] = (meta.end_line, meta.end_column)
+        return ("shard", plan, meta)
+
     def start(self, header, *decls):
         return _assemble((header,) + decls)
 
 
 class _NoneLiteral:
     pass
+
+
+_REPLICATE = _NoneLiteral()  # Replicate() as parsed (None is Lark's empty optional)
+
+
+class _PlacementTuple(tuple):
+    """A tuple placement as parsed."""
+
+
+def _placement(p):
+    """A parsed placement as the schedule writes it: a Part, None (replicated), or a tuple of them."""
+    if isinstance(p, _PlacementTuple):
+        return tuple(_placement(q) for q in p)
+    return None if p is _REPLICATE else p
+
+
+class _At:
+    def __init__(self, pos):
+        self.line, self.column = pos or (1, 1)
 
 
 _NONE = _NoneLiteral()
@@ -460,10 +574,16 @@ def _assemble(items) -> Program:
     tensors: dict[str, TensorDecl] = {}
     consts: list[Prim] = []
     defs: dict[str, Def] = {}
+    plans: dict = {}
     entry = None
     for item in decls:
         kind = item[0]
-        if kind == "tensor":
+        if kind == "shard":
+            plan = item[1]
+            if plan.axis in plans:
+                raise _Semantic(f"a second shard plan along {plan.axis!r}", item[2])
+            plans[plan.axis] = plan
+        elif kind == "tensor":
             _, tname, decl, tok = item
             if tname in tensors:
                 raise _Semantic(f"tensor {tname!r} declared twice", tok)
@@ -486,7 +606,7 @@ def _assemble(items) -> Program:
             entry = item
     if entry is None:
         raise _Semantic("no entry: a program needs `entry (...) -> (...) = term`", None)
-    return Program(name, tensors, consts, defs, entry[1])
+    return Program(name, tensors, consts, defs, entry[1], analyses={"shard": plans} if plans else None)
 
 
 def parse_program(text: str, filename: str = "<string>") -> Program:
@@ -504,7 +624,21 @@ def _parse_program(text: str, filename: str) -> Program:
     from bwskc.verify import verify_program
     program = _parse_syntax(text, filename)
     verify_program(program, filename=filename)
+    _check_plans(program, text, filename)
     return program
+
+
+def _check_plans(program: Program, text: str, filename: str) -> None:
+    """A plan in the text is a claim about the program: the one the analysis derives, or refused."""
+    from bwskc.errors import VerifyError
+    from bwskc.passes.calm.shard_plan import check_plan, payloads_of
+    for plan in (program.analyses.get("shard") or {}).values():
+        bad = check_plan(program, plan)
+        if bad is not None:
+            pos, message = bad
+            where = f"{filename}:{pos[0]}:{pos[1]}" if pos else filename
+            raise VerifyError(f"{where}: {message}")
+        payloads_of(program, plan)
 
 
 def _parse_syntax(text: str, filename: str) -> Program:

@@ -141,3 +141,30 @@ def test_gpu_sh_smoke(tmp_path):
     steps = [r for r in data["step_time"] if "mode" in r]
     assert {(r["mode"], r["compile"]) for r in steps} == {(m, c) for m in ("conventional", "reversible")
                                                            for c in ("off", "on")}
+
+
+def test_shard_quick(tmp_path):
+    """benchmarks/shard.py --quick: sequence sharding of a tiny GPT-2 on 2 spawned processes; the
+    communication that ran is the schedule's prediction, each process saves less than one process
+    running the whole sequence, and --write puts the section into the given document."""
+    jsonl, doc = tmp_path / "shard.jsonl", tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## A\n\na\n")
+    run = _run([sys.executable, os.path.join(BENCH, "shard.py"), "--quick", "--seqs", "64", "--jsonl",
+                str(jsonl), "--write", "--doc", str(doc)], timeout=120)
+    rows = _rows(jsonl)
+    assert rows[0]["meta"]["nproc"] == 2 and rows[0]["meta"]["config"]["n_layer"] == 2
+    (point,) = [r for r in rows if "seq" in r]
+    assert "error" not in point, point.get("error")
+    assert len(point["ranks"]) == 2
+    for r in point["ranks"]:
+        assert r["log"] == r["predicted"] and r["log_equals_prediction"]
+        assert 0 < r["saved_bytes"] < point["single_saved_bytes"]
+    assert point["log_equals_prediction"] and point["barrier_sites"] == 2  # one attention per layer
+    assert [c for _, c, _ in point["ranks"][0]["log"]] == ["all-gather"] * 5  # K, V per layer; logits
+    assert point["loss_rel_diff"] < 1e-4
+    assert point["total_recv_bytes"] == (point["forward_recv_bytes"] + point["backward_recv_bytes"]
+                                         + point["grad_recv_bytes"]) > 0
+    text = doc.read_text()
+    assert text.count("## CALM sequence sharding") == 1 and "## A\n\na" in text
+    assert "| 64 |" in text and "python benchmarks/shard.py --quick" in text
+    assert "| 64 |" in run.stdout

@@ -215,6 +215,7 @@ class Schedule:
     steps: dict[int, list[Step]] = field(default_factory=dict)
     comm: list[tuple[int, str, int]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    outputs: dict[str, Part | None] = field(default_factory=dict)  # user output -> where it is made
 
     def barrier_sites(self) -> list[int]:
         return [s for s, steps in sorted(self.steps.items()) if any(st.collective for st in steps)]
@@ -254,13 +255,16 @@ class Scheduler(Analysis):
         out = super().run()
         names = self.program.entry.output_names
         if isinstance(out, tuple):
-            values = list(out)
+            pairs = list(zip(names, out))
         elif len(names) > 1 and isinstance(out, AVal) and out.items is not None:
-            values = [v for n, v in zip(names, out.items) if not n.startswith("update:")]
+            pairs = list(zip(names, out.items))
         else:
-            values = [out]
-        for v in values:
-            if isinstance(v, AVal) and v.parts[0] is not None:  # returned whole: one gather each
+            pairs = [(names[0], out)]
+        for name, v in pairs:
+            made = v.parts[0] if isinstance(v, AVal) else None
+            if not name.startswith("update:"):  # a buffer update is a buffer's new value, not an output
+                self.schedule.outputs[name] = made
+            if made is not None:  # returned whole (an update too): one gather each
                 self.schedule.comm.append((None, "all-gather", _bytes(v)))
         return out
 

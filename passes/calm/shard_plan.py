@@ -1,0 +1,176 @@
+"""A schedule as the IR text prints it (``ShardPlan``), and the check that a parsed plan is the one the
+analysis derives for its program.
+
+The text form is one block per axis after the entry::
+
+    shard sequence 2 {
+      input_ids : Shard(1)
+      @41 aten.scaled_dot_product_attention.default : all_gather[1, 2] -> Shard(2)  # h.0.attn: ...
+      @57 aten.sum.dim_IntList : all_reduce(sum) -> Replicate()
+      @63 aten.cumsum.default : all_gather[0] -> Replicate() => Shard(1)
+      -> logits : Shard(1)
+    }
+
+Each entry input's placement starts the first region; each barrier (``@SITE OP``) names its collective
+(``all_gather[slots]``: the operand slots gathered first; ``all_reduce(EXECUTOR)``), the placement its
+local run makes and, after ``=>``, the one the region after it reads when they differ (a
+sharded result gathered, a replicated one sliced); ``-> OUTPUT : P`` is where a user output is made
+(returned whole: gathered when sharded). Coordination-free steps are not printed: their placements
+follow from these by the same rules. A plan is a claim about its program; the parser derives the
+schedule again and refuses text whose plan differs, at the first line that does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bwskc.errors import BwskError
+from bwskc.passes.calm.plan import Part
+from bwskc.passes.calm.schedule import Schedule, schedule
+
+Placement = Part | None | tuple
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    """One barrier step: the site, its op, the gathered operand slots, the all-reduce executor, where
+    its local run puts the result (``made``) and where the region after it reads it (``want``)."""
+
+    site: int
+    op: str
+    gather: tuple[int, ...] = ()
+    reducer: str | None = None
+    made: Placement = None
+    want: Placement = None
+    note: str | None = None
+
+
+@dataclass
+class ShardPlan:
+    axis: str
+    nproc: int
+    inputs: dict[str, Part | None]
+    steps: list[PlanStep]
+    outputs: dict[str, Part | None]
+    payloads: dict[int, list[tuple[str, int]]] = field(default_factory=dict, compare=False)
+    # where each item was written (parsed text): key -> (line, column)
+    pos: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+def plan_of(sch: Schedule, program) -> ShardPlan:
+    """The printed form of a schedule."""
+    from bwskc.sites import sites
+    ops = {s.id: s.prim.op for s in sites(program)}
+    steps = []
+    for sid, lst in sorted(sch.steps.items()):
+        for st in lst:
+            if st.collective is None:
+                continue
+            steps.append(PlanStep(sid, ops[sid], st.gather, st.reducer,
+                                  _norm(st.local.out), _norm(st.plan.out), st.note))
+    return ShardPlan(sch.axis, sch.nproc, dict(sch.inputs), steps, dict(sch.outputs),
+                     sch.bytes_by_site())
+
+
+def _norm(p: Placement) -> Placement:
+    return tuple(p) if isinstance(p, (tuple, list)) else p
+
+
+def placement_text(p: Placement) -> str:
+    if isinstance(p, tuple):
+        return "(" + ", ".join(placement_text(q) for q in p) + ("," if len(p) == 1 else "") + ")"
+    if p is None:
+        return "Replicate()"
+    extra = "" if p.outer == p.inner == 1 else f", outer={p.outer}, inner={p.inner}"
+    return f"Shard({p.dim}{extra})"
+
+
+def plan_lines(plan: ShardPlan, name_text, scope_of=None) -> list[str]:
+    """The block's lines; ``name_text`` quotes names as the IR printer does, ``scope_of(site)`` gives
+    the comment's definition."""
+    out = [f"shard {name_text(plan.axis)} {plan.nproc} {{"]
+    for name, part in plan.inputs.items():
+        out.append(f"  {name_text(name)} : {placement_text(part)}")
+    for st in plan.steps:
+        coll = (f"all_reduce({name_text(st.reducer)})" if st.reducer is not None else
+                "all_gather[" + ", ".join(map(str, st.gather)) + "]")
+        line = f"  @{st.site} {name_text(st.op)} : {coll} -> {placement_text(st.made)}"
+        if st.want != st.made:
+            line += f" => {placement_text(st.want)}"
+        if st.note is not None:
+            line += " " + _json(st.note)
+        comm = plan.payloads.get(st.site)
+        where = scope_of(st.site) if scope_of else None
+        if comm or where:
+            sizes = ", ".join(f"{c} {b} B" for c, b in comm or [])
+            line += f"  # {where or ''}{': ' if where and sizes else ''}{sizes}"
+        out.append(line)
+    for name, part in plan.outputs.items():
+        out.append(f"  -> {name_text(name)} : {placement_text(part)}")
+    out.append("}")
+    return out
+
+
+def _json(s: str) -> str:
+    import json
+    return json.dumps(s)
+
+
+def derive_plan(program, axis: str, nproc: int, inputs: dict[str, Part | None]) -> ShardPlan:
+    """The plan the analysis derives for ``program`` along ``axis`` with the inputs placed as given."""
+    for name, part in inputs.items():
+        if part is not None and (part.outer, part.inner) != (1, 1):
+            raise BwskError(f"shard {axis}: input {name} is split along a whole dim, not a factor of one")
+    dims = {axis: [(n, p.dim) for n, p in inputs.items() if p is not None]}
+    if not dims[axis]:
+        raise BwskError(f"shard {axis}: no input is split along the axis")
+    sch = schedule(program, axis, nproc, dims)
+    if sch.problems:
+        raise BwskError(f"shard {axis}: {sch.problems[0]}")
+    return plan_of(sch, program)
+
+
+def check_plan(program, plan: ShardPlan) -> tuple[tuple[int, int] | None, str] | None:
+    """None if ``plan`` is the one derived for ``program``; else (position, what differs)."""
+    if list(plan.inputs) != list(program.entry.input_names):
+        missing = [n for n in program.entry.input_names if n not in plan.inputs]
+        extra = [n for n in plan.inputs if n not in program.entry.input_names]
+        what = (f"input {extra[0]!r} is not an entry input" if extra else
+                f"input {missing[0]!r} has no placement" if missing else
+                "inputs are not in the entry's order")
+        return plan.pos.get(("input", extra[0]) if extra else "header"), f"shard {plan.axis}: {what}"
+    try:
+        want = derive_plan(program, plan.axis, plan.nproc, plan.inputs)
+    except BwskError as exc:
+        return plan.pos.get("header"), str(exc)
+    for k, (got, der) in enumerate(zip(plan.steps, want.steps)):
+        if got != der:
+            return plan.pos.get(("step", k)), (
+                f"shard {plan.axis}: the plan says {_step_text(got)}, the analysis derives "
+                f"{_step_text(der)}")
+    if len(plan.steps) != len(want.steps):
+        k = min(len(plan.steps), len(want.steps))
+        if len(plan.steps) > k:
+            return plan.pos.get(("step", k)), (f"shard {plan.axis}: {_step_text(plan.steps[k])} is not "
+                                               "a barrier step the analysis derives")
+        return plan.pos.get("end"), f"shard {plan.axis}: the plan lacks {_step_text(want.steps[k])}"
+    if plan.outputs != want.outputs:
+        for name, part in want.outputs.items():
+            if plan.outputs.get(name, "missing") != part:
+                return plan.pos.get(("output", name), plan.pos.get("end")), (
+                    f"shard {plan.axis}: output {name} is made as {placement_text(part)}, not "
+                    f"{placement_text(plan.outputs[name]) if name in plan.outputs else 'unplaced'}")
+        extra = next(n for n in plan.outputs if n not in want.outputs)
+        return plan.pos.get(("output", extra)), f"shard {plan.axis}: {extra!r} is not an output"
+    return None
+
+
+def _step_text(st: PlanStep) -> str:
+    coll = f"all_reduce({st.reducer})" if st.reducer else f"all_gather{list(st.gather)}"
+    tail = "" if st.want == st.made else f" => {placement_text(st.want)}"
+    return f"@{st.site} {st.op} : {coll} -> {placement_text(st.made)}{tail}"
+
+
+def payloads_of(program, plan: ShardPlan) -> None:
+    """Fill ``plan.payloads`` (bytes of each forward collective) from the derived schedule."""
+    plan.payloads = derive_plan(program, plan.axis, plan.nproc, plan.inputs).payloads
+
