@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     lower.add_argument("--axes", metavar="SPEC", help="CALM partition axes, with --passes calm: batch,sequence "
                        "or AXIS=INPUT:DIM,... e.g. batch=input_ids:0,sequence=input_ids:1 (default: "
                        "batch,sequence)")
+    lower.add_argument("--shard", action="append", default=[], metavar="AXIS=N",
+                       help="derive the plan that runs the program split along AXIS over N processes "
+                       "(a CALM axis: batch, sequence, or one --axes defines): printed with the IR as a "
+                       "`shard AXIS N {...}` block, and its communication in --emit report "
+                       "(repeatable; default: none)")
     lower.add_argument("-o", "--output", help="write here instead of stdout (replaced atomically; "
                        "default: stdout)")
     lower.add_argument("--input", action="append", default=[], metavar="SPEC",
@@ -138,6 +143,10 @@ def cmd_lower(args) -> None:
                             meta=args.meta, train=args.train)
         program = lower_exported(loaded.exported, loaded.name)
     names = [n.strip() for n in args.passes.split(",") if n.strip()]
+    kept_plans = dict(program.analyses.get("shard") or {})  # parsed with the IR text
+    if args.shard:
+        from bwskc.passes.calm.shard_plan import parse_shard_spec
+        specs = [parse_shard_spec(s) for s in args.shard]  # a bad spec is refused before any pass runs
     if args.emit == "report" and not names:
         names = ["typing", "calm", "fusion"]
     if names or args.print_after:
@@ -147,8 +156,11 @@ def cmd_lower(args) -> None:
             sys.stderr.write(f"# IR after {name}\n{p.text()}")
         program = run_passes(program, names, options={"axes": args.axes}, print_after=args.print_after,
                              printer=show)
-    elif args.axes:
-        raise BwskError("--axes needs the calm pass (--passes calm)")
+    elif args.axes and not args.shard:
+        raise BwskError("--axes needs the calm pass (--passes calm) or --shard")
+    if args.shard or kept_plans:  # derived on the program as the passes left it (their site ids)
+        from bwskc.passes.calm.shard_plan import plans_for
+        program.analyses["shard"] = plans_for(program, specs if args.shard else [], args.axes, kept_plans)
     if args.weights_out and not program.weights:
         raise BwskError(f"--weights-out: {args.model} has no weights (an IR file, or --meta)")
     text = emit(program, args.emit)

@@ -62,6 +62,8 @@ def report(program: Program) -> str:
         out += _evidence_lines(all_sites, typing)
     if calm is not None:
         out += _calm_section(calm)
+    if calm is not None or program.analyses.get("shard"):
+        out += _comm_section(program, calm)
     if phases:
         out += ["## Phases", "", "| Phase | Kind | Operations |", "|---|---|---|"]
         for d in phases:
@@ -148,6 +150,66 @@ def _evidence_lines(all_sites, typing) -> list[str]:
             seen.add(key)
             out.append(f"* `{s.prim.op}` ({v.extra['rejected']['type']} refused): {key[1]}")
     return out + ([""] if seen else [])
+
+
+def _mb(b: float) -> str:
+    return f"{b / 2**20:.2f} MiB" if b >= 2**20 else f"{b / 2**10:.1f} KiB" if b >= 2**10 else f"{b:.0f} B"
+
+
+def _comm_section(program: Program, calm) -> list[str]:
+    """Bytes each barrier moves per training step, from the schedule the sharded runtime executes (its
+    ``comm`` is the list a ShardedModule's forward logs, entry by entry): the plans the IR carries
+    (``--shard``), else 2 processes along every axis the CALM pass found."""
+    from bwskc.errors import BwskError
+    from bwskc.passes.calm.schedule import comm_volume, schedule
+    plans = program.analyses.get("shard") or {}
+    wanted = [(a, p.nproc, {a: [(n, q.dim) for n, q in p.inputs.items() if q is not None]})
+              for a, p in plans.items()]
+    default = not wanted
+    if default:
+        wanted = [(a, 2, {a: list(where)}) for a, where in calm.axes.items()]
+    out = ["## Communication (sharded execution)", "",
+           ("Along each axis the CALM pass found, over 2 processes (`--shard AXIS=N` chooses). " if default
+            else "Along each axis the IR's `shard` plans name. ") +
+           "Bytes per training step: the forward payload is what each collective produces, whole; received "
+           "per process assumes ring algorithms ((N-1)/N of the payload for an all-gather, 2(N-1)/N for an "
+           "all-reduce); backward runs each forward collective's transpose (a reduce-scatter for an "
+           "all-gather, an all-reduce for an all-reduce) on the same bytes, and every parameter's gradient "
+           "is all-reduced once. `bwskc.compile(model, args, shard={AXIS: N})` runs exactly the forward "
+           "collectives listed (`module.comm.log` equals `module.schedule.comm`).", ""]
+    scopes = {s.id: (s.scope, s.prim.op) for s in sites(program)}
+    params = sum(d.type.numel * d.type.torch_dtype.itemsize
+                 for d in program.tensors.values() if d.kind == "param")
+    for axis, n, axes in wanted:
+        try:
+            sch = schedule(program, axis, n, axes)
+        except BwskError as exc:
+            out += [f"{axis}: {exc}", ""]
+            continue
+        out += [f"### {axis}, {n} processes", ""]
+        if sch.problems:
+            out += [f"Not runnable on {n} processes: {sch.problems[0]}", ""]
+            continue
+        rows: dict = {}
+        for sid, coll, b in sch.comm:
+            r = rows.setdefault((sid, coll), [0, 0])
+            r[0] += 1
+            r[1] += b
+        out += ["| Site | Op | Definition | Collective | Calls | Forward payload | Received per process "
+                "(forward + backward) |", "|---|---|---|---|---|---|---|"]
+        total_pay = total_recv = 0.0
+        for (sid, coll), (calls, pay) in sorted(rows.items(), key=lambda kv: (kv[0][0] is None, kv[0])):
+            recv = 2 * comm_volume(pay, coll, n)
+            total_pay, total_recv = total_pay + pay, total_recv + recv
+            where, op = scopes[sid] if sid is not None else ("(outputs returned whole)", None)
+            out.append(f"| {'-' if sid is None else sid} | {f'`{op}`' if op else '-'} | {f'`{where}`' if op else where} | {coll} | {calls} | "
+                       f"{_mb(pay)} | {_mb(recv)} |")
+        grad = comm_volume(params, "all-reduce", n) if n > 1 else 0.0
+        out.append(f"| - | - | (parameter gradients) | all-reduce | 1 | {_mb(params)} | {_mb(grad)} |")
+        out.append(f"| **Total** | | | | | {_mb(total_pay + params)} | {_mb(total_recv + grad)} |")
+        barriers = len(sch.barrier_sites())
+        out += ["", f"{barriers} barrier site(s); {len(sch.comm)} forward collective(s) per step.", ""]
+    return out
 
 
 def _calm_section(calm) -> list[str]:

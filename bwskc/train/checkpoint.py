@@ -126,7 +126,7 @@ def _module_state(module) -> dict[str, torch.Tensor]:
 
 def _bwskc_json(cfg, **extra) -> str:
     return json.dumps({"mode": cfg.mode, "experiment": cfg.experiment, "task": cfg.task,
-                       "batch_size": cfg.batch_size // max(1, cfg.nproc), "seq_len": cfg.seq_len,
+                       "batch_size": cfg.batch_size // (1 if getattr(cfg, "shard_axis", None) else max(1, cfg.nproc)), "seq_len": cfg.seq_len,
                        "seed": cfg.seed, "model": cfg.model, **extra}, indent=1) + "\n"
 
 

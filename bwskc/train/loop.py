@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bwskc._deep import run_deep
 from bwskc.errors import BwskError
 from bwskc.runtime.head import scope as head_scope, try_split_head
 from bwskc.train import checkpoint as ckpt
@@ -69,6 +70,7 @@ class RunConfig:
     nproc: int = 1
     ddp_timeout: float = 300.0      # seconds a rank waits for the others in a collective
     shard: bool = False             # --nproc N --shard: FSDP2 (sharded state) in place of DDP
+    shard_axis: str | None = None   # --nproc N --shard-axis AXIS: the program split along AXIS (CALM plan)
     task: str = "causal"            # causal | seq2seq | masked | image (bwskc.train.tasks)
     check_gradients: str = "auto"   # reversible: compare with plain autograd first (auto: small models)
     compile: str = "off"            # training steps under torch.compile(fullgraph=True): off | inductor | aot_eager
@@ -81,7 +83,8 @@ class RunConfig:
         # no paths: a moved run directory resumes (the data is named by its digest, see Trainer)
         keep = ("epochs", "max_steps", "batch_size", "seq_len", "lr", "warmup", "weight_decay",
                 "grad_clip", "precision", "patience", "seed", "eval_every", "nproc", "task")
-        return {k: getattr(self, k) for k in keep} | {"optimizer": "AdamW", "schedule": "cosine-warmup"}
+        extra = {"shard_axis": self.shard_axis} if self.shard_axis else {}  # older runs resume as before
+        return {k: getattr(self, k) for k in keep} | extra | {"optimizer": "AdamW", "schedule": "cosine-warmup"}
 
 
 @dataclass
@@ -144,12 +147,16 @@ class Trainer:
         self.cfg, self.world, self.log = cfg, world, log
         self.out = Path(cfg.out)
         self.blocks, self.data_info = ckpt.load_blocks(cfg.data)
-        if cfg.batch_size % world.size:
+        # the data-parallel group: every rank under --shard-axis (the ranks split each example along the
+        # axis, not the batch: each reads the whole batch, and the loss is one process's)
+        self.split_along = cfg.shard_axis if world.size > 1 else None
+        self.dp = World(0, 1) if self.split_along else world
+        if cfg.batch_size % self.dp.size:
             raise BwskError(f"--batch-size {cfg.batch_size} is not a multiple of --nproc {world.size}")
         if self.data_info.get("task", "causal") != cfg.task:
             raise BwskError(f"{cfg.data}: prepared for --task {self.data_info.get('task', 'causal')}, not "
                             f"{cfg.task}; use another --out")
-        self.local = cfg.batch_size // world.size
+        self.local = cfg.batch_size // self.dp.size
         n_train = self.blocks["train"].shape[0]
         self.per_epoch = n_train // cfg.batch_size
         if self.per_epoch == 0:
@@ -176,14 +183,16 @@ class Trainer:
             self.hf = None
             program = ir_program(self.src, pretrained=pretrained, seed=cfg.seed)
             check = self.will_check(sum(w.numel() for w in program.weights.values()))
-            self.module = bwskc.compile(program, mode=cfg.mode, seed=cfg.seed, check=check).to(self.device)
+            self.module = bwskc.compile(program, mode=cfg.mode, seed=cfg.seed, check=check,
+                                        **self._shard_options()).to(self.device)
         else:
             self.hf = build_model(self.src, pretrained=pretrained, seed=cfg.seed, task=cfg.task,
                                   classes=self.data_info.get("classes"),
                                   image_size=self.data_info.get("image_size")).to(self.device)
             args, kwargs = tasks.example_inputs(cfg.task, self.hf.config, self.batch(0))
             check = self.will_check(sum(p.numel() for p in self.hf.parameters()))
-            self.module = bwskc.compile(self.hf, args, kwargs, mode=cfg.mode, seed=cfg.seed, check=check)
+            self.module = bwskc.compile(self.hf, args, kwargs, mode=cfg.mode, seed=cfg.seed, check=check,
+                                        **self._shard_options())
             self.hf.to("cpu")  # kept only as the layout save_pretrained writes; the module has its own copy
         self.log(f"{cfg.name}: lowered and compiled ({cfg.mode}{', gradients checked' if check else ''}) "
                  f"in {time.perf_counter() - started:.1f} s; {self.total} steps, evaluating every "
@@ -191,7 +200,8 @@ class Trainer:
         # the order the compiled program takes its inputs in (the export's, not necessarily the task's)
         self.input_names = tuple(self.module.program.entry.input_names)
         self.head = None  # the LM head split off: training computes the loss without the full logits
-        if self.objective.fused_head and not getattr(cfg, "shard", False):  # FSDP reshards it after forward
+        # FSDP reshards the head after forward; a sharded program returns its logits whole
+        if self.objective.fused_head and not getattr(cfg, "shard", False) and not self.split_along:
             self.head, why = try_split_head(self.module)
             if why:
                 self.log(f"{cfg.name}: training computes the full logits ({why})")
@@ -200,7 +210,7 @@ class Trainer:
         if self.sharded:  # in place: the module's parameters become their DTensor shards
             from bwskc.train import distributed
             distributed.shard(self.module, self.device, world.size)
-        elif world.size > 1:
+        elif self.dp.size > 1:
             from torch.nn.parallel import DistributedDataParallel
             # broadcast_buffers=False: the RNG state buffer is per rank (each rank its own mask slice);
             # the other buffers are constants (rotary tables), equal on every rank, or batch-norm
@@ -217,6 +227,23 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
         self.state = State()
         self.metrics_path = self.out / "metrics.jsonl"
+
+    def _shard_options(self) -> dict:
+        """``bwskc.compile``'s ``shard=`` under ``--shard-axis``: the CALM plan along the axis over the
+        ranks (a dim the ranks do not divide, or an axis the model lacks, is refused here, named)."""
+        if not self.split_along:
+            return {}
+        if self.cfg.mode == "reversible":
+            raise BwskError(f"{self.cfg.name}: --shard-axis runs conventional and analyzed programs")
+        return {"shard": {self.split_along: self.world.size}}
+
+    def _sharded_along(self) -> dict:
+        """``--shard-axis``: the plan's axis and its forward collectives per step (bytes as produced),
+        and whether the measured step ran exactly those."""
+        sch = self.module.schedule
+        return {"axis": sch.axis, "nproc": sch.nproc, "barrier_sites": len(sch.barrier_sites()),
+                "forward_collectives": len(sch.comm), "forward_payload_bytes": sch.forward_bytes(),
+                "comm_as_planned": self.comm_as_planned}
 
     def will_check(self, parameters: int) -> bool:
         """Whether the reversible gradients are compared with plain autograd before training
@@ -244,7 +271,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
         order = torch.randperm(self.blocks["train"].shape[0], generator=gen)
         rows = order[i * self.cfg.batch_size:(i + 1) * self.cfg.batch_size]
-        offset = self.world.rank * self.local
+        offset = self.dp.rank * self.local
         batch = self.objective.batch("train", rows[offset:offset + self.local], step=step, offset=offset)
         return {k: v.to(self.device) for k, v in batch.items()}
 
@@ -264,12 +291,12 @@ class Trainer:
         """The task's metrics over every row of ``split`` (``loss``, and perplexity or accuracy), the
         group's shards all-reduced."""
         n = self.objective.rows(split)
-        span = self.local * self.world.size
+        span = self.local * self.dp.size
         padded = -(-n // span) * span
         self.module.eval()
         total = torch.zeros(3, dtype=torch.float64, device=self.device)  # nccl reduces device tensors
         bar = _progress(padded // span, 0, f"{self.cfg.name} {split}", disable=not self.world.main)
-        for start in range(self.world.rank * self.local, padded, span):
+        for start in range(self.dp.rank * self.local, padded, span):
             rows = torch.arange(start, start + self.local)
             weight = (rows < n).to(torch.float32).to(self.device)
             batch = {k: v.to(self.device) for k, v in
@@ -280,7 +307,7 @@ class Trainer:
         self.module.train()
         if self.sharded:  # the gathered parameters freed again (FSDP2 keeps the root's after forward)
             self.module.reshard()
-        if self.world.size > 1:
+        if self.dp.size > 1:
             import torch.distributed as dist
             dist.all_reduce(total)
         return self.objective.metrics(total)
@@ -288,10 +315,16 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def step(self, step: int) -> tuple[float, float]:
         batch = self.batch(step)
-        # the same seed on every rank, each drawing its rows' slice of the global batch's masks
-        self.module.reseed(self.cfg.seed, step, shard=self.world.rank)
+        if self.split_along:
+            # a sharded run draws its random ops on its shard from torch's generator (not counter-based):
+            # a seed of (seed, step, rank), so a resumed run draws the same masks (equal in distribution
+            # to one process's, not mask for mask)
+            torch.manual_seed((self.cfg.seed * 1_000_003 + step) * 1_009 + self.world.rank)
+        else:
+            # the same seed on every rank, each drawing its rows' slice of the global batch's masks
+            self.module.reseed(self.cfg.seed, step, shard=self.world.rank)
         count = self.objective.targets(batch)
-        if self.world.size > 1:  # the global batch's mean: ranks may hold different numbers of targets
+        if self.dp.size > 1:  # the global batch's mean: ranks may hold different numbers of targets
             import torch.distributed as dist
             count = count.clone()
             dist.all_reduce(count)
@@ -300,7 +333,7 @@ class Trainer:
         for name, value in parts.items():  # this rank's parts: logged, not judged
             self.state.parts[name] = self.state.parts.get(name, 0.0) + value
         seen = loss.detach()
-        if self.world.size > 1:  # the global batch's loss, so every rank logs and judges the same value
+        if self.dp.size > 1:  # the global batch's loss, so every rank logs and judges the same value
             import torch.distributed as dist
             seen = seen.clone()
             dist.all_reduce(seen)
@@ -350,10 +383,15 @@ class Trainer:
         if self.sharded:  # measured whole: the gathered parameters are parameters, not activations
             self.module.unshard()
         # activation bytes of one training forward (deterministic; rng re-seeded)
-        with _autocast(cfg), head_scope(self.head) as split:
-            act_bytes, _ = saved_bytes(
-                self.module, *[first[n] for n in self.input_names],
-                loss=lambda out: self.objective.loss(self.named(out, split), first)[0])
+        def measure():
+            with _autocast(cfg), head_scope(self.head) as split:
+                return saved_bytes(self.module, *[first[n] for n in self.input_names],
+                                   loss=lambda out: self.objective.loss(self.named(out, split), first)[0])
+        # a sharded module runs its program on bwskc's big-stack thread, where the saved-tensor hooks
+        # must be installed too: this rank's activation bytes (its shards and what it gathered)
+        act_bytes, _ = run_deep(measure) if self.split_along else measure()
+        if self.split_along:  # the collectives that ran are the ones the plan predicted, entry by entry
+            self.comm_as_planned = self.module.comm.log == self.module.schedule.comm
         with torch.no_grad():
             for name, b in self.module.named_buffers():
                 b.copy_(kept[name])
@@ -361,7 +399,7 @@ class Trainer:
             self.module.reshard()
         bar = _progress(self.total, state.step, cfg.name, disable=not self.world.main)
         # throughput in the task's unit: tokens the model reads (images for an image task)
-        tokens = self.local * self.world.size * (1 if cfg.task == "image" else
+        tokens = self.local * self.dp.size * (1 if cfg.task == "image" else
                                                  cfg.seq_len * (2 if cfg.task == "seq2seq" else 1))
         kill_at = int(os.environ.get(FAULT_KILL, "0"))
         try:
@@ -392,7 +430,7 @@ class Trainer:
         """Batch-norm running statistics averaged over the ranks (each updated them from its own rows;
         batch statistics in training are per rank, as DDP without SyncBatchNorm has them), so that
         every rank evaluates and rank 0 saves one model."""
-        if self.world.size == 1:
+        if self.dp.size == 1:  # --shard-axis: every rank's statistics are the whole batch's already
             return
         import torch.distributed as dist
         for name, b in self.module.named_buffers():
@@ -505,7 +543,8 @@ class Trainer:
             "best_step": state.best_step, "stopped": state.stopped or (
                 "max_steps" if cfg.max_steps is not None and state.step >= cfg.max_steps else "epochs"),
             "parameters": sum(p.numel() for p in self.module.parameters()),
-            "data_parallel": "fsdp2" if self.sharded else "ddp" if self.world.size > 1 else None,
+            "data_parallel": "fsdp2" if self.sharded else "ddp" if self.dp.size > 1 else None,
+            **({"sharded_along": self._sharded_along()} if self.split_along else {}),
             "state_bytes_per_rank": self.state_bytes(),
             "hyperparameters": self.hyperparameters(),
             "data": {k: v for k, v in self.data_info.items() if k != "files"},

@@ -117,6 +117,13 @@ def add_arguments(p) -> None:
                    help="with --nproc N (at least 2): FSDP2 in place of DDP, each rank keeping 1/N of the "
                    "parameters, gradients and optimizer states (fully_shard; gloo on CPU, nccl on CUDA); the "
                    "same steps, and checkpoints gathered whole, as one process writes them (default: off)")
+    p.add_argument("--shard-axis", default=None, choices=("sequence", "batch"),
+                   help="with --nproc N (at least 2): run each step's program split along this CALM axis "
+                   "(sequence, batch) over the N processes, as bwskc.compile(shard={AXIS: N}) does: every "
+                   "rank reads the whole batch, its free regions run on its shard, each barrier runs the "
+                   "collective the analysis names (bwskc lower --shard AXIS=N prints the plan); the "
+                   "same gradients as one process, dropout masks drawn per shard; conventional and "
+                   "analyzed modes (default: off, data parallel)")
     p.add_argument("--ddp-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="with --nproc: the longest a rank waits for the others in a collective (default: "
                    "%(default)s); a rank that stops running (its heartbeat stalls for a quarter of this, at most "
@@ -162,11 +169,27 @@ def _check_options(args) -> None:
     _check_numbers(args)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.batch_size % args.nproc:
+    if args.batch_size % args.nproc and getattr(args, "shard_axis", None) is None:
         raise BwskError(f"--batch-size {args.batch_size} is not a multiple of --nproc {args.nproc}")
     if args.compile != "off" and getattr(args, "shard", False):
         raise BwskError("--compile with --shard is not supported (FSDP2's hooks under fullgraph compile "
                         "are untested here); use --compile off, or DDP without --shard")
+    axis = getattr(args, "shard_axis", None)
+    if axis is not None:
+        if args.nproc < 2:
+            raise BwskError(f"--shard-axis needs --nproc 2 or more (it splits the {axis} over the ranks), "
+                            f"got --nproc {args.nproc}")
+        if getattr(args, "shard", False):
+            raise BwskError("--shard-axis and --shard are two ways to use the ranks: choose one")
+        if args.compile != "off":
+            raise BwskError("--compile with --shard-axis is not supported (the sharded runtime runs "
+                            "eagerly); use --compile off")
+        if args.mode == "reversible":
+            raise BwskError("--shard-axis runs conventional and analyzed programs: reversible coupling "
+                            "chains are not sharded yet (use --mode conventional or analyzed)")
+        if args.precision != "fp32":
+            raise BwskError(f"--shard-axis with --precision {args.precision}: the sharded runtime runs "
+                            "fp32 only; use --precision fp32")
     if getattr(args, "shard", False) and args.nproc < 2:
         raise BwskError(f"--shard needs --nproc 2 or more (it shards over the ranks), got --nproc {args.nproc}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -234,6 +257,8 @@ def _check_checkpoints(out: Path, variants) -> None:
 def _variants(args) -> list[tuple[str, str]]:
     experiments = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
     modes = MODES if args.mode == "all" else (args.mode,)
+    if getattr(args, "shard_axis", None) is not None:  # coupling chains are not sharded (yet)
+        modes = tuple(m for m in modes if m != "reversible")
     return [(e, m) for e in experiments for m in modes]
 
 
@@ -431,9 +456,10 @@ def run_training(args) -> dict:
     _check_data_kind(args, src)
     if src.program is not None:  # an IR program has fixed shapes: the run must use them
         batch, seq = src.program.entry.inputs[0].shape
-        if (args.batch_size // args.nproc, args.seq_len) != (batch, seq):
+        ranks = 1 if getattr(args, "shard_axis", None) else args.nproc  # sharded: every rank the whole batch
+        if (args.batch_size // ranks, args.seq_len) != (batch, seq):
             raise BwskError(f"{args.model}: the program takes i64[{batch},{seq}]: use --seq-len {seq} and "
-                            f"--batch-size {batch * args.nproc} (per process {batch})")
+                            f"--batch-size {batch * ranks} (per process {batch})")
     limit = max_positions(src.program or src.config)
     if args.task != "image" and limit is not None and args.seq_len > limit:
         raise BwskError(f"--seq-len {args.seq_len} exceeds the model's {limit} positions")
@@ -512,7 +538,7 @@ def _config(args, experiment, mode, out, data, init_from) -> RunConfig:
                      seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
                      device=args.device, resume=args.resume,
                      nproc=args.nproc, ddp_timeout=args.ddp_timeout, shard=getattr(args, "shard", False),
-                     task=args.task,
+                     shard_axis=getattr(args, "shard_axis", None), task=args.task,
                      check_gradients=args.check_gradients, compile=args.compile)
 
 

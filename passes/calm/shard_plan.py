@@ -174,3 +174,27 @@ def payloads_of(program, plan: ShardPlan) -> None:
     """Fill ``plan.payloads`` (bytes of each forward collective) from the derived schedule."""
     plan.payloads = derive_plan(program, plan.axis, plan.nproc, plan.inputs).payloads
 
+
+
+def parse_shard_spec(spec: str) -> tuple[str, int]:
+    """``AXIS=N`` (the CLI's ``--shard``) as (axis, N)."""
+    axis, eq, n = spec.partition("=")
+    if not eq or not axis.strip() or not n.strip().isdigit() or int(n) < 1:
+        raise BwskError(f"--shard {spec!r}: give AXIS=N, a CALM axis and a process count >= 1, "
+                        "e.g. sequence=2")
+    return axis.strip(), int(n)
+
+
+def plans_for(program, specs: list[tuple[str, int]], axes=None, kept: dict | None = None) -> dict:
+    """``{axis: ShardPlan}`` for ``program``: one per ``(axis, N)`` of ``specs`` (the axis as the CALM
+    analysis defines it, or as ``axes`` does), and the ``kept`` plans (parsed with the program, before
+    passes rewrote it) derived again on the program as it is now, with the same input placements."""
+    out = {}
+    for axis, plan in (kept or {}).items():
+        out[axis] = derive_plan(program, axis, plan.nproc, plan.inputs)
+    for axis, n in specs:
+        sch = schedule(program, axis, n, axes)
+        if sch.problems:
+            raise BwskError(f"--shard {axis}={n}: {sch.problems[0]}")
+        out[axis] = plan_of(sch, program)
+    return out
