@@ -53,9 +53,10 @@ def lower(model_or_exported_program, example_args=(), example_kwargs=None, *, na
 
 
 def parse(text: str, filename: str = "<string>") -> Program:
-    """Parse IR text (the form ``program.text()`` prints) into a verified Program without weights."""
-    from bwskc.text import parse_program
-    return parse_program(text, filename)
+    """Parse IR text (the form ``program.text()`` prints) into a verified Program without weights; a
+    sharding plan in the text is checked against the CALM analysis (refused where it differs)."""
+    from bwskc.passes.calm.shard_plan import parse_checked
+    return parse_checked(text, filename)
 
 
 def run_passes(program: Program, passes, *, axes: str | None = None, print_after=(),

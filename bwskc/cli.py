@@ -133,9 +133,11 @@ def _read_text(path: str) -> str:
 def cmd_lower(args) -> None:
     if args.emit not in EMITS:
         raise BwskError(f"unknown --emit {args.emit!r}: choose one of {', '.join(EMITS)}")
+    from bwskc.passes.calm.shard_plan import parse_shard_spec
+    specs = [parse_shard_spec(s) for s in args.shard]  # a bad spec is refused before the model loads
     if args.model.endswith(".bwsk"):
-        from bwskc.text import parse_program
-        program = parse_program(_read_text(args.model), args.model)
+        from bwskc.passes.calm.shard_plan import parse_checked
+        program = parse_checked(_read_text(args.model), args.model)
     else:
         from bwskc.frontend import load_model
         from bwskc.lowering import lower_exported
@@ -144,9 +146,6 @@ def cmd_lower(args) -> None:
         program = lower_exported(loaded.exported, loaded.name)
     names = [n.strip() for n in args.passes.split(",") if n.strip()]
     kept_plans = dict(program.analyses.get("shard") or {})  # parsed with the IR text
-    if args.shard:
-        from bwskc.passes.calm.shard_plan import parse_shard_spec
-        specs = [parse_shard_spec(s) for s in args.shard]  # a bad spec is refused before any pass runs
     if args.emit == "report" and not names:
         names = ["typing", "calm", "fusion"]
     if names or args.print_after:
@@ -160,7 +159,7 @@ def cmd_lower(args) -> None:
         raise BwskError("--axes needs the calm pass (--passes calm) or --shard")
     if args.shard or kept_plans:  # derived on the program as the passes left it (their site ids)
         from bwskc.passes.calm.shard_plan import plans_for
-        program.analyses["shard"] = plans_for(program, specs if args.shard else [], args.axes, kept_plans)
+        program.analyses["shard"] = plans_for(program, specs, args.axes, kept_plans)
     if args.weights_out and not program.weights:
         raise BwskError(f"--weights-out: {args.model} has no weights (an IR file, or --meta)")
     text = emit(program, args.emit)
@@ -187,8 +186,8 @@ def emit(program, kind: str) -> str:
 
 
 def cmd_parse(args) -> None:
-    from bwskc.text import parse_program
-    program = parse_program(_read_text(args.file), args.file)
+    from bwskc.passes.calm.shard_plan import parse_checked  # the IR, then its plans' claims
+    program = parse_checked(_read_text(args.file), args.file)
     write_output(program.text(), args.output)
 
 

@@ -385,7 +385,7 @@ class Program:
         return len(self.consts) + sum(1 for b in bodies for _ in prims(b))
 
     def text(self) -> str:
-        from bwskc.text import print_program
+        from bwskc.printer import print_program
         return print_program(self)
 
     def with_weights(self, weights: dict[str, torch.Tensor]) -> Program:

@@ -178,8 +178,7 @@ def _comm_section(program: Program, calm) -> list[str]:
            "is all-reduced once. `bwskc.compile(model, args, shard={AXIS: N})` runs exactly the forward "
            "collectives listed (`module.comm.log` equals `module.schedule.comm`).", ""]
     scopes = {s.id: (s.scope, s.prim.op) for s in sites(program)}
-    params = sum(d.type.numel * d.type.torch_dtype.itemsize
-                 for d in program.tensors.values() if d.kind == "param")
+    params = gradient_bytes(program)
     for axis, n, axes in wanted:
         try:
             sch = schedule(program, axis, n, axes)
@@ -210,6 +209,23 @@ def _comm_section(program: Program, calm) -> list[str]:
         barriers = len(sch.barrier_sites())
         out += ["", f"{barriers} barrier site(s); {len(sch.comm)} forward collective(s) per step.", ""]
     return out
+
+
+def gradient_bytes(program: Program) -> int:
+    """Bytes of the parameters' gradients one step all-reduces: each parameter the program reads, once
+    (a tied weight, one tensor under two names, once; a declared one nothing reads gets no gradient)."""
+    read = {n for _, t in ir.walk_terms(program, [program.entry.body, *program.consts])
+            if isinstance(t, ir.Prim) for n in t.tensor_refs()}
+    seen, total = set(), 0
+    for name in read:
+        decl = program.tensors.get(name)
+        if decl is None or decl.kind != "param" or not decl.type.torch_dtype.is_floating_point:
+            continue
+        key = id(program.weights[name]) if name in program.weights else name
+        if key not in seen:
+            seen.add(key)
+            total += decl.type.numel * decl.type.torch_dtype.itemsize
+    return total
 
 
 def _calm_section(calm) -> list[str]:

@@ -1,4 +1,5 @@
-"""The IR's text form: a stable printer and a Lark (LALR, strict) parser with one Transformer.
+"""The IR's text form: a Lark (LALR, strict) parser with one Transformer, for what ``bwskc.printer``
+prints (re-exported here: ``print_program``, ``name_text``...).
 
 ``parse_program(print_program(p)) == p`` for every program, and printing is deterministic byte for byte.
 Names that are not plain identifiers, or that collide with a keyword, are printed in backquotes. A
@@ -23,7 +24,7 @@ from lark.exceptions import (
 )
 
 from bwskc._deep import run_deep
-from bwskc.errors import BwskError, IRSyntaxError
+from bwskc.errors import IRSyntaxError
 from bwskc.grammar import grammar_text
 from bwskc.ir import (
     DTYPE_BY_NAME,
@@ -43,10 +44,20 @@ from bwskc.ir import (
     TensorRef,
     TensorType,
     TupleType,
-    Type,
+)
+from bwskc.placement import Part, PlanStep, ShardPlan
+from bwskc.printer import (  # noqa: F401  (the text form's printing half, re-exported)
+    FORMAT_VERSION,
+    KEYWORDS,
+    TORCH_ATTRS,
+    literal_text,
+    name_text,
+    prim_text,
+    print_program,
+    term_text,
+    type_text,
 )
 
-FORMAT_VERSION = 1
 # Bounds on untrusted text, each refused with its position. Deeper nesting than any lowering produces
 # (Mamba's unrolled scan: hundreds) would only exhaust the recursive stages (typing, printing, equality).
 MAX_NESTING = 10_000
@@ -55,157 +66,7 @@ MAX_INT_BITS = 64  # ATen's integers are 64-bit (uint64 fill values included)
 # batch 8, sequence 8192 and vocabulary 256k are 64 GiB), and the bound keeps every later stage's
 # allocation bounded by what the text says.
 MAX_TENSOR_BYTES = 2**40
-_WIDTH = 100
-_MAX_INDENT = 40  # deeper nesting is printed at this indent, so text stays linear in the term's size
-_PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.@]*$")
-KEYWORDS = {"bwsk", "program", "param", "buffer", "constant", "const", "def", "phase", "entry", "B", "C",
-            "I", "K", "S", "W", "R", "R1", "R2", "R3", "R4", "True", "False", "None", "inf", "nan", "_",
-            "shard"}
 DEF_ATTRIBUTES = ("role",)  # what ``{key=value}`` after a definition's name may set
-_TORCH_ATTRS = {str(v): v for v in [
-    *DTYPE_BY_NAME.values(), torch.strided, torch.sparse_coo, torch.sparse_csr, torch._mkldnn,
-    torch.contiguous_format, torch.channels_last, torch.channels_last_3d, torch.preserve_format]}
-
-
-# ------------------------------------------------------------------------------------------- printer
-
-def name_text(name: str) -> str:
-    if _PLAIN.match(name) and name not in KEYWORDS and not name.startswith("torch."):
-        return name
-    if "`" in name or "\n" in name:
-        raise BwskError(f"name {name!r} cannot be printed")
-    return f"`{name}`"
-
-
-def type_text(t: Type) -> str:
-    if isinstance(t, TupleType):
-        if len(t.items) == 1:
-            return f"({type_text(t.items[0])},)"
-        return "(" + ", ".join(type_text(i) for i in t.items) + ")"
-    return str(t)
-
-
-def literal_text(a) -> str:
-    if a is HOLE:
-        return "_"
-    if a is None or isinstance(a, bool):
-        return str(a)
-    if isinstance(a, int):
-        return str(a)
-    if isinstance(a, float):
-        if math.isnan(a):
-            return "nan"
-        if math.isinf(a):
-            return "inf" if a > 0 else "-inf"
-        return repr(a)
-    if isinstance(a, str):
-        return json.dumps(a)
-    if isinstance(a, tuple):
-        return "[" + ", ".join(literal_text(b) for b in a) + "]"
-    if isinstance(a, TensorRef):
-        return name_text(a.name)
-    if isinstance(a, ConstRef):
-        return f"%{a.index}"
-    if isinstance(a, torch.device):
-        return f'torch.device("{a}")'
-    if str(a) in _TORCH_ATTRS:
-        return str(a)
-    raise BwskError(f"cannot print literal {a!r}")
-
-
-def prim_text(p: Prim) -> str:
-    parts = [literal_text(a) for a in p.args] + [f"{name_text(k)}={literal_text(v)}" for k, v in p.kwargs]
-    return f"{name_text(p.op)}({', '.join(parts)}) : {type_text(p.type)}"
-
-
-class _TermPrinter:
-    def __init__(self):
-        self.widths: dict[int, int] = {}
-
-    def width(self, t) -> int:
-        """Flat width, capped just above the line limit (so computing it is linear)."""
-        key = id(t)
-        if key in self.widths:
-            return self.widths[key]
-        if isinstance(t, Prim):
-            w = len(prim_text(t))
-        elif isinstance(t, Comb):
-            w = 1
-            if t.args:
-                w += 2 + sum(self.width(a) + 2 for a in t.args) - 2
-                w = min(w, _WIDTH + 1)
-        elif isinstance(t, Ref):
-            w = len(name_text(t.name))
-        else:
-            w = len(f"%{t.index}")
-        self.widths[key] = min(w, _WIDTH + 1)
-        return self.widths[key]
-
-    def flat(self, t) -> str:
-        if isinstance(t, Prim):
-            return prim_text(t)
-        if isinstance(t, Comb):
-            return t.kind + ("(" + ", ".join(self.flat(a) for a in t.args) + ")" if t.args else "")
-        if isinstance(t, Ref):
-            return name_text(t.name)
-        return f"%{t.index}"
-
-    def render(self, t, indent: int, out: list[str]):
-        if not isinstance(t, Comb) or not t.args or indent + self.width(t) <= _WIDTH:
-            out.append(self.flat(t))
-            return
-        out.append(t.kind + "(\n")
-        inner = min(indent + 2, _MAX_INDENT)
-        for i, a in enumerate(t.args):
-            out.append(" " * inner)
-            self.render(a, inner, out)
-            out.append(",\n" if i + 1 < len(t.args) else "\n")
-        out.append(" " * indent + ")")
-
-
-def term_text(t, indent: int = 0) -> str:
-    out: list[str] = []
-    _TermPrinter().render(t, indent, out)
-    return "".join(out)
-
-
-def print_program(p: Program) -> str:
-    return run_deep(_print_program, p)
-
-
-def _print_program(p: Program) -> str:
-    lines = [f"bwsk {FORMAT_VERSION} program {name_text(p.name)}", ""]
-    for name, decl in p.tensors.items():
-        lines.append(f"{decl.kind} {name_text(name)} : {type_text(decl.type)}")
-    if p.tensors:
-        lines.append("")
-    for i, c in enumerate(p.consts):
-        lines.append(f"const %{i} = {prim_text(c)}")
-    if p.consts:
-        lines.append("")
-    printer = _TermPrinter()
-    for d in p.defs.values():
-        sig = ", ".join(type_text(t) for t in d.inputs)
-        keyword = "phase" if d.kind == "phase" else "def"
-        attrs = f" {{role={name_text(d.role)}}}" if d.role is not None else ""
-        out = [f"{keyword} {name_text(d.name)}{attrs} : ({sig}) -> {type_text(d.output)} =\n  "]
-        printer.render(d.body, 2, out)
-        lines.append("".join(out))
-        lines.append("")
-    e = p.entry
-    ins = ", ".join(f"{name_text(n)}: {type_text(t)}" for n, t in zip(e.input_names, e.inputs))
-    outs = ", ".join(f"{name_text(n)}: {type_text(t)}" for n, t in zip(e.output_names, e.outputs))
-    out = [f"entry ({ins}) -> ({outs}) =\n  "]
-    printer.render(e.body, 2, out)
-    lines.append("".join(out))
-    plans = p.analyses.get("shard") or {}
-    if plans:
-        from bwskc.passes.calm.shard_plan import plan_lines
-        from bwskc.sites import sites
-        scope = {s.id: s.scope for s in sites(p)}
-        for plan in plans.values():
-            lines += [""] + plan_lines(plan, name_text, scope.get)
-    return "\n".join(lines) + "\n"
 
 
 # -------------------------------------------------------------------------------------------- parser
@@ -331,8 +192,8 @@ class _ToIR(Transformer_NonRecursive):
 
     def name_arg(self, tok):
         name = _unquote(tok)
-        if str(tok) in _TORCH_ATTRS:
-            return _TORCH_ATTRS[str(tok)]
+        if str(tok) in TORCH_ATTRS:
+            return TORCH_ATTRS[str(tok)]
         if str(tok).startswith("torch."):
             raise _Semantic(f"unknown torch constant {name}", tok)
         return TensorRef(name)
@@ -444,7 +305,6 @@ class _ToIR(Transformer_NonRecursive):
         return (_unquote(key), _int(value, "placement factor"), key)
 
     def placement_one(self, kind, *args):
-        from bwskc.passes.calm.plan import Part
         args = [a for a in args if a is not None]
         k = _unquote(kind)
         if k == "Replicate":
@@ -487,7 +347,6 @@ class _ToIR(Transformer_NonRecursive):
 
     @v_args(meta=True, inline=True)
     def shard_step(self, meta, site, op, coll, made, want, note):
-        from bwskc.passes.calm.shard_plan import PlanStep
         kind, what = coll
         made = _placement(made)
         step = PlanStep(_int(site, "site"), _unquote(op), what if kind == "gather" else (),
@@ -502,7 +361,6 @@ class _ToIR(Transformer_NonRecursive):
 
     @v_args(meta=True, inline=True)
     def shard_def(self, meta, axis, nproc, *items):
-        from bwskc.passes.calm.shard_plan import ShardPlan
         n = _int(nproc, "process count")
         if n < 1:
             raise _Semantic(f"shard: {n} processes (at least 1)", nproc)
@@ -624,21 +482,7 @@ def _parse_program(text: str, filename: str) -> Program:
     from bwskc.verify import verify_program
     program = _parse_syntax(text, filename)
     verify_program(program, filename=filename)
-    _check_plans(program, text, filename)
     return program
-
-
-def _check_plans(program: Program, text: str, filename: str) -> None:
-    """A plan in the text is a claim about the program: the one the analysis derives, or refused."""
-    from bwskc.errors import VerifyError
-    from bwskc.passes.calm.shard_plan import check_plan, payloads_of
-    for plan in (program.analyses.get("shard") or {}).values():
-        bad = check_plan(program, plan)
-        if bad is not None:
-            pos, message = bad
-            where = f"{filename}:{pos[0]}:{pos[1]}" if pos else filename
-            raise VerifyError(f"{where}: {message}")
-        payloads_of(program, plan)
 
 
 def _parse_syntax(text: str, filename: str) -> Program:

@@ -4,7 +4,7 @@
   along the sequence and the batch (a training-mode ResNet: its batch norms all-reduce), and random
   programs along the sequence over 1, 2 and 4 processes.
 * A plan that is not the analysis' is refused at the line that says otherwise (``FILE:LINE:COL``), in
-  one line, by ``parse_program`` and by ``bwskc parse`` (exit 2, nothing written).
+  one line, by ``parse_checked`` (bwskc.parse) and by ``bwskc parse`` (exit 2, nothing written).
 * ``bwskc lower --shard AXIS=N`` prints a plan ``bwskc parse`` accepts, refuses bad specs and uneven
   splits in one line, and derives a carried plan again after passes renumber the sites.
 * ``--emit report``'s communication table is the schedule's: its sites, calls and bytes.
@@ -27,7 +27,7 @@ from bwskc.errors import BwskError, IRSyntaxError
 from bwskc.passes.calm.schedule import schedule
 from bwskc.passes.calm.shard_plan import ShardPlan, placement_text, plan_of
 from bwskc.sites import sites
-from bwskc.text import parse_program
+from bwskc.passes.calm.shard_plan import parse_checked
 
 GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64, "vocab_size": 300,
         "bos_token_id": 0, "eos_token_id": 0, "use_cache": False}
@@ -59,7 +59,7 @@ def block(text: str, axis: str) -> tuple[int, list[str]]:
 def check_round_trip(program, axis: str, nproc: int, filename: str = "plan.bwsk") -> tuple[str, ShardPlan]:
     carrying, sch, plan = with_plan(program, axis, nproc)
     text = carrying.text()
-    parsed = parse_program(text, filename)
+    parsed = parse_checked(text, filename)
     got = parsed.analyses["shard"]
     assert list(got) == [axis]
     assert got[axis] == plan
@@ -185,7 +185,6 @@ def _duplicate(index):
 
 
 H, IN, S0, S1, OUT = 0, 1, 2, 3, 4  # lines of the block, from its header
-BUG = "product bug (see the test file's report): "
 MUTATIONS = {
     "barrier site": (_replace(S0, lambda p: f"@{p.steps[0].site} ", lambda p: f"@{p.steps[0].site + 1} "),
                      "the plan says"),
@@ -218,22 +217,9 @@ MUTATIONS = {
     "input replicated": (_replace(IN, _const("Shard(1)"), _const("Replicate()")), "no input is split"),
     # ...one that splits another dim derives another plan, refused where the text leaves it
     "input split along the batch": (_replace(IN, _const("Shard(1)"), _const("Shard(0)")), "shard sequence"),
-    "input split along a factor": pytest.param(
-        _replace(IN, _const("Shard(1)"), _const("Shard(1, outer=2)")), "split along a whole dim",
-        marks=pytest.mark.xfail(strict=True, reason=BUG + "check_plan reports derive_plan's error about "
-                                "an input at the header, not at the input's line")),
-    "input dim beyond its rank": pytest.param(
-        _replace(IN, _const("Shard(1)"), _const("Shard(5)")), "input_ids",
-        marks=pytest.mark.xfail(strict=True, raises=IndexError, reason=BUG + "schedule() indexes "
-                                "t.shape[part.dim] unchecked: IndexError (bwskc parse exits 1)")),
-    "unknown axis": pytest.param(
-        _replace(H, _const("shard sequence 2"), _const("shard nonsense 2")), "nonsense",
-        marks=pytest.mark.xfail(strict=True, reason=BUG + "the axis name is never checked: derive_plan "
-                                "takes the plan's own placements as the axis")),
-    "sequence plan named batch": pytest.param(
-        _replace(H, _const("shard sequence 2"), _const("shard batch 2")), "batch",
-        marks=pytest.mark.xfail(strict=True, reason=BUG + "a default axis's name over another axis's "
-                                "placements is accepted (and reported as that axis)")),
+    "input split along a factor": (_replace(IN, _const("Shard(1)"), _const("Shard(1, outer=2)")),
+                                   "split along a whole dim"),
+    "input dim beyond its rank": (_replace(IN, _const("Shard(1)"), _const("Shard(5)")), "has no dim 5"),
 }
 
 
@@ -271,7 +257,7 @@ def test_mutated_plan_is_refused_at_its_line(gpt2_text, mutation, tmp_path, caps
     text, line, block_lines = _mutated(gpt2_text, mutation)
     path = str(tmp_path / "mutated.bwsk")
     with pytest.raises(BwskError) as info:
-        parse_program(text, path)
+        parse_checked(text, path)
     message = str(info.value)
     assert "\n" not in message, message
     got_line, got_col = _location(message, path)
@@ -313,6 +299,34 @@ def test_the_unmutated_text_is_accepted_by_the_cli(gpt2_text, tmp_path, capsys):
     assert out.read_text() == text
 
 
+def test_the_axis_name_is_a_label_the_placements_define(gpt2_text):
+    """The inputs' placements define the axis (as ``--axes AXIS=INPUT:DIM`` does): the sequence plan
+    under another name is the same claim about the program, derived and accepted as such."""
+    text, _, _ = gpt2_text
+    relabelled = text.replace("shard sequence 2 {", "shard tokens 2 {")
+    parsed = parse_checked(relabelled, "tokens.bwsk")
+    (plan,) = parsed.analyses["shard"].values()
+    assert plan.axis == "tokens" and parsed.text() == relabelled
+    original = parse_checked(text, "plan.bwsk").analyses["shard"]["sequence"]
+    assert (plan.inputs, plan.steps, plan.outputs) == (original.inputs, original.steps, original.outputs)
+
+
+def test_the_text_layer_parses_plans_as_claims_and_the_calm_layer_checks_them(gpt2_text):
+    """``bwskc.text.parse_program`` (the IR layer: no analysis) parses a plan's form; the claim is
+    checked by ``check_parsed``, which every reader of IR text in bwskc runs (bwskc.parse, the CLI,
+    the trainer)."""
+    import bwskc
+    from bwskc.passes.calm.shard_plan import check_parsed
+    from bwskc.text import parse_program
+    text, _, _ = gpt2_text
+    false = text.replace("all_gather[1, 2]", "all_gather[1]", 1)
+    program = parse_program(false, "false.bwsk")  # well-formed IR with a false plan
+    with pytest.raises(BwskError, match=r"^false\.bwsk:\d+:\d+: shard sequence: the plan says"):
+        check_parsed(program, "false.bwsk")
+    with pytest.raises(BwskError, match="the plan says"):
+        bwskc.parse(false, "false.bwsk")
+
+
 # ------------------------------------------------------------------------------ 3. lower --shard
 
 
@@ -346,18 +360,18 @@ def test_lower_shard_prints_a_plan_parse_accepts(lowered, capsys):
     rc, err = _run(["parse", out, "-o", root / "reparsed.bwsk"], capsys)
     assert rc == 0 and err == []
     assert (root / "reparsed.bwsk").read_text() == text
-    program = parse_program(text, str(out))
+    program = parse_checked(text, str(out))
     plan = program.analyses["shard"]["sequence"]
     assert plan == plan_of(schedule(program, "sequence", 2), program) and plan.steps
     # the plan is what was added: the same IR without it parses to no plan
-    assert parse_program(plain.read_text(), str(plain)).analyses.get("shard") is None
+    assert parse_checked(plain.read_text(), str(plain)).analyses.get("shard") is None
 
 
 def test_lower_shard_refuses_an_uneven_split_in_one_line(lowered, capsys):
     root, cfg, out, plain = lowered
     target = root / "uneven.bwsk"
     rc, err = _run(["lower", cfg, "--shard", "sequence=3", "-o", target], capsys)
-    seq = parse_program(plain.read_text()).entry.inputs[0].shape[1]
+    seq = parse_checked(plain.read_text()).entry.inputs[0].shape[1]
     assert seq % 3  # the default example input's sequence length does not split over 3
     assert rc == 2 and len(err) == 1, err
     assert err[0].startswith("bwskc: --shard sequence=3: ") and f"size {seq}" in err[0], err
@@ -382,10 +396,10 @@ def test_lower_with_passes_derives_a_carried_plan_again(lowered, capsys):
     rc, err = _run(["lower", out, "--passes", "fusion", "-o", fused], capsys)
     assert rc == 0 and err == []
     text = fused.read_text()
-    program = parse_program(text, str(fused))  # the output parses: its plan is the fused program's
+    program = parse_checked(text, str(fused))  # the output parses: its plan is the fused program's
     plan = program.analyses["shard"]["sequence"]
     assert plan == plan_of(schedule(program, "sequence", 2), program)
-    before = parse_program(out.read_text(), str(out)).analyses["shard"]["sequence"]
+    before = parse_checked(out.read_text(), str(out)).analyses["shard"]["sequence"]
     assert plan.inputs == before.inputs and plan.nproc == before.nproc
     assert [s.op for s in plan.steps] == [s.op for s in before.steps]
     # fusion renumbered the sites: the plan carried from the input would be refused on the output
@@ -394,7 +408,7 @@ def test_lower_with_passes_derives_a_carried_plan_again(lowered, capsys):
     _, old = block(out.read_text(), "sequence")
     stale = "\n".join(text.split("\n")[:start] + old + text.split("\n")[start + len(lines):])
     with pytest.raises(BwskError, match=rf"^stale\.bwsk:{start + 3}:3: shard sequence: the plan says"):
-        parse_program(stale, "stale.bwsk")
+        parse_checked(stale, "stale.bwsk")
 
 
 def test_lower_shard_along_an_axes_axis_round_trips(lowered, capsys):
@@ -465,8 +479,9 @@ def test_report_communication_is_the_schedule(report_run):
     outputs = [r for r in rows if r[2] == "(outputs returned whole)"]
     whole = [b for sid, _, b in sch.comm if sid is None]  # outputs made sharded, gathered to return
     assert [(r[4], r[5]) for r in outputs] == ([(str(len(whole)), _mb(sum(whole)))] if whole else [])
-    params = sum(d.type.numel * d.type.torch_dtype.itemsize for d in program.tensors.values()
-                 if d.kind == "param")
+    import transformers
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: one tensor, once
     (grad,) = [r for r in rows if r[2] == "(parameter gradients)"]
     assert grad[5] == _mb(params)
     (total,) = [r for r in rows if r[0] == "**Total**"]
@@ -477,8 +492,6 @@ def test_report_communication_is_the_schedule(report_run):
     assert f"{len(sch.barrier_sites())} barrier site(s); {len(sch.comm)} forward collective(s)" in report
 
 
-@pytest.mark.xfail(strict=True, reason=BUG + "report._comm_section sums every declared param, so GPT-2's "
-                   "tied lm_head/wte weight is counted twice (the runtime all-reduces it once)")
 def test_report_parameter_gradients_count_a_tied_weight_once(report_run):
     import transformers
     from bwskc.report import _mb
@@ -498,5 +511,5 @@ def test_report_without_shard_covers_every_calm_axis(lowered, capsys):
     report = target.read_text()
     section = report.split("## Communication (sharded execution)\n", 1)[1].split("\n## ", 1)[0]
     assert "over 2 processes" in section
-    axes = list(parse_axes(None, parse_program(plain.read_text())))
+    axes = list(parse_axes(None, parse_checked(plain.read_text())))
     assert axes and list(_comm_tables(report)) == [f"{a}, 2 processes" for a in axes]

@@ -60,7 +60,7 @@ def resolve_model(spec: str) -> ModelSource:
 
 
 def _from_ir(spec: str, path: Path) -> ModelSource:
-    from bwskc.text import parse_program
+    from bwskc.passes.calm.shard_plan import parse_checked as parse_program  # plans checked too
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:

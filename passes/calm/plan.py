@@ -8,28 +8,13 @@ from typing import Any
 import torch
 
 from bwskc.ir import Prim
+from bwskc.placement import Part  # noqa: F401  (the analysis' vocabulary, defined with the IR)
 
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "halo-exchange", "scan", "broadcast",
                "position-offset", "unknown")
 
 
 # --------------------------------------------------------------------------------------- partitions
-
-
-@dataclass(frozen=True)
-class Part:
-    """Where an axis sits in a tensor: ``dim`` read as ``[outer, P, inner]``, shards split ``P``."""
-
-    dim: int
-    outer: int = 1
-    inner: int = 1
-
-    def factor(self, shape) -> int:
-        return shape[self.dim] // (self.outer * self.inner)
-
-    def __str__(self) -> str:
-        extra = "" if self.outer == self.inner == 1 else f"[{self.outer}x.x{self.inner}]"
-        return f"dim {self.dim}{extra}"
 
 
 @dataclass(frozen=True)

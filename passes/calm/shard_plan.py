@@ -16,44 +16,19 @@ Each entry input's placement starts the first region; each barrier (``@SITE OP``
 local run makes and, after ``=>``, the one the region after it reads when they differ (a
 sharded result gathered, a replicated one sliced); ``-> OUTPUT : P`` is where a user output is made
 (returned whole: gathered when sharded). Coordination-free steps are not printed: their placements
-follow from these by the same rules. A plan is a claim about its program; the parser derives the
-schedule again and refuses text whose plan differs, at the first line that does.
+follow from these by the same rules. A plan is a claim about its program: ``check_parsed`` (run by
+``bwskc.parse``, the CLI and the trainer on every IR text they read) derives the schedule again and
+refuses text whose plan differs, at the first line that does. The axis's name is a label: the inputs'
+placements define the axis (as ``--axes AXIS=INPUT:DIM`` does), and everything after follows from them.
+
+The data and the printed form are the IR layer's (``bwskc/placement.py``); this module is the analysis
+side: deriving a plan from a schedule and checking one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from bwskc.errors import BwskError
-from bwskc.passes.calm.plan import Part
+from bwskc.errors import BwskError, VerifyError
 from bwskc.passes.calm.schedule import Schedule, schedule
-
-Placement = Part | None | tuple
-
-
-@dataclass(frozen=True)
-class PlanStep:
-    """One barrier step: the site, its op, the gathered operand slots, the all-reduce executor, where
-    its local run puts the result (``made``) and where the region after it reads it (``want``)."""
-
-    site: int
-    op: str
-    gather: tuple[int, ...] = ()
-    reducer: str | None = None
-    made: Placement = None
-    want: Placement = None
-    note: str | None = None
-
-
-@dataclass
-class ShardPlan:
-    axis: str
-    nproc: int
-    inputs: dict[str, Part | None]
-    steps: list[PlanStep]
-    outputs: dict[str, Part | None]
-    payloads: dict[int, list[tuple[str, int]]] = field(default_factory=dict, compare=False)
-    # where each item was written (parsed text): key -> (line, column)
-    pos: dict = field(default_factory=dict, compare=False, repr=False)
+from bwskc.placement import Part, PlanStep, ShardPlan, as_placement, placement_text
 
 
 def plan_of(sch: Schedule, program) -> ShardPlan:
@@ -66,53 +41,9 @@ def plan_of(sch: Schedule, program) -> ShardPlan:
             if st.collective is None:
                 continue
             steps.append(PlanStep(sid, ops[sid], st.gather, st.reducer,
-                                  _norm(st.local.out), _norm(st.plan.out), st.note))
+                                  as_placement(st.local.out), as_placement(st.plan.out), st.note))
     return ShardPlan(sch.axis, sch.nproc, dict(sch.inputs), steps, dict(sch.outputs),
                      sch.bytes_by_site())
-
-
-def _norm(p: Placement) -> Placement:
-    return tuple(p) if isinstance(p, (tuple, list)) else p
-
-
-def placement_text(p: Placement) -> str:
-    if isinstance(p, tuple):
-        return "(" + ", ".join(placement_text(q) for q in p) + ("," if len(p) == 1 else "") + ")"
-    if p is None:
-        return "Replicate()"
-    extra = "" if p.outer == p.inner == 1 else f", outer={p.outer}, inner={p.inner}"
-    return f"Shard({p.dim}{extra})"
-
-
-def plan_lines(plan: ShardPlan, name_text, scope_of=None) -> list[str]:
-    """The block's lines; ``name_text`` quotes names as the IR printer does, ``scope_of(site)`` gives
-    the comment's definition."""
-    out = [f"shard {name_text(plan.axis)} {plan.nproc} {{"]
-    for name, part in plan.inputs.items():
-        out.append(f"  {name_text(name)} : {placement_text(part)}")
-    for st in plan.steps:
-        coll = (f"all_reduce({name_text(st.reducer)})" if st.reducer is not None else
-                "all_gather[" + ", ".join(map(str, st.gather)) + "]")
-        line = f"  @{st.site} {name_text(st.op)} : {coll} -> {placement_text(st.made)}"
-        if st.want != st.made:
-            line += f" => {placement_text(st.want)}"
-        if st.note is not None:
-            line += " " + _json(st.note)
-        comm = plan.payloads.get(st.site)
-        where = scope_of(st.site) if scope_of else None
-        if comm or where:
-            sizes = ", ".join(f"{c} {b} B" for c, b in comm or [])
-            line += f"  # {where or ''}{': ' if where and sizes else ''}{sizes}"
-        out.append(line)
-    for name, part in plan.outputs.items():
-        out.append(f"  -> {name_text(name)} : {placement_text(part)}")
-    out.append("}")
-    return out
-
-
-def _json(s: str) -> str:
-    import json
-    return json.dumps(s)
 
 
 def derive_plan(program, axis: str, nproc: int, inputs: dict[str, Part | None]) -> ShardPlan:
@@ -138,6 +69,20 @@ def check_plan(program, plan: ShardPlan) -> tuple[tuple[int, int] | None, str] |
                 f"input {missing[0]!r} has no placement" if missing else
                 "inputs are not in the entry's order")
         return plan.pos.get(("input", extra[0]) if extra else "header"), f"shard {plan.axis}: {what}"
+    types = dict(zip(program.entry.input_names, program.entry.inputs))
+    for name, part in plan.inputs.items():  # each input's own placement, refused at its line
+        shape = getattr(types[name], "shape", None)
+        where = plan.pos.get(("input", name), plan.pos.get("header"))
+        if part is None:
+            continue
+        if shape is None or part.dim >= len(shape):
+            return where, (f"shard {plan.axis}: input {name} {types[name]} has no dim {part.dim}")
+        if (part.outer, part.inner) != (1, 1):
+            return where, (f"shard {plan.axis}: input {name} is split along a whole dim, not a factor "
+                           "of one")
+        if shape[part.dim] % plan.nproc:  # at the header: its process count is what does not divide
+            return plan.pos.get("header"), (f"shard {plan.axis}: input {name} {types[name]}: dim {part.dim} of size "
+                           f"{shape[part.dim]} does not split evenly over {plan.nproc} processes")
     try:
         want = derive_plan(program, plan.axis, plan.nproc, plan.inputs)
     except BwskError as exc:
@@ -154,14 +99,35 @@ def check_plan(program, plan: ShardPlan) -> tuple[tuple[int, int] | None, str] |
                                                "a barrier step the analysis derives")
         return plan.pos.get("end"), f"shard {plan.axis}: the plan lacks {_step_text(want.steps[k])}"
     if plan.outputs != want.outputs:
+        extra = [n for n in plan.outputs if n not in want.outputs]
+        if extra:
+            return plan.pos.get(("output", extra[0])), f"shard {plan.axis}: {extra[0]!r} is not an output"
         for name, part in want.outputs.items():
             if plan.outputs.get(name, "missing") != part:
                 return plan.pos.get(("output", name), plan.pos.get("end")), (
                     f"shard {plan.axis}: output {name} is made as {placement_text(part)}, not "
                     f"{placement_text(plan.outputs[name]) if name in plan.outputs else 'unplaced'}")
-        extra = next(n for n in plan.outputs if n not in want.outputs)
-        return plan.pos.get(("output", extra)), f"shard {plan.axis}: {extra!r} is not an output"
     return None
+
+
+def check_parsed(program, filename: str = "<string>") -> None:
+    """Every plan parsed with ``program`` is the one the analysis derives (its payloads filled in), or
+    a VerifyError ``FILE:LINE:COL: shard AXIS: ...`` at the first line that differs."""
+    for plan in (program.analyses.get("shard") or {}).values():
+        bad = check_plan(program, plan)
+        if bad is not None:
+            pos, message = bad
+            where = f"{filename}:{pos[0]}:{pos[1]}" if pos else filename
+            raise VerifyError(f"{where}: {message}")
+        payloads_of(program, plan)
+
+
+def parse_checked(text: str, filename: str = "<string>"):
+    """``bwskc.text.parse_program`` (syntax and IR verified), then the plans' claims checked."""
+    from bwskc.text import parse_program
+    program = parse_program(text, filename)
+    check_parsed(program, filename)
+    return program
 
 
 def _step_text(st: PlanStep) -> str:
@@ -173,7 +139,6 @@ def _step_text(st: PlanStep) -> str:
 def payloads_of(program, plan: ShardPlan) -> None:
     """Fill ``plan.payloads`` (bytes of each forward collective) from the derived schedule."""
     plan.payloads = derive_plan(program, plan.axis, plan.nproc, plan.inputs).payloads
-
 
 
 def parse_shard_spec(spec: str) -> tuple[str, int]:
