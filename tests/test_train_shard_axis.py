@@ -76,7 +76,17 @@ def test_sequence_sharded_training_equals_one_process(setup):
     # each rank holds its half of every sharded activation, plus the gathered keys and values
     assert 0 < rb["activation_bytes"] < ra["activation_bytes"]
     assert _close(ra["test_perplexity"], rb["test_perplexity"])
-    # the saved model is one process's: the same layout and per-process batch
+    # the communication `bwskc lower --emit report` predicts for this model and batch is what ran
+    report = root / "report.md"
+    assert main(["lower", str(model), "--train", "--input", "int64[4,32]", "--emit", "report",
+                 "--shard", "sequence=2", "-o", str(report)]) == 0
+    from bwskc.report import _mb
+    section = report.read_text().split("### sequence, 2 processes", 1)[1]
+    assert (f"{along['barrier_sites']} barrier site(s); {along['forward_collectives']} forward "
+            "collective(s) per step") in section
+    (total,) = [ln for ln in section.splitlines() if ln.startswith("| **Total**")]
+    assert total.split("|")[6].strip() == _mb(along["forward_payload_bytes"] + 4 * rb["parameters"])
+        # the saved model is one process's: the same layout and per-process batch
     assert json.loads((two / RUN / "bwskc.json").read_text())["batch_size"] == 4
 
 

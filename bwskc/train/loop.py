@@ -238,11 +238,12 @@ class Trainer:
         return {"shard": {self.split_along: self.world.size}}
 
     def _sharded_along(self) -> dict:
-        """``--shard-axis``: the plan's axis and its forward collectives per step (bytes as produced),
-        and whether the measured step ran exactly those."""
+        """``--shard-axis``: the plan's axis, the forward collectives the measured step ran (bytes as
+        produced), and whether they are exactly the plan's."""
         sch = self.module.schedule
         return {"axis": sch.axis, "nproc": sch.nproc, "barrier_sites": len(sch.barrier_sites()),
-                "forward_collectives": len(sch.comm), "forward_payload_bytes": sch.forward_bytes(),
+                "forward_collectives": len(self.comm_ran),
+                "forward_payload_bytes": sum(b for _, _, b in self.comm_ran),  # as they ran
                 "comm_as_planned": self.comm_as_planned}
 
     def will_check(self, parameters: int) -> bool:
@@ -391,7 +392,8 @@ class Trainer:
         # must be installed too: this rank's activation bytes (its shards and what it gathered)
         act_bytes, _ = run_deep(measure) if self.split_along else measure()
         if self.split_along:  # the collectives that ran are the ones the plan predicted, entry by entry
-            self.comm_as_planned = self.module.comm.log == self.module.schedule.comm
+            self.comm_ran = list(self.module.comm.log)
+            self.comm_as_planned = self.comm_ran == self.module.schedule.comm
         with torch.no_grad():
             for name, b in self.module.named_buffers():
                 b.copy_(kept[name])
