@@ -291,7 +291,8 @@ def test_data_order_partitions_each_epoch(blocks, per_rank, nproc, seed):
     def trainer(rank):
         t = Trainer.__new__(Trainer)
         t.cfg = type("C", (), {"seed": seed, "batch_size": batch})()
-        t.world, t.local, t.blocks = World(rank, nproc), per_rank, data
+        t.world = t.dp = World(rank, nproc)  # dp: the data-parallel group (all ranks without --shard-axis)
+        t.local, t.blocks = per_rank, data
         t.per_epoch, t.device = blocks // batch, torch.device("cpu")
         t.objective = CausalLM(None, data, {}, seed=seed, global_batch=batch)
         return t
