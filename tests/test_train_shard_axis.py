@@ -86,7 +86,7 @@ def test_sequence_sharded_training_equals_one_process(setup):
             "collective(s) per step") in section
     (total,) = [ln for ln in section.splitlines() if ln.startswith("| **Total**")]
     assert total.split("|")[6].strip() == _mb(along["forward_payload_bytes"] + 4 * rb["parameters"])
-        # the saved model is one process's: the same layout and per-process batch
+    # the saved model is one process's: the same layout and per-process batch
     assert json.loads((two / RUN / "bwskc.json").read_text())["batch_size"] == 4
 
 
@@ -95,6 +95,8 @@ def test_sequence_sharded_training_equals_one_process(setup):
     (["--nproc", "2", "--shard-axis", "sequence", "--mode", "reversible"], "reversible coupling chains"),
     (["--nproc", "2", "--shard-axis", "sequence", "--shard"], "choose one"),
     (["--nproc", "2", "--shard-axis", "sequence", "--compile", "aot_eager"], "--compile with --shard-axis"),
+    (["--nproc", "2", "--shard-axis", "sequence", "--seq-len", "33"], "does not split evenly"),
+    (["--nproc", "3", "--shard-axis", "batch"], "--batch-size 4 does not split evenly"),
 ])
 def test_what_shard_axis_cannot_do_is_refused(setup, tmp_path, capsys, extra, says):
     _, model, data = setup

@@ -386,8 +386,12 @@ def restore(out: Path, module, opt, sched, scaler, state, hyperparameters: dict)
     names = {f.name for f in fields(state)}
     values = {k: v for k, v in saved["state"].items() if k in names}
     before = saved["hyperparameters"]
+    # shard_axis is recorded only when set (older runs lack it): unset on either side means none
+    optional = {"shard_axis"}
     changed = [_setting_change(k, before.get(k), v, where) for k, v in hyperparameters.items()
-               if k in before and before[k] != v]
+               if (k in before or k in optional) and before.get(k) != v]
+    changed += [_setting_change(k, before[k], None, where) for k in optional
+                if k in before and k not in hyperparameters]
     if changed:
         raise BwskError(f"{where}: --resume with other settings than the run's ({', '.join(changed)})")
     load_into(module, weights, str(where / "module.safetensors"))

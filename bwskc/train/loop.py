@@ -317,10 +317,12 @@ class Trainer:
     def step(self, step: int) -> tuple[float, float]:
         batch = self.batch(step)
         if self.split_along:
-            # a sharded run draws its random ops on its shard from torch's generator (not counter-based):
-            # a seed of (seed, step, rank), so a resumed run draws the same masks (equal in distribution
-            # to one process's, not mask for mask)
-            torch.manual_seed((self.cfg.seed * 1_000_003 + step) * 1_009 + self.world.rank)
+            # a sharded run draws its random ops from torch's generator (not counter-based), seeded by
+            # (seed, step) alike on every rank: a random op on a replicated value then draws the same
+            # values on every rank (the value stays replicated), and a resumed run draws the same masks.
+            # The cost: shards draw the same stream, so masks at the same shard-relative position
+            # coincide across shards (each mask is still a dropout mask; not one process's)
+            torch.manual_seed(self.cfg.seed * 1_000_003 + step)
         else:
             # the same seed on every rank, each drawing its rows' slice of the global batch's masks
             self.module.reseed(self.cfg.seed, step, shard=self.world.rank)

@@ -190,6 +190,12 @@ def _check_options(args) -> None:
         if args.precision != "fp32":
             raise BwskError(f"--shard-axis with --precision {args.precision}: the sharded runtime runs "
                             "fp32 only; use --precision fp32")
+        if axis == "sequence" and args.seq_len % args.nproc:
+            raise BwskError(f"--shard-axis sequence: --seq-len {args.seq_len} does not split evenly over "
+                            f"--nproc {args.nproc} processes")
+        if axis == "batch" and args.batch_size % args.nproc:
+            raise BwskError(f"--shard-axis batch: --batch-size {args.batch_size} does not split evenly "
+                            f"over --nproc {args.nproc} processes")
     if getattr(args, "shard", False) and args.nproc < 2:
         raise BwskError(f"--shard needs --nproc 2 or more (it shards over the ranks), got --nproc {args.nproc}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

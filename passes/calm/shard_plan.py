@@ -144,7 +144,8 @@ def payloads_of(program, plan: ShardPlan) -> None:
 def parse_shard_spec(spec: str) -> tuple[str, int]:
     """``AXIS=N`` (the CLI's ``--shard``) as (axis, N)."""
     axis, eq, n = spec.partition("=")
-    if not eq or not axis.strip() or not n.strip().isdigit() or int(n) < 1:
+    n = n.strip()
+    if not eq or not axis.strip() or not (n.isascii() and n.isdigit()) or int(n) < 1:
         raise BwskError(f"--shard {spec!r}: give AXIS=N, a CALM axis and a process count >= 1, "
                         "e.g. sequence=2")
     return axis.strip(), int(n)
