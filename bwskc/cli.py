@@ -135,6 +135,10 @@ def cmd_lower(args) -> None:
         raise BwskError(f"unknown --emit {args.emit!r}: choose one of {', '.join(EMITS)}")
     from bwskc.passes.calm.shard_plan import parse_shard_spec
     specs = [parse_shard_spec(s) for s in args.shard]  # a bad spec is refused before the model loads
+    if specs and args.emit not in ("ir", "report"):
+        raise BwskError(f"--shard prints the plan with --emit ir or report, not --emit {args.emit}")
+    if len({a for a, _ in specs}) < len(specs):
+        raise BwskError("--shard: one plan per axis (an axis is given twice)")
     if args.model.endswith(".bwsk"):
         from bwskc.passes.calm.shard_plan import parse_checked
         program = parse_checked(_read_text(args.model), args.model)

@@ -390,6 +390,17 @@ def test_lower_shard_refuses_bad_specs_in_one_line(lowered, capsys, spec, says):
     assert not target.exists()
 
 
+@pytest.mark.parametrize("extra,says", [(["--emit", "json"], "--emit ir or report"),
+                                        (["--shard", "sequence=4"], "an axis is given twice"),
+                                        (["--shard", "sequence=²"], "give AXIS=N")])
+def test_lower_shard_refuses_what_it_would_drop_in_one_line(lowered, capsys, extra, says):
+    root, cfg, out, plain = lowered
+    target = root / "dropped.out"
+    rc, err = _run(["lower", plain, "--shard", "sequence=2", *extra, "-o", target], capsys)
+    assert rc == 2 and len(err) == 1 and says in err[0], err
+    assert not target.exists()
+
+
 def test_lower_with_passes_derives_a_carried_plan_again(lowered, capsys):
     root, cfg, out, plain = lowered
     fused = root / "fused.bwsk"
