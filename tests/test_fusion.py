@@ -20,7 +20,7 @@ import dataclasses
 import pytest
 import torch
 from bwskc.passes import fusion
-from bwskc.passes.fusion import LINK_OPS, chain_blocks, fuse
+from bwskc.passes.fusion import LINK_OPS, POST_OPS, chain_blocks, fuse
 from bwskc.passes.manager import get_pass, run_passes
 from conftest import ZOO_NAMES
 from hypothesis import HealthCheck, given, settings
@@ -130,8 +130,14 @@ def _is_link(c) -> bool:
     return isinstance(c, Prim) and c.op in LINK_OPS
 
 
+def _is_post(c) -> bool:
+    return isinstance(c, Prim) and c.op in POST_OPS
+
+
 def _in_chains(comps, tys, blocks) -> list[bool]:
-    """Components that belong to a run of chain elements (links between) holding 2 blocks or more."""
+    """Components that belong to a run of chain elements holding 2 blocks or more: links between
+    them, and post-ops right before a block (a post-norm or post-activation block's ``T``, as fusion's
+    docstring says: ``relu(x + F(x))`` then the next block)."""
     taken = [False] * len(comps)
     i = 0
     while i < len(comps):
@@ -139,7 +145,8 @@ def _in_chains(comps, tys, blocks) -> list[bool]:
             i += 1
             continue
         j, last, total = i + 1, i, blocks[i]
-        while j < len(comps) and (blocks[j] or _is_link(comps[j])):
+        while j < len(comps) and (blocks[j] or _is_link(comps[j]) or (
+                _is_post(comps[j]) and j + 1 < len(comps) and blocks[j + 1])):
             if blocks[j]:
                 last, total = j, total + blocks[j]
             j += 1
