@@ -147,6 +147,17 @@ def render(d: str, device_name: str, date: str, versions: str = "", revision: st
     return md, data
 
 
+def replace_section(text: str, heading_pattern: str, section: str) -> str:
+    """``text`` with the ``## `` section whose heading line matches ``heading_pattern`` replaced by
+    ``section`` (through the next ``## `` heading), or ``section`` appended when there is none."""
+    m = re.search(heading_pattern, text, flags=re.M)
+    if not m:
+        return text.rstrip("\n") + "\n\n" + section
+    nxt = re.search(r"^## ", text[m.end():], flags=re.M)
+    end = m.end() + nxt.start() if nxt else len(text)
+    return text[:m.start()] + section + ("\n" if nxt else "") + text[end:]
+
+
 def merge(md_path: str, doc: str, dry_run: bool = False) -> str:
     with open(md_path) as f:
         section = f.read().strip() + "\n"
@@ -154,13 +165,7 @@ def merge(md_path: str, doc: str, dry_run: bool = False) -> str:
         section = f"{HEADING}\n\n{section}"
     with open(doc) as f:
         text = f.read()
-    m = re.search(rf"^{re.escape(HEADING)}\b.*$", text, flags=re.M)
-    if m:
-        nxt = re.search(r"^## ", text[m.end():], flags=re.M)
-        end = m.end() + nxt.start() if nxt else len(text)
-        new = text[:m.start()] + section + ("\n" if nxt else "") + text[end:]
-    else:
-        new = text.rstrip("\n") + "\n\n" + section
+    new = replace_section(text, rf"^{re.escape(HEADING)}\b.*$", section)
     if not dry_run:
         with open(doc, "w") as f:
             f.write(new)

@@ -288,16 +288,10 @@ def section(rows: list[dict], meta: dict) -> str:
 
 
 def merge(doc: str, text: str) -> None:
-    """Replace (or add) the section ``HEADING`` of ``doc`` (benchmarks/gpu_results.py's ``merge``)."""
+    """Replace (or add) the section ``HEADING`` of ``doc``."""
+    from gpu_results import replace_section
     with open(doc) as f:
-        old = f.read()
-    m = re.search(rf"^{re.escape(HEADING)}[ \t]*$", old, flags=re.M)
-    if m:
-        nxt = re.search(r"^## ", old[m.end():], flags=re.M)
-        end = m.end() + nxt.start() if nxt else len(old)
-        new = old[:m.start()] + text + ("\n" if nxt else "") + old[end:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
+        new = replace_section(f.read(), rf"^{re.escape(HEADING)}[ \t]*$", text)
     with open(doc, "w") as f:
         f.write(new)
 
