@@ -6,9 +6,9 @@ backward costs twice the forward. This script measures, on ``benchmarks/memory.p
 in one process, with the modes interleaved round by round (each round's median step, the median of
 the rounds' ratios, so that load drifting during the run moves both modes alike):
 
-* ``step``: forward + backward of conventional and reversible, and their ratio;
-* ``phases``: conventional's forward (with graph) and backward, reversible's forward (no graph: the
-  coupling runs it under ``no_grad``) and backward (recompute + backward), and the floor they imply;
+* ``ratio_median`` (``_min``, ``_max``): forward + backward of reversible over conventional;
+* ``*_forward_s``, ``*_backward_s``: each mode's forward and backward (reversible's forward runs its
+  chains without a graph, its backward recomputes and back-propagates), and the ``floor`` they imply;
 * with ``--free-masks``: the same with dropout's counter-based masks replaced by one cached mask per
   shape (a diagnostic, not a training mode): how much of the gap the mask hash is.
 
@@ -65,9 +65,7 @@ def main():
         f, o = timed(lambda: mod(*inputs))
         value = loss(o)
         b, _ = timed(value.backward)
-        with torch.no_grad():
-            fng, _ = timed(lambda: mod(*inputs))
-        return f, b, fng
+        return f, b
 
     for mode in modes:
         step(runs[mode])  # warm up
@@ -76,8 +74,8 @@ def main():
         med = {m: statistics.median(timed(lambda m=m: step(runs[m]))[0] for _ in range(a.steps)) for m in modes}
         ratios.append(med["reversible"] / med["conventional"])
         rows.append({m: phases(runs[m]) for m in modes})
-    cf, cb, _ = (statistics.median(r["conventional"][i] for r in rows) for i in range(3))
-    rf, rb, _ = (statistics.median(r["reversible"][i] for r in rows) for i in range(3))
+    cf, cb = (statistics.median(r["conventional"][i] for r in rows) for i in range(2))
+    rf, rb = (statistics.median(r["reversible"][i] for r in rows) for i in range(2))
     print(json.dumps({
         "blocks": a.blocks, "free_masks": a.free_masks, "threads": torch.get_num_threads(),
         "ratio_median": round(statistics.median(ratios), 3), "ratio_min": round(min(ratios), 3),
