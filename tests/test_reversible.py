@@ -4,8 +4,10 @@ branches, the coupling's inverse as typing evidence, round trips of every rewrit
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
+
 import torch
 import torch.utils._pytree as pytree
 import transformers
@@ -402,6 +404,22 @@ def test_mask_words_are_the_32_bit_finaliser_on_both_word_widths(n, key):
     rng.hash32_(wide)
     wide ^= second
     assert rng.hash32_(wide).tolist() == expect
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 70), start=st.integers(0, 2**31 + 50), p=st.floats(0.0, 1.0),
+       key=st.integers(0, 2**32 - 1))
+def test_keep_mask_is_16_bit_halves_of_the_words_at_any_start(n, start, p, key):
+    """Element j is half j % 2 of word j // 2, kept when that half is at least ceil(p * 2**16): on
+    the Python-integer finaliser, for odd and even starts, past 2**31 (int64 words), and with the
+    start and key as 0-dim tensors (the ``torch.compile`` path, whose parity is selected by ``where``)."""
+    second = rng._mix_int(key, 0x5BD1E995)
+    t = math.ceil(p * (1 << 16))
+    expect = [(rng.hash32_int(rng.hash32_int((j // 2) ^ key) ^ second) >> (16 * (j % 2)) & 0xFFFF) >= t
+              for j in range(start, start + n)]
+    assert rng.keep_mask((n,), p, key, "cpu", start).tolist() == expect
+    tensor_path = rng.keep_mask((n,), p, torch.tensor(key), "cpu", torch.tensor(start))
+    assert tensor_path.tolist() == expect
 
 
 @settings(max_examples=20, deadline=None)
