@@ -8,8 +8,10 @@ For each model family and depth (in residual blocks), in a fresh process per con
   ``gradient_checkpointing_enable()``, which wraps every layer in ``torch.utils.checkpoint``);
 * ``peak``: the step's resident-memory peak above the resident memory before it (Linux ``VmHWM``
   after resetting it through ``/proc/self/clear_refs``);
-* ``time``: median wall time of forward + backward over ``--repeats`` steps, as a ratio to
-  conventional measured in the same process.
+* ``time``: forward + backward over ``--repeats`` rounds in one process, the modes interleaved (each
+  runs ``--steps`` steps a round, their median kept; the order rotated round by round): each mode's
+  median step (``step_s``) and the median (and range) of its per-round ratios to conventional
+  (``time_ratio``, ``time_ratio_range``).
 
 The step's loss (``--loss``): ``square`` (default) is the mean square of every float output, a
 stand-in that keeps the comparison about the blocks; ``ce`` is real next-token cross entropy, as each
@@ -23,6 +25,7 @@ between the reversible model and the original (the cost of the coupling's first-
 fine-tuning a pretrained model), and the inverse's reconstruction error.
 
     python benchmarks/memory.py --models gpt2,pythia --blocks 4,8,16,32
+    python benchmarks/memory.py --models gpt2 --blocks 16,32 --repeats 7 --steps 3
     python benchmarks/memory.py --init-diff
     python benchmarks/memory.py --models gpt2 --blocks 32 --loss ce --vocab 50257 --repeats 1
 
@@ -199,7 +202,7 @@ def _counting(params):
 
 
 def one(name: str, blocks: int, seq: int, batch: int, repeats: int, only: str | None = None,
-        loss_kind: str = "square", vocab: int | None = None) -> dict:
+        loss_kind: str = "square", vocab: int | None = None, steps: int = 1) -> dict:
     from bwskc.runtime.memory import saved_bytes
     extra = None if vocab is None else {"vocab_size": vocab}
     runs, step, out, ctx = setup(name, blocks, seq, batch, extra=extra, loss_kind=loss_kind)
@@ -223,15 +226,25 @@ def one(name: str, blocks: int, seq: int, batch: int, repeats: int, only: str | 
         else:
             nbytes = saved_bytes(mod, *inputs, loss=loss)[0]
         step(mod)  # warm up
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            step(mod)
-            times.append(time.perf_counter() - t)
-        out[label] = {"saved_bytes": nbytes, "step_s": statistics.median(times)}
-    conv = out["conventional"]["step_s"]
-    for label in runs:
-        out[label]["time_ratio"] = round(out[label]["step_s"] / conv, 3)
+        out[label] = {"saved_bytes": nbytes}
+    # The modes interleaved, one step each per round in an order rotated round by round, so that load
+    # drifting during the run (a shared machine) moves every mode alike; each round's ratios to its own
+    # conventional step, and their median.
+    labels = list(runs)
+    times = {label: [] for label in labels}
+    for r in range(repeats):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            round_times = []
+            for _ in range(steps):
+                t = time.perf_counter()
+                step(runs[label])
+                round_times.append(time.perf_counter() - t)
+            times[label].append(statistics.median(round_times))
+    for label in labels:
+        ratios = [t / c for t, c in zip(times[label], times["conventional"])]
+        out[label].update(step_s=statistics.median(times[label]),
+                          time_ratio=round(statistics.median(ratios), 3),
+                          time_ratio_range=[round(min(ratios), 3), round(max(ratios), 3)])
     return out
 
 
@@ -268,7 +281,8 @@ def main():
     ap.add_argument("--blocks", default="4,8,16,32")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of interleaved steps")
+    ap.add_argument("--steps", type=int, default=1, help="steps per mode per round (median kept)")
     ap.add_argument("--loss", choices=("square", "ce"), default="square",
                     help="the step's loss: mean square of the outputs, or next-token cross entropy")
     ap.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the zoo config's)")
@@ -287,7 +301,7 @@ def main():
     if a.one:
         name, blocks, *only = a.one.split(":")
         print(json.dumps(one(name, int(blocks), a.seq, a.batch, a.repeats, only[0] if only else None,
-                             loss_kind=a.loss, vocab=a.vocab)))
+                             loss_kind=a.loss, vocab=a.vocab, steps=a.steps)))
         return
     for name in a.models.split(","):
         for blocks in [int(b) for b in a.blocks.split(",")]:
@@ -327,7 +341,7 @@ def table(rows: list[dict]) -> str:
 def _run(spec: str, a) -> dict:
     extra = ["--loss", a.loss] + ([] if a.vocab is None else ["--vocab", str(a.vocab)])
     proc = subprocess.run([sys.executable, __file__, "--one", spec, "--seq", str(a.seq), "--batch",
-                           str(a.batch), "--repeats", str(a.repeats), *extra], capture_output=True, text=True)
+                           str(a.batch), "--repeats", str(a.repeats), "--steps", str(a.steps), *extra], capture_output=True, text=True)
     if proc.returncode != 0 or not proc.stdout.strip():
         return {"spec": spec, "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
