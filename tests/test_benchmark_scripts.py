@@ -1,6 +1,7 @@
-"""Smoke tests of the long-context, step-time and GPU benchmark scripts (benchmarks/long_context.py,
-step_time.py, gpu.sh, gpu_results.py): their tiny CPU modes run in a subprocess (the benchmarks import
-the Triton kernels in a state later tests must not inherit) and write the fields the docs read."""
+"""Smoke tests of the long-context, step-time, memory, floor and GPU benchmark scripts
+(benchmarks/long_context.py, step_time.py, memory.py, floor.py, gpu.sh, gpu_results.py): their tiny
+CPU modes run in a subprocess (the benchmarks import the Triton kernels in a state later tests must not
+inherit) and write the fields the docs read."""
 import importlib.util
 import json
 import os
@@ -168,3 +169,33 @@ def test_shard_quick(tmp_path):
     assert text.count("## CALM sequence sharding") == 1 and "## A\n\na" in text
     assert "| 64 |" in text and "python benchmarks/shard.py --quick" in text
     assert "| 64 |" in run.stdout
+
+
+def test_memory_step_times_are_interleaved_rounds():
+    """memory.py's one configuration (tiny GPT-2 blocks): saved bytes per mode, and step times as the
+    median and range of per-round ratios to conventional, which are each round's own."""
+    run = _run([sys.executable, os.path.join(BENCH, "memory.py"), "--one", "gpt2:2", "--seq", "16",
+                "--batch", "1", "--repeats", "3", "--steps", "1"])
+    row = json.loads(run.stdout.strip().splitlines()[-1])
+    conv, rev = row["conventional"], row["reversible"]
+    assert conv["time_ratio"] == 1.0 and conv["time_ratio_range"] == [1.0, 1.0]
+    for mode in ("reversible", "checkpoint"):
+        lo, hi = row[mode]["time_ratio_range"]
+        assert 0 < lo <= row[mode]["time_ratio"] <= hi and row[mode]["step_s"] > 0
+    assert 0 < rev["saved_bytes"] < conv["saved_bytes"]
+    assert row["chains"]["blocks"] == 2
+
+
+def test_floor_smoke():
+    """floor.py on tiny blocks: the ratio's median within its range, and the floor it reports is
+    1 + reversible forward / (conventional forward + backward), from the same medians."""
+    run = _run([sys.executable, os.path.join(BENCH, "floor.py"), "--blocks", "2", "--seq", "16", "--batch",
+                "1", "--rounds", "3", "--steps", "1"])
+    r = json.loads(run.stdout.strip().splitlines()[-1])
+    assert r["blocks"] == 2 and r["free_masks"] is False
+    assert 0 < r["ratio_min"] <= r["ratio_median"] <= r["ratio_max"]
+    # the times are printed rounded to 0.1 ms: the floor lies between its values at the rounding's ends
+    h = 5e-5
+    rf, cf, cb = r["reversible_forward_s"], r["conventional_forward_s"], r["conventional_backward_s"]
+    lo, hi = 1 + (rf - h) / (cf + cb + 2 * h), 1 + (rf + h) / (cf + cb - 2 * h)
+    assert lo - 1e-3 <= r["floor"] <= hi + 1e-3

@@ -318,3 +318,47 @@ def test_rules_follow_aten_where_it_is_specific():
     # multinomial without replacement refuses more samples than categories it can draw
     with pytest.raises(RuntimeError, match="without replacement"):
         _draw("aten.multinomial.default", (torch.tensor([[0.5, 0.5, 0.0]]), 3, False), {}, seed, where)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 2), h=st.integers(1, 3), n=st.integers(1, 6), s=st.integers(1, 6),
+       e=st.integers(1, 4), mask=st.sampled_from(["none", "bool", "bool-rows", "float", "float-heads",
+                                                   "causal"]),
+       p=st.sampled_from([0.0, 0.25, 0.6]), shard=st.integers(0, 2), data=st.data())
+def test_attention_with_counter_based_dropout_is_the_textbook_formula(b, h, n, s, e, mask, p, shard, data):
+    """``rng.attention`` (what a replayed SDPA runs) against softmax(q k^T * scale + mask), the keep
+    mask applied to the probabilities, times v / (1 - p): values and the gradients of q, k, v, for
+    boolean and additive masks broadcast to the scores (applied in place), and causal."""
+    from bwskc.runtime import rng
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    q, k, v = (torch.randn(b, h, rows, e, generator=g, dtype=torch.float64, requires_grad=True)
+               for rows in (n, s, s))
+    attn_mask, is_causal = None, mask == "causal"
+    if mask.startswith("bool"):
+        attn_mask = torch.rand((b, 1, n, s) if mask == "bool" else (n, s), generator=g) > 0.4
+        attn_mask[..., 0] = True  # no row fully masked (NaN in every implementation)
+    elif mask == "float":
+        attn_mask = torch.randn(n, s, generator=g, dtype=torch.float64)
+    elif mask == "float-heads":
+        attn_mask = torch.randn(1, h, n, s, generator=g, dtype=torch.float64)
+    seed, where = (12345, shard), (0, 1, 2)
+    out = rng.attention(q, k, v, attn_mask, p, is_causal, seed=seed, where=where)
+
+    scores = q @ k.transpose(-2, -1) / math.sqrt(e)
+    if is_causal:
+        scores = scores.masked_fill(torch.ones(n, s, dtype=torch.bool).triu(1), float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+            else scores + attn_mask
+    probs = torch.softmax(scores, dim=-1)
+    if p:
+        keep = rng.keep_mask(probs.shape, p, rng.make_key(12345, *where), "cpu", start=shard * probs.numel())
+        probs = probs * keep / (1 - p)
+    want = probs @ v
+    assert out.shape == want.shape
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12, equal_nan=True)
+    cot = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    got_g = torch.autograd.grad(out, (q, k, v), cot, allow_unused=True)
+    want_g = torch.autograd.grad(want, (q, k, v), cot, allow_unused=True)
+    for a, w in zip(got_g, want_g):
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-11, equal_nan=True)

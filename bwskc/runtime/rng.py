@@ -228,17 +228,24 @@ def attention(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool =
     if enable_gqa and k.shape[-3] != q.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-    # The scale goes into q ([.., n, e]) rather than the scores ([.., n, s]); the causal mask is filled
-    # in place (matmul's backward does not read its output); the dropout is a ``where`` on the
-    # probabilities and its 1 / (1 - p) is applied to the [.., n, e] output: three passes over the
+    # The scale goes into q ([.., n, e]) rather than the scores ([.., n, s]); the causal mask and an
+    # attention mask are applied in place (matmul's backward does not read its output), where the mask
+    # broadcasts to the scores without changing their shape or dtype; the dropout is a ``where`` on the
+    # probabilities and its 1 / (1 - p) is applied to the [.., n, e] output: four passes over the
     # [batch, heads, n, s] scores fewer than the textbook form, the same function.
     scores = torch.matmul(q * scale, k.transpose(-2, -1))
     if is_causal:
         n, s = q.shape[-2], k.shape[-2]  # top-left aligned, as the fused op: key j > query i is masked
         scores.masked_fill_(torch.ones(n, s, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
-            else scores + attn_mask
+        boolean = attn_mask.dtype == torch.bool
+        if torch.broadcast_shapes(attn_mask.shape, scores.shape) != scores.shape or not (
+                boolean or attn_mask.dtype == scores.dtype):
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if boolean else scores + attn_mask
+        elif boolean:
+            scores.masked_fill_(~attn_mask, float("-inf"))
+        else:
+            scores.add_(attn_mask)
     probs = torch.softmax(scores, dim=-1)
     if dropout_p >= 1:
         return torch.matmul(torch.zeros_like(probs), v)
