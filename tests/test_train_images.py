@@ -262,3 +262,56 @@ def test_image_size_of():
     with pytest.raises(BwskError, match="square") as info:
         image_size_of(SimpleNamespace(image_size=[32, 48]))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("family", ["ViT", "DeiT"])
+def test_finetune_at_another_image_size_resamples_the_position_embeddings(tmp_path, family):
+    """A pretrained ViT (class token) or DeiT (class and distillation tokens) at 16 px fine-tuned at
+    --image-size 8 and 24: its table is resampled once by the model's own bicubic interpolation, so the
+    rebuilt model at the new size computes what the original computes with interpolate_pos_encoding."""
+    import transformers
+
+    from bwskc.train.models import build_model, resolve_model
+    config = getattr(transformers, f"{family}Config")(image_size=16, patch_size=4, hidden_size=32,
+                                                      num_hidden_layers=1, num_attention_heads=2,
+                                                      intermediate_size=64, num_labels=3)
+    torch.manual_seed(0)
+    original = getattr(transformers, f"{family}ForImageClassification")(config).eval()
+    with torch.no_grad():  # DeiT initialises its table to zeros, which any resampling keeps
+        for name, p in original.named_parameters():
+            if name.endswith("position_embeddings"):
+                p.normal_()
+    original.save_pretrained(tmp_path / "model")
+    for size in (8, 24):
+        model = build_model(resolve_model(str(tmp_path / "model")), pretrained=True, seed=0, task="image",
+                            classes=["a", "b", "c"], image_size=size).eval()
+        assert model.config.image_size == size
+        pixels = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            want = original(pixel_values=pixels, interpolate_pos_encoding=True).logits
+            got = model(pixel_values=pixels).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        extra = 1 if family == "ViT" else 2
+        table = [p for n, p in model.named_parameters() if n.endswith("position_embeddings")]
+        assert [tuple(t.shape) for t in table] == [(1, extra + (size // 4) ** 2, 32)]
+    same = build_model(resolve_model(str(tmp_path / "model")), pretrained=True, seed=0, task="image",
+                       classes=["a", "b", "c"], image_size=16)
+    assert torch.equal(same.state_dict()[next(n for n in same.state_dict() if n.endswith("position_embeddings"))],
+                       original.state_dict()[next(n for n in original.state_dict()
+                                                  if n.endswith("position_embeddings"))])
+
+
+def test_a_position_table_that_cannot_be_resampled_is_refused_in_one_line():
+    from bwskc.train.models import resample_position_embeddings
+
+    class Fixed(torch.nn.Module):  # sized by image_size, with no interpolate_pos_encoding
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(image_size=16)
+            self.position_embeddings = torch.nn.Parameter(torch.zeros(1, 17, 8))
+    model = Fixed()
+    assert resample_position_embeddings(model, 16, "m") == 0
+    with pytest.raises(BwskError, match=r"^m: Fixed cannot be fine-tuned at --image-size 8: its position "
+                                        r"embeddings are sized for 16") as err:
+        resample_position_embeddings(model, 8, "m")
+    assert "\n" not in str(err.value) and model.config.image_size == 16

@@ -176,8 +176,50 @@ def build_model(src: ModelSource, *, pretrained: bool, seed: int, task: str = "c
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise BwskError(f"{src.name}: cannot build the model ({type(exc).__name__}: {first})") from None
+    if pretrained and image_size is not None:
+        resample_position_embeddings(model, image_size, src.name)
     model.config.use_cache = False
     return model.train()
+
+
+def resample_position_embeddings(model: torch.nn.Module, image_size: int, name: str) -> int:
+    """Fine-tuning at another image size (``--image-size``, 224 -> 384 as ViTs are): every patch
+    embedding table sized by the config's ``image_size`` is resampled once to the new grid, with the
+    model's own ``interpolate_pos_encoding`` (bicubic, the class and distillation tokens kept), and the
+    patch embedding and the config take the new size. Returns how many tables were resampled; a model
+    whose size is in its config but that has no such method (relative position tables, windows) is
+    refused in one line, since it would fail at export with a less helpful message."""
+    old = getattr(model.config, "image_size", None)
+    if old is None or old == image_size or old == (image_size, image_size):
+        return 0
+    done = 0
+    for module in model.modules():
+        pos, patches = getattr(module, "position_embeddings", None), getattr(module, "patch_embeddings", None)
+        if not (isinstance(pos, torch.nn.Parameter) and hasattr(module, "interpolate_pos_encoding")
+                and hasattr(patches, "num_patches") and hasattr(patches, "patch_size")):
+            continue
+        patch = patches.patch_size if isinstance(patches.patch_size, (tuple, list)) else (patches.patch_size,) * 2
+        grid = (image_size // patch[0], image_size // patch[1])
+        extra = pos.shape[1] - patches.num_patches  # the class (and distillation) tokens' rows
+        dummy = pos.new_zeros(1, extra + grid[0] * grid[1], pos.shape[-1])
+        with torch.no_grad():
+            table = module.interpolate_pos_encoding(dummy, image_size, image_size)
+        if tuple(table.shape) != tuple(dummy.shape):
+            raise BwskError(f"{name}: cannot resample {type(module).__name__}'s position embeddings to "
+                            f"--image-size {image_size} (got {tuple(table.shape)}); use its own size {old}")
+        module.position_embeddings = torch.nn.Parameter(table.detach().clone())
+        patches.num_patches = grid[0] * grid[1]
+        for holder in (module, patches):  # where the forward checks the input's size (versions differ)
+            if hasattr(holder, "image_size"):
+                holder.image_size = (image_size, image_size)
+        done += 1
+    if not done and any(isinstance(getattr(m, "position_embeddings", None), torch.nn.Parameter)
+                        for m in model.modules()):
+        raise BwskError(f"{name}: {type(model).__name__} cannot be fine-tuned at --image-size {image_size}: "
+                        f"its position embeddings are sized for {old} and it cannot resample them; drop "
+                        f"--image-size or pass {old}")
+    model.config.image_size = image_size
+    return done
 
 
 def vocab_size(config) -> int:
