@@ -36,7 +36,7 @@ from torch.fx import Node
 
 from bwskc import abstraction as ab
 from bwskc._deep import run_deep
-from bwskc.rewrites import differentiable
+from bwskc.rewrites import differentiable, fuse_tanh_gelu
 from bwskc.errors import BwskError
 from bwskc.runtime.denote import IMPLIED_UPDATES, UPDATE_PREFIX
 from bwskc.runtime.random_ops import is_random_target
@@ -89,7 +89,9 @@ def lower_exported(ep: ExportedProgram, name: str | None = None, *, decompose: b
     """Lower an ExportedProgram to a Program bound to the program's weights."""
     if decompose:
         ep = run_decompositions(ep)
+    given = ep
     ep = differentiable(ep, owned=decompose)
+    ep = fuse_tanh_gelu(ep, owned=decompose or ep is not given)
     return run_deep(lambda: _lower(ep, name))
 
 

@@ -107,3 +107,50 @@ def test_a_broadcast_copy_is_a_fresh_tensor_not_a_view():
             return out
     x = torch.randn(4)
     torch.testing.assert_close(bwskc.lower(Fill(), (x,))(x), Fill()(x))
+
+
+class GeluMLP(nn.Module):
+    """A GPT-2 MLP: NewGELUActivation written out, and (``reuse``) a variant whose cube is read again,
+    which the pattern must leave alone (an intermediate used elsewhere)."""
+
+    def __init__(self, reuse: bool = False):
+        super().__init__()
+        import transformers.activations as acts
+        self.fc, self.act, self.reuse = nn.Linear(6, 12), acts.NewGELUActivation(), reuse
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.reuse:
+            import math
+            cube = torch.pow(h, 3.0)
+            return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * cube))) + cube
+        return self.act(h)
+
+
+@settings(max_examples=10, deadline=None)
+@given(scale=st.sampled_from([1e-3, 1.0, 4.0, 30.0]), seed=st.integers(0, 2**31 - 1))
+def test_written_out_tanh_gelu_lowers_to_one_op_with_eager_values_and_gradients(scale, seed):
+    """GPT-2's GELU becomes ``aten.gelu(approximate="tanh")`` in its module's definition, equal to the
+    eager module within 4 float32 ulps of the output's scale, gradients too; where an intermediate is
+    used elsewhere nothing is fused and the program is the eager one exactly."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, 6, generator=g) * scale
+    for reuse in (False, True):
+        torch.manual_seed(seed % 1000)
+        model = GeluMLP(reuse)
+        program = bwskc.lower(model, (x,))
+        ops = [p.op for body in [d.body for d in program.defs.values()] + [program.entry.body]
+               for p in prims(body)]
+        assert ("aten.gelu.default" in ops) is not reuse and ("aten.tanh.default" in ops) is reuse
+        run = bwskc.compile(program, mode="conventional")
+        params = list(run.parameters())
+        want_params = [model.fc.weight, model.fc.bias]
+        got, want = _grads(run, params, x), _grads(model, want_params, x)
+        with torch.no_grad():
+            out, ref = run(x), model(x)
+        ulp = 4 * torch.finfo(torch.float32).eps * max(1.0, float(ref.abs().max()))
+        if reuse:
+            assert torch.equal(out, ref)
+        assert float((out - ref).abs().max()) <= ulp
+        for a, b in zip(got, want):
+            assert float((a - b).abs().max()) <= 8 * torch.finfo(torch.float32).eps * max(1.0, float(b.abs().max()))
