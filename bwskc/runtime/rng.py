@@ -150,6 +150,8 @@ def keep_mask(shape, p: float, key: int, device, start: int = 0) -> torch.Tensor
     one word more is drawn and the two alignments are selected with ``where``."""
     n = _numel(shape)
     t = math.ceil(p * (1 << 16)) - (1 << 15)
+    if t >= 1 << 15:  # p = 1: no 16-bit half reaches 2**16 (and the threshold does not fit int16)
+        return torch.zeros(tuple(shape), dtype=torch.bool, device=device)
     if isinstance(start, torch.Tensor):
         h = _halves(words(n // 2 + 1, key, device, start // 2))[:n + 1]
         h ^= -(1 << 15)
