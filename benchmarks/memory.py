@@ -227,9 +227,9 @@ def one(name: str, blocks: int, seq: int, batch: int, repeats: int, only: str | 
             nbytes = saved_bytes(mod, *inputs, loss=loss)[0]
         step(mod)  # warm up
         out[label] = {"saved_bytes": nbytes}
-    # The modes interleaved, one step each per round in an order rotated round by round, so that load
-    # drifting during the run (a shared machine) moves every mode alike; each round's ratios to its own
-    # conventional step, and their median.
+    # The modes interleaved, ``steps`` steps each per round (their median kept) in an order rotated
+    # round by round, so that load drifting during the run (a shared machine) moves every mode alike;
+    # each round's ratios to its own conventional step, and their median.
     labels = list(runs)
     times = {label: [] for label in labels}
     for r in range(repeats):

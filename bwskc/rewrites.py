@@ -32,7 +32,7 @@ def differentiable(ep: ExportedProgram, *, owned: bool) -> ExportedProgram:
     if not copies:
         return ep
     if not owned:
-        ep = copy.deepcopy(ep)
+        ep = _copy(ep)
         copies = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is aten.copy.default]
     graph = ep.graph
     for node in copies:
@@ -77,16 +77,34 @@ def _tanh_gelu(x):
     return aten.gelu.default(x, approximate="tanh")
 
 
+def _candidate(node) -> bool:
+    """A ``tanh`` of ``v * sqrt(2/pi)`` on a floating value: where the pattern can match (checked before
+    anything is copied: BERT's pooler ``tanh`` is no GELU)."""
+    if node.op != "call_function" or node.target is not aten.tanh.default:
+        return False
+    arg = node.args[0]
+    val = node.meta.get("val")
+    return (getattr(arg, "target", None) is aten.mul.Tensor and len(arg.args) == 2
+            and arg.args[1] == math.sqrt(2.0 / math.pi)
+            and val is not None and val.dtype.is_floating_point)
+
+
+def _floating_input(match, original, pattern) -> bool:
+    val = match.placeholder_nodes[0].meta.get("val")
+    return val is not None and val.dtype.is_floating_point
+
+
 def fuse_tanh_gelu(ep: ExportedProgram, *, owned: bool) -> ExportedProgram:
-    """``ep`` with every written-out tanh GELU replaced by ``aten.gelu``: matched as a pattern
-    (``torch.fx``'s subgraph rewriter: the same ops, the same literals, no intermediate used
-    elsewhere), the new node taking the matched output's module stack and value. ``owned``: ``ep``
-    may be changed in place, otherwise a copy is rewritten (where there is a tanh to match)."""
-    if not any(n.op == "call_function" and n.target is aten.tanh.default for n in ep.graph.nodes):
+    """``ep`` with every written-out tanh GELU on a floating value replaced by ``aten.gelu``: matched
+    as a pattern (``torch.fx``'s subgraph rewriter: the same ops, the same literals, no intermediate
+    used elsewhere), the new node taking the matched output's module stack and value. ``owned``: ``ep``
+    may be changed in place, otherwise a copy is rewritten, made only where a match is possible."""
+    if not any(_candidate(n) for n in ep.graph.nodes):
         return ep
     if not owned:
-        ep = copy.deepcopy(ep)
-    done = replace_pattern_with_filters(ep.graph_module, _written_out_tanh_gelu, _tanh_gelu)
+        ep = _copy(ep)
+    done = replace_pattern_with_filters(ep.graph_module, _written_out_tanh_gelu, _tanh_gelu,
+                                        match_filters=[_floating_input])
     for match in done:
         out = match.nodes_map[match.anchor]
         for node in match.replacements:
@@ -96,3 +114,13 @@ def fuse_tanh_gelu(ep: ExportedProgram, *, owned: bool) -> ExportedProgram:
         ep.graph.lint()
         ep.graph_module.recompile()
     return ep
+
+
+def _copy(ep: ExportedProgram) -> ExportedProgram:
+    """A deep copy of ``ep``, without the ``LeafSpec`` FutureWarning torch 2.13 raises from copying
+    the module call graph's specs (see ``bwskc.lowering.run_decompositions``; nothing else silenced)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                category=FutureWarning)
+        return copy.deepcopy(ep)

@@ -154,3 +154,15 @@ def test_written_out_tanh_gelu_lowers_to_one_op_with_eager_values_and_gradients(
         assert float((out - ref).abs().max()) <= ulp
         for a, b in zip(got, want):
             assert float((a - b).abs().max()) <= 8 * torch.finfo(torch.float32).eps * max(1.0, float(b.abs().max()))
+
+
+def test_the_gelu_rewrite_leaves_a_callers_exported_program_alone():
+    """``lower_exported(ep, decompose=False)`` rewrites a copy: the caller's graph keeps its eight ops."""
+    from bwskc.lowering import lower_exported, run_decompositions
+    x = torch.randn(2, 3, 6)
+    ep = run_decompositions(torch.export.export(GeluMLP(), (x,)))
+    before = [str(n.target) for n in ep.graph.nodes]
+    program = lower_exported(ep, decompose=False)
+    assert [str(n.target) for n in ep.graph.nodes] == before and "aten.tanh.default" in before
+    assert "aten.gelu.default" in [p.op for body in [d.body for d in program.defs.values()]
+                                   + [program.entry.body] for p in prims(body)]

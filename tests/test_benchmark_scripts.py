@@ -172,8 +172,8 @@ def test_shard_quick(tmp_path):
 
 
 def test_memory_step_times_are_interleaved_rounds():
-    """memory.py's one configuration (tiny GPT-2 blocks): saved bytes per mode, and step times as the
-    median and range of per-round ratios to conventional, which are each round's own."""
+    """memory.py's one configuration (tiny GPT-2 blocks) runs and writes what the docs read: saved bytes
+    per mode, each mode's median step and the median and range of its per-round ratios."""
     run = _run([sys.executable, os.path.join(BENCH, "memory.py"), "--one", "gpt2:2", "--seq", "16",
                 "--batch", "1", "--repeats", "3", "--steps", "1"])
     row = json.loads(run.stdout.strip().splitlines()[-1])

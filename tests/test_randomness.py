@@ -323,12 +323,13 @@ def test_rules_follow_aten_where_it_is_specific():
 @settings(max_examples=30, deadline=None)
 @given(b=st.integers(1, 2), h=st.integers(1, 3), n=st.integers(1, 6), s=st.integers(1, 6),
        e=st.integers(1, 4), mask=st.sampled_from(["none", "bool", "bool-rows", "float", "float-heads",
-                                                   "causal"]),
+                                                   "float32", "causal"]),
        p=st.sampled_from([0.0, 0.25, 0.6]), shard=st.integers(0, 2), data=st.data())
 def test_attention_with_counter_based_dropout_is_the_textbook_formula(b, h, n, s, e, mask, p, shard, data):
     """``rng.attention`` (what a replayed SDPA runs) against softmax(q k^T * scale + mask), the keep
     mask applied to the probabilities, times v / (1 - p): values and the gradients of q, k, v, for
-    boolean and additive masks broadcast to the scores (applied in place), and causal."""
+    boolean and additive masks broadcast to the scores (applied in place), an additive mask of another
+    dtype (added out of place), and causal."""
     from bwskc.runtime import rng
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
     q, k, v = (torch.randn(b, h, rows, e, generator=g, dtype=torch.float64, requires_grad=True)
@@ -341,6 +342,9 @@ def test_attention_with_counter_based_dropout_is_the_textbook_formula(b, h, n, s
         attn_mask = torch.randn(n, s, generator=g, dtype=torch.float64)
     elif mask == "float-heads":
         attn_mask = torch.randn(1, h, n, s, generator=g, dtype=torch.float64)
+    elif mask == "float32":  # another dtype than the scores: added out of place (type promotion)
+        attn_mask = torch.randn(n, s, generator=g, dtype=torch.float32)
+        p = p or 0.25  # the counter-based path (p = 0 is the fused op, which wants one dtype)
     seed, where = (12345, shard), (0, 1, 2)
     out = rng.attention(q, k, v, attn_mask, p, is_causal, seed=seed, where=where)
 

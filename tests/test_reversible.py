@@ -407,13 +407,14 @@ def test_mask_words_are_the_32_bit_finaliser_on_both_word_widths(n, key):
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 70), start=st.integers(0, 2**31 + 50), p=st.floats(0.0, 1.0),
-       key=st.integers(0, 2**32 - 1))
+@given(n=st.integers(1, 70), start=st.one_of(st.integers(0, 2**31 + 50), st.integers(2**32 - 80, 2**34)),
+       p=st.floats(0.0, 1.0), key=st.integers(0, 2**32 - 1))
+@example(n=5, start=2**32 - 3, p=0.5, key=3)  # the words cross 2**31: int64 words, narrowed to halves
 @example(n=3, start=1, p=1.0, key=0)  # p = 1: nothing kept (the threshold 2**16 does not fit int16)
 @example(n=3, start=0, p=0.0, key=7)  # p = 0: everything kept
 def test_keep_mask_is_16_bit_halves_of_the_words_at_any_start(n, start, p, key):
     """Element j is half j % 2 of word j // 2, kept when that half is at least ceil(p * 2**16): on
-    the Python-integer finaliser, for odd and even starts, past 2**31 (int64 words), and with the
+    the Python-integer finaliser, for odd and even starts, past 2**32 elements (int64 words), and with the
     start and key as 0-dim tensors (the ``torch.compile`` path, whose parity is selected by ``where``)."""
     second = rng._mix_int(key, 0x5BD1E995)
     t = math.ceil(p * (1 << 16))

@@ -311,6 +311,9 @@ def test_a_position_table_that_cannot_be_resampled_is_refused_in_one_line():
             self.position_embeddings = torch.nn.Parameter(torch.zeros(1, 17, 8))
     model = Fixed()
     assert resample_position_embeddings(model, 16, "m") == 0
+    model.config.image_size = [16, 16]  # as a JSON config stores it (Hiera): its own size, nothing to do
+    assert resample_position_embeddings(model, 16, "m") == 0
+    model.config.image_size = 16
     with pytest.raises(BwskError, match=r"^m: Fixed cannot be fine-tuned at --image-size 8: its position "
                                         r"embeddings are sized for 16") as err:
         resample_position_embeddings(model, 8, "m")

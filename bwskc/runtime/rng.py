@@ -8,7 +8,7 @@ mixes the step's seed with the place of the dropout in the program, and element 
 half ``j % 2`` of the hashed word ``hash(j // 2, key)``, as a 16-bit fraction, is at least ``p`` (see
 ``keep_mask``; in data-parallel training ``j`` counts from the rank's offset in the global batch, see
 ``step_seed``). The hash is an integer finaliser (Wellons's two-round
-xorshift-multiply), done on int32 words whose products wrap modulo 2**32 (int64 past 2**31 elements):
+xorshift-multiply), done on int32 words whose products wrap modulo 2**32 (int64 words past 2**31 of them):
 the same masks on any device and any backend, from about five in-place integer operations a round.
 (The Triton coupling kernels of ``bwskc.kernels`` draw their own masks with Philox; the branches'
 dropout stays here, so the runtime does not yet use the kernels' fused dropout.)
@@ -141,8 +141,8 @@ def keep_mask(shape, p: float, key: int, device, start: int = 0) -> torch.Tensor
 
     One hashed 32-bit word serves two elements: element ``j`` is half ``j % 2`` (low half first) of
     word ``j // 2`` of ``words``. The hash, 25 integer passes per word, is the whole cost of a mask,
-    so this halves it (and the int16 compare moves half the bytes): the mask is a third of a GPT-2
-    block's forward on CPU, and a reversible step draws it twice. ``p`` is quantised to 2**-16 (the
+    so this halves it (and the int16 compare moves half the bytes): with one word per element the mask
+    was a third of a GPT-2 block's forward on CPU, and a reversible step draws it twice. ``p`` is quantised to 2**-16 (the
     dropped fraction is ``ceil(p * 2**16) / 2**16``: 0.1000061 for 0.1; FlashAttention's dropout
     compares 8 bits). The halves are read by viewing int32 words as int16 pairs, little-endian as
     every platform torch runs on; unsigned halves compare as signed ones once their sign bit is
@@ -164,7 +164,7 @@ def keep_mask(shape, p: float, key: int, device, start: int = 0) -> torch.Tensor
 
 
 def _halves(w: torch.Tensor) -> torch.Tensor:
-    """The 16-bit halves of 32-bit words, low half first, as int16 (int64 words past 2**31 elements
+    """The 16-bit halves of 32-bit words, low half first, as int16 (int64 words, past 2**31 words,
     are narrowed to their int32 two's complement first)."""
     if w.dtype == torch.int64:
         w = (((w + (1 << 31)) & M32) - (1 << 31)).to(torch.int32)

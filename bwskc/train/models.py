@@ -186,11 +186,15 @@ def resample_position_embeddings(model: torch.nn.Module, image_size: int, name: 
     """Fine-tuning at another image size (``--image-size``, 224 -> 384 as ViTs are): every patch
     embedding table sized by the config's ``image_size`` is resampled once to the new grid, with the
     model's own ``interpolate_pos_encoding`` (bicubic, the class and distillation tokens kept), and the
-    patch embedding and the config take the new size. Returns how many tables were resampled; a model
-    whose size is in its config but that has no such method (relative position tables, windows) is
-    refused in one line, since it would fail at export with a less helpful message."""
+    patch embedding and the config take the new size. Returns how many tables were resampled. A model
+    with a ``position_embeddings`` table it cannot resample this way is refused in one line (it would
+    fail at export with a less helpful message); one without such a table (convolutional nets,
+    relative position tables) is left to export, which takes it or names the problem."""
     old = getattr(model.config, "image_size", None)
-    if old is None or old == image_size or old == (image_size, image_size):
+    if isinstance(old, (list, tuple)):  # a JSON config stores [h, w]
+        old = tuple(int(v) for v in old)
+        old = old[0] if len(old) == 2 and old[0] == old[1] else old
+    if old is None or old == image_size:
         return 0
     done = 0
     for module in model.modules():
@@ -207,7 +211,7 @@ def resample_position_embeddings(model: torch.nn.Module, image_size: int, name: 
         if tuple(table.shape) != tuple(dummy.shape):
             raise BwskError(f"{name}: cannot resample {type(module).__name__}'s position embeddings to "
                             f"--image-size {image_size} (got {tuple(table.shape)}); use its own size {old}")
-        module.position_embeddings = torch.nn.Parameter(table.detach().clone())
+        module.position_embeddings = torch.nn.Parameter(table.detach().clone(), requires_grad=pos.requires_grad)
         patches.num_patches = grid[0] * grid[1]
         for holder in (module, patches):  # where the forward checks the input's size (versions differ)
             if hasattr(holder, "image_size"):
@@ -217,7 +221,7 @@ def resample_position_embeddings(model: torch.nn.Module, image_size: int, name: 
                         for m in model.modules()):
         raise BwskError(f"{name}: {type(model).__name__} cannot be fine-tuned at --image-size {image_size}: "
                         f"its position embeddings are sized for {old} and it cannot resample them; drop "
-                        f"--image-size or pass {old}")
+                        + ("--image-size" if isinstance(old, tuple) else f"--image-size or pass {old}"))
     model.config.image_size = image_size
     return done
 
