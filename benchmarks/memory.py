@@ -341,7 +341,8 @@ def table(rows: list[dict]) -> str:
 def _run(spec: str, a) -> dict:
     extra = ["--loss", a.loss] + ([] if a.vocab is None else ["--vocab", str(a.vocab)])
     proc = subprocess.run([sys.executable, __file__, "--one", spec, "--seq", str(a.seq), "--batch",
-                           str(a.batch), "--repeats", str(a.repeats), "--steps", str(a.steps), *extra], capture_output=True, text=True)
+                           str(a.batch), "--repeats", str(a.repeats), "--steps", str(a.steps), *extra],
+                          capture_output=True, text=True)
     if proc.returncode != 0 or not proc.stdout.strip():
         return {"spec": spec, "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -18,7 +18,6 @@ substitutions and lets).
 from __future__ import annotations
 
 import operator
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +35,7 @@ from torch.fx import Node
 
 from bwskc import abstraction as ab
 from bwskc._deep import run_deep
-from bwskc.rewrites import differentiable, fuse_tanh_gelu
+from bwskc.rewrites import differentiable, fuse_tanh_gelu, quiet_leafspec
 from bwskc.errors import BwskError
 from bwskc.runtime.denote import IMPLIED_UPDATES, UPDATE_PREFIX
 from bwskc.runtime.random_ops import is_random_target
@@ -75,13 +74,9 @@ def op_name(target) -> str:
 
 
 def run_decompositions(ep: ExportedProgram) -> ExportedProgram:
-    """``ep.run_decompositions({})``, without torch's own FutureWarning from inside it: torch 2.13's
-    ``run_decompositions`` deep-copies the module call graph, whose specs ``torch.export`` itself built as
-    ``LeafSpec``, and unpickling each (``copyreg``) warns ``isinstance(treespec, LeafSpec) is
-    deprecated``. Nothing of bwskc's makes a LeafSpec; only that message is silenced, nothing else."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-                                category=FutureWarning)
+    """``ep.run_decompositions({})``, without torch's own LeafSpec FutureWarning from inside it
+    (``bwskc.rewrites.quiet_leafspec``: only that message is silenced)."""
+    with quiet_leafspec():
         return ep.run_decompositions({})
 
 

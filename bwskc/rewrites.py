@@ -15,8 +15,10 @@ instead of four. The two agree to rounding (at most a few float32 ulps; the test
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import warnings
 
 import torch
 from torch.export import ExportedProgram
@@ -67,9 +69,12 @@ def _call(graph, like, target, args, val, kwargs=None):
     return node
 
 
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # the literal as NewGELUActivation computes it
+
+
 def _written_out_tanh_gelu(x):
     inner = aten.add.Tensor(x, aten.mul.Tensor(aten.pow.Tensor_Scalar(x, 3.0), 0.044715))
-    t = aten.tanh.default(aten.mul.Tensor(inner, math.sqrt(2.0 / math.pi)))
+    t = aten.tanh.default(aten.mul.Tensor(inner, _SQRT_2_OVER_PI))
     return aten.mul.Tensor(aten.mul.Tensor(x, 0.5), aten.add.Tensor(t, 1.0))
 
 
@@ -85,7 +90,7 @@ def _candidate(node) -> bool:
     arg = node.args[0]
     val = node.meta.get("val")
     return (getattr(arg, "target", None) is aten.mul.Tensor and len(arg.args) == 2
-            and arg.args[1] == math.sqrt(2.0 / math.pi)
+            and arg.args[1] == _SQRT_2_OVER_PI
             and val is not None and val.dtype.is_floating_point)
 
 
@@ -116,11 +121,18 @@ def fuse_tanh_gelu(ep: ExportedProgram, *, owned: bool) -> ExportedProgram:
     return ep
 
 
-def _copy(ep: ExportedProgram) -> ExportedProgram:
-    """A deep copy of ``ep``, without the ``LeafSpec`` FutureWarning torch 2.13 raises from copying
-    the module call graph's specs (see ``bwskc.lowering.run_decompositions``; nothing else silenced)."""
-    import warnings
+@contextlib.contextmanager
+def quiet_leafspec():
+    """Silences only torch 2.13's own FutureWarning from copying an ExportedProgram's module call graph:
+    ``torch.export`` built its specs as ``LeafSpec``, and unpickling each (``copyreg``, in a deep copy
+    or in ``run_decompositions``) warns ``isinstance(treespec, LeafSpec) is deprecated``. Nothing of
+    bwskc's makes a LeafSpec."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                 category=FutureWarning)
+        yield
+
+
+def _copy(ep: ExportedProgram) -> ExportedProgram:
+    with quiet_leafspec():
         return copy.deepcopy(ep)

@@ -142,25 +142,26 @@ def keep_mask(shape, p: float, key: int, device, start: int = 0) -> torch.Tensor
     One hashed 32-bit word serves two elements: element ``j`` is half ``j % 2`` (low half first) of
     word ``j // 2`` of ``words``. The hash, 25 integer passes per word, is the whole cost of a mask,
     so this halves it (and the int16 compare moves half the bytes): with one word per element the mask
-    was a third of a GPT-2 block's forward on CPU, and a reversible step draws it twice. ``p`` is quantised to 2**-16 (the
-    dropped fraction is ``ceil(p * 2**16) / 2**16``: 0.1000061 for 0.1; FlashAttention's dropout
-    compares 8 bits). The halves are read by viewing int32 words as int16 pairs, little-endian as
-    every platform torch runs on; unsigned halves compare as signed ones once their sign bit is
+    was a third of a GPT-2 block's forward on CPU, and a reversible step draws it twice. ``p`` is
+    quantised to 2**-16 (the dropped fraction is ``ceil(p * 2**16) / 2**16``: 0.1000061 for 0.1;
+    FlashAttention's dropout compares 8 bits). The halves are read by viewing int32 words as int16
+    pairs, little-endian as every platform torch runs on; unsigned halves compare as signed ones once their sign bit is
     flipped. A start that is a 0-dim tensor (``torch.compile``) has a parity unknown at trace time:
     one word more is drawn and the two alignments are selected with ``where``."""
     n = _numel(shape)
     t = math.ceil(p * (1 << 16)) - (1 << 15)
     if t >= 1 << 15:  # p = 1: no 16-bit half reaches 2**16 (and the threshold does not fit int16)
         return torch.zeros(tuple(shape), dtype=torch.bool, device=device)
-    if isinstance(start, torch.Tensor):
-        h = _halves(words(n // 2 + 1, key, device, start // 2))[:n + 1]
-        h ^= -(1 << 15)
-        keep = h >= t
-        return torch.where((start % 2).to(device) == 1, keep[1:], keep[:n]).reshape(shape)
+    traced = isinstance(start, torch.Tensor)
     first = start // 2
-    h = _halves(words((start + n - 1) // 2 - first + 1, key, device, first))[start % 2:start % 2 + n]
+    count = n // 2 + 1 if traced else (start + n - 1) // 2 - first + 1
+    h = _halves(words(count, key, device, first))
+    h = h[:n + 1] if traced else h[start % 2:start % 2 + n]
     h ^= -(1 << 15)
-    return (h >= t).reshape(shape)
+    keep = h >= t
+    if traced:
+        keep = torch.where((start % 2).to(device) == 1, keep[1:], keep[:n])
+    return keep.reshape(shape)
 
 
 def _halves(w: torch.Tensor) -> torch.Tensor:

@@ -190,11 +190,11 @@ def resample_position_embeddings(model: torch.nn.Module, image_size: int, name: 
     with a ``position_embeddings`` table it cannot resample this way is refused in one line (it would
     fail at export with a less helpful message); one without such a table (convolutional nets,
     relative position tables) is left to export, which takes it or names the problem."""
-    old = getattr(model.config, "image_size", None)
-    if isinstance(old, (list, tuple)):  # a JSON config stores [h, w]
-        old = tuple(int(v) for v in old)
-        old = old[0] if len(old) == 2 and old[0] == old[1] else old
-    if old is None or old == image_size:
+    from bwskc.train.images import image_size_of
+    if getattr(model.config, "image_size", None) is None:
+        return 0
+    old = image_size_of(model.config)  # an int, or a JSON config's square [h, w]
+    if old == image_size:
         return 0
     done = 0
     for module in model.modules():
@@ -221,7 +221,7 @@ def resample_position_embeddings(model: torch.nn.Module, image_size: int, name: 
                         for m in model.modules()):
         raise BwskError(f"{name}: {type(model).__name__} cannot be fine-tuned at --image-size {image_size}: "
                         f"its position embeddings are sized for {old} and it cannot resample them; drop "
-                        + ("--image-size" if isinstance(old, tuple) else f"--image-size or pass {old}"))
+                        f"--image-size or pass {old}")
     model.config.image_size = image_size
     return done
 
