@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import statistics
@@ -109,9 +110,13 @@ def setup(name: str, blocks: int, seq: int, batch: int, device: str = "cpu", ext
         return sum(o.float().pow(2).mean() for o in pytree.tree_leaves(out)
                    if isinstance(o, torch.Tensor) and o.is_floating_point())
 
+    # Hugging Face's own module under plain autograd (``eager``: the baseline a user leaves) is a copy
+    # taken before checkpointing is switched on in the model itself
     runs = {"conventional": bwskc.compile(program, mode="conventional"),
-            "reversible": bwskc.compile(program, mode="reversible")}
+            "reversible": bwskc.compile(program, mode="reversible"),
+            "eager": copy.deepcopy(model).train()}
     ckpt = model.train()
+    hf = [runs["eager"], ckpt]
     if getattr(ckpt, "supports_gradient_checkpointing", False):
         ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         runs["checkpoint"] = ckpt
@@ -130,13 +135,13 @@ def setup(name: str, blocks: int, seq: int, batch: int, device: str = "cpu", ext
             if why:
                 out.setdefault("head_refused", {})[label] = why
         out["loss"], out["vocab"] = "ce", config.vocab_size
-    ce = ce_losses(runs, heads, ckpt, args, kw, inputs) if loss_kind == "ce" else None
+    ce = ce_losses(runs, heads, hf, args, kw, inputs) if loss_kind == "ce" else None
 
     def step(mod):
         mod.zero_grad(set_to_none=True)
         if ce is not None:
             ce[id(mod)]().backward()
-        elif mod is ckpt:
+        elif any(mod is m for m in hf):
             loss(mod(*args, **kw, use_cache=False) if "use_cache" in mod.forward.__code__.co_varnames
                  else mod(*args, **kw)).backward()
         elif getattr(mod, "takes_ids_only", False):
@@ -146,10 +151,10 @@ def setup(name: str, blocks: int, seq: int, batch: int, device: str = "cpu", ext
         if device != "cpu":
             torch.cuda.synchronize()
 
-    return runs, step, out, dict(args=args, kw=kw, inputs=inputs, loss=loss, ckpt=ckpt, ce=ce)
+    return runs, step, out, dict(args=args, kw=kw, inputs=inputs, loss=loss, hf=hf, ce=ce)
 
 
-def ce_losses(runs: dict, heads: dict, ckpt, args, kw, inputs) -> dict:
+def ce_losses(runs: dict, heads: dict, hf: list, args, kw, inputs) -> dict:
     """``id(module) -> (() -> loss)``: one forward and the mean next-token cross entropy, each as its
     user would compute it (the module docstring)."""
     import torch.nn.functional as F
@@ -177,7 +182,7 @@ def ce_losses(runs: dict, heads: dict, ckpt, args, kw, inputs) -> dict:
     for label, mod in runs.items():
         if label in heads:
             fns[id(mod)] = bwskc_loss(mod, heads[label])
-        elif mod is ckpt:  # Hugging Face's own loss: the model shifts the labels itself
+        elif any(mod is m for m in hf):  # Hugging Face's own loss: the model shifts the labels itself
             fns[id(mod)] = lambda mod=mod: mod(*args, **kw, labels=ids, use_cache=False).loss
         else:  # revlib, memcnn: their head, then F.cross_entropy
             fns[id(mod)] = lambda mod=mod: full(mod(ids))
@@ -206,7 +211,7 @@ def one(name: str, blocks: int, seq: int, batch: int, repeats: int, only: str | 
     from bwskc.runtime.memory import saved_bytes
     extra = None if vocab is None else {"vocab_size": vocab}
     runs, step, out, ctx = setup(name, blocks, seq, batch, extra=extra, loss_kind=loss_kind)
-    args, kw, inputs, loss, ckpt = ctx["args"], ctx["kw"], ctx["inputs"], ctx["loss"], ctx["ckpt"]
+    args, kw, inputs, loss, hf = ctx["args"], ctx["kw"], ctx["inputs"], ctx["loss"], ctx["hf"]
 
     if only is not None:  # a fresh process measures one mode's first step: nothing cached before it
         mod = runs[only]
@@ -219,7 +224,7 @@ def one(name: str, blocks: int, seq: int, batch: int, repeats: int, only: str | 
             with _counting(mod.parameters()) as storages:
                 ctx["ce"][id(mod)]()
             nbytes = sum(storages.values())
-        elif mod is ckpt:
+        elif any(mod is m for m in hf):
             nbytes = saved_bytes(mod, *args, loss=loss, **kw)[0]
         elif label in ("revlib", "memcnn"):  # what they pass to save_for_backward (they also keep
             nbytes = saved_bytes(mod, args[0], loss=loss)[0]  # tensors on ctx: peak is the fair figure)
@@ -245,6 +250,10 @@ def one(name: str, blocks: int, seq: int, batch: int, repeats: int, only: str | 
         out[label].update(step_s=statistics.median(times[label]),
                           time_ratio=round(statistics.median(ratios), 3),
                           time_ratio_range=[round(min(ratios), 3), round(max(ratios), 3)])
+        if "eager" in times:  # the same, to Hugging Face's module under plain autograd
+            ratios = [t / c for t, c in zip(times[label], times["eager"])]
+            out[label].update(time_ratio_eager=round(statistics.median(ratios), 3),
+                              time_ratio_eager_range=[round(min(ratios), 3), round(max(ratios), 3)])
     return out
 
 
@@ -312,15 +321,16 @@ def main():
             print(json.dumps(row), flush=True)
 
 
-MODES = ("conventional", "reversible", "checkpoint", "revlib", "memcnn")
+MODES = ("conventional", "reversible", "eager", "checkpoint", "revlib", "memcnn")
 
 
 def table(rows: list[dict]) -> str:
-    """Saved bytes, step peak and step time (ratio to conventional) per mode, one row per configuration."""
+    """Saved bytes, step peak and step time (ratio to conventional) per mode, one row per configuration;
+    the reversible step's time also as a ratio to Hugging Face's eager module."""
     def mb(v):
         return f"{v / 1e6:.3g} MB"
     head = (["model", "blocks", "coupled"] + [f"{m} saved / peak / time" for m in MODES]
-            + ["rev / conv", "rev / ckpt"])
+            + ["rev / conv", "rev / ckpt", "rev / eager time"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -334,6 +344,8 @@ def table(rows: list[dict]) -> str:
         rev, conv, ck = r["reversible"]["saved_bytes"], r["conventional"]["saved_bytes"], r.get("checkpoint")
         cells.append(f"{rev / conv:.1%}")
         cells.append(f"{rev / ck['saved_bytes']:.0%}" if ck else "-")
+        eager = r["reversible"].get("time_ratio_eager")
+        cells.append(f"{eager:.2f}x" if eager is not None else "-")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 

@@ -4,8 +4,9 @@ predicts.
 
 The multi-process checks spawn their own 2 gloo processes once (``check_sharded``) for every case: GPT-2,
 Llama (rotary tables sliced by the shard's offset), BERT along the sequence (attention gathers keys and
-values); ViT and a training-mode ResNet along the batch (batch norm's statistics all-reduced); and
-random sequence programs that mix free steps, all-reduces and gathers. In-process, every step of the
+values); ViT and a training-mode ResNet along the batch (batch norm's statistics all-reduced); random
+sequence programs that mix free steps, all-reduces and gathers; and GPT-2 and BERT trained with dropout,
+against the single-process module whose counter-based masks the shards slice. In-process, every step of the
 zoo's and random programs' schedules is run on uneven shards by test_calm's harness.
 """
 from __future__ import annotations
@@ -51,6 +52,10 @@ CASES = {
     "resnet-batch-train": dict(model="resnet", axis="batch", shape=[4, 3, 32, 32], train=True),
     **{f"random{i}-sequence": dict(build="test_shard:build_random", steps=s, seed=i, axis="sequence")
        for i, s in enumerate(RANDOM_STEPS)},
+    # training with dropout (GPT-2's and BERT's 0.1, attention dropout too) against the single-process
+    # conventional module: the shards draw its masks, sliced at their global coordinates
+    **{f"{m}-{axis}-dropout": dict(model=m, axis=axis, shape=[2, 16], train=True, reference="compiled")
+       for m, axis in (("gpt2", "sequence"), ("gpt2", "batch"), ("bert", "sequence"))},
 }
 
 
@@ -72,6 +77,16 @@ def test_two_processes_equal_one(sharded_runs, name):
         assert r["eval"] <= TOL
     # the communication the schedule predicted is the communication that ran
     assert [tuple(x) for x in r["log"]] == [tuple(x) for x in r["predicted"]]
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n.endswith("-dropout")])
+def test_training_with_dropout_on_shards_drops_what_one_process_drops(sharded_runs, name):
+    """Not vacuous: dropout was on (training's output is far from evaluation's), and yet the two
+    processes' output equals the single-process module's (test_two_processes_equal_one)."""
+    r = sharded_runs[name]
+    assert "error" not in r, r.get("error")
+    assert r["train_vs_eval"] > 1e-2, r["train_vs_eval"]
+    assert r["forward"] <= TOL
 
 
 def test_what_ran_is_what_the_analysis_named(sharded_runs):

@@ -4,8 +4,9 @@ batch: the same losses, gradient norms, validation losses and weights within 1e-
 ran equal to the plan's, each rank storing fewer activation bytes than one process; and the options it
 cannot honour refused in one line before anything is written.
 
-Dropout is off here: a sharded run draws its masks per shard (equal to one process's in distribution
-only), so the comparison is exact only without it."""
+Dropout is on (GPT-2's 0.1 in the embeddings, the residual branches and the attention): each shard draws
+the single-process masks at its global coordinates (``bwskc.runtime.rng.Window``), so the comparison is
+exact with it."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from bwskc.cli import main
 from test_train import _args, _corpus, _metrics
 
 GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64, "vocab_size": 300,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "bos_token_id": 0, "eos_token_id": 0,
+        "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "bos_token_id": 0, "eos_token_id": 0,
         "use_cache": False}
 FLAGS = ["--experiment", "scratch", "--mode", "conventional", "--max-steps", "4", "--eval-every", "2"]
 RUN = "scratch-conventional"

@@ -146,7 +146,7 @@ def _uniform(shape, seed, where, device, dtype=torch.float32, stream: int = 0) -
     """Uniforms in [0, 1) (24 bits); ``stream`` selects an independent draw of the same site."""
     key, shard = _key(seed, where + ((stream,) if stream else ()))
     n = rng._numel(shape)
-    return rng.uniform(shape, key, device, start=shard * n).to(dtype)
+    return rng.uniform(shape, key, device, start=rng.origin(shard, shape, device)).to(dtype)
 
 
 def _open_uniform(shape, seed, where, device, stream: int = 0) -> torch.Tensor:
@@ -165,8 +165,9 @@ def _words64(shape, seed, where, device) -> torch.Tensor:
     """Non-negative 63-bit integers from two word streams."""
     key, shard = _key(seed, where)
     n = rng._numel(shape)
-    hi = rng.words(n, rng._mix_int(key, 1), device, shard * n).to(torch.int64) & 0x7FFFFFFF
-    lo = rng.words(n, rng._mix_int(key, 2), device, shard * n).to(torch.int64) & rng.M32
+    start = rng.origin(shard, shape, device)
+    hi = rng.words(n, rng._mix_int(key, 1), device, start).to(torch.int64) & 0x7FFFFFFF
+    lo = rng.words(n, rng._mix_int(key, 2), device, start).to(torch.int64) & rng.M32
     return ((hi << 32) | lo).reshape(shape)
 
 

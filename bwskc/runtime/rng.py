@@ -24,8 +24,11 @@ only). One compiled graph then serves every step and shard, with eager's masks.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from bwskc.errors import BwskError
 
 M32 = 0xFFFFFFFF
 # Wellons' two-round 32-bit finaliser [16 21f0aaad 15 735a2d97 15] (bias 0.1076, lower than lowbias32's).
@@ -106,6 +109,12 @@ def words(n: int, key: int, device, start: int = 0) -> torch.Tensor:
     ``key`` or ``start`` a 0-dim tensor (``torch.compile``): the indices are ``arange(n)`` plus the
     start's 32-bit word, int32 whenever ``n`` fits (the sum wraps as the multiplies do), which hashes
     to the same words as the integer path, whose int64 indices past 2**31 hash modulo 2**32."""
+    if _indexed(start):  # the words at given element indices (a Window's): the int64 path, exact
+        x = start.reshape(-1).to(torch.int64) & M32
+        x ^= _word(key, torch.int64)
+        hash32_(x)
+        x ^= _word(_mix_int(key, 0x5BD1E995), torch.int64)
+        return hash32_(x)
     if isinstance(key, torch.Tensor) or isinstance(start, torch.Tensor):
         dtype = torch.int32 if n < 1 << 31 else torch.int64
         x = torch.arange(n, dtype=dtype, device=device)
@@ -130,8 +139,55 @@ def _numel(shape) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class Window:
+    """Where one process's part of a tensor sits in the whole, for a run split along an axis
+    (``bwskc.sharding``): dim ``dim`` read as ``[outer, P, inner]`` (``bwskc.placement.Part``), this
+    process holding ``P`` indices ``offset .. offset + local - 1`` of ``size``. A draw made through a
+    window is the single-process draw's slice: the same numbers at the same global coordinates."""
+
+    dim: int
+    outer: int
+    inner: int
+    offset: int
+    local: int
+    size: int
+
+    def indices(self, shape, device):
+        """The global flat indices of a local tensor of ``shape`` (int64, that shape); 0 (the whole
+        draw, the same on every process) when the draw does not span the split dim (size 1 there:
+        feature dropout's per-channel noise under a split sequence)."""
+        shape = tuple(int(d) for d in shape)
+        d = self.dim
+        if d < len(shape) and shape[d] == 1 and self.outer * self.local * self.inner != 1:
+            return 0
+        if d >= len(shape) or shape[d] != self.outer * self.local * self.inner:
+            raise BwskError(f"sharded run: a random draw of shape {list(shape)} does not align with its "
+                            f"shard (dim {d}, {self.local} of {self.size} a process)")
+        q = _numel(shape[:d]) * self.outer
+        r = self.inner * _numel(shape[d + 1:])
+        rows = torch.arange(q, dtype=torch.int64, device=device)[:, None] * self.size
+        rows = (rows + (torch.arange(self.local, dtype=torch.int64, device=device) + self.offset))
+        return (rows[:, :, None] * r + torch.arange(r, dtype=torch.int64, device=device)).reshape(shape)
+
+
+def origin(shard, shape, device):
+    """The ``start`` of a draw of ``shape`` from a seed's second part: ``shard * numel`` for a
+    data-parallel rank (an int, or a 0-dim tensor under ``torch.compile``: its rows of a batch-leading
+    tensor), or a ``Window``'s global indices (a run split along an axis)."""
+    if isinstance(shard, Window):
+        return shard.indices(shape, device)
+    return shard * _numel(shape)
+
+
+def _indexed(start) -> bool:
+    """``start`` is a tensor of element indices (a ``Window``'s), not one start."""
+    return isinstance(start, torch.Tensor) and start.dim() > 0
+
+
 def uniform(shape, key: int, device, start: int = 0) -> torch.Tensor:
-    """Uniform numbers in [0, 1) (24 bits) for element indices ``start..start+numel-1`` under ``key``."""
+    """Uniform numbers in [0, 1) (24 bits) for element indices ``start..start+numel-1`` under ``key``
+    (or at the indices ``start`` holds, a tensor of ``shape``)."""
     n = _numel(shape)
     return (_srl(words(n, key, device, start), 8).to(torch.float32) * (1.0 / (1 << 24))).reshape(shape)
 
@@ -152,6 +208,11 @@ def keep_mask(shape, p: float, key: int, device, start: int = 0) -> torch.Tensor
     t = math.ceil(p * (1 << 16)) - (1 << 15)
     if t >= 1 << 15:  # p = 1: no 16-bit half reaches 2**16 (and the threshold does not fit int16)
         return torch.zeros(tuple(shape), dtype=torch.bool, device=device)
+    if _indexed(start):  # element indices (a Window's): half idx % 2 of word idx // 2, unsigned
+        idx = start.reshape(-1).to(torch.int64)
+        w = words(n, key, device, idx >> 1)
+        half = torch.where((idx & 1) == 1, w >> 16, w & 0xFFFF)
+        return (half >= t + (1 << 15)).reshape(shape)
     traced = isinstance(start, torch.Tensor)
     first = start // 2
     count = n // 2 + 1 if traced else (start + n - 1) // 2 - first + 1
@@ -180,7 +241,7 @@ def native_dropout(x: torch.Tensor, p: float, seed, where: tuple):
     if p >= 1:
         return torch.zeros_like(x), torch.zeros_like(x, dtype=torch.bool)
     key, shard = seed
-    mask = keep_mask(x.shape, p, make_key(key, *where), x.device, start=shard * x.numel())
+    mask = keep_mask(x.shape, p, make_key(key, *where), x.device, start=origin(shard, x.shape, x.device))
     return x * mask * (1.0 / (1.0 - p)), mask
 
 
@@ -253,5 +314,6 @@ def attention(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool =
     if dropout_p >= 1:
         return torch.matmul(torch.zeros_like(probs), v)
     key, shard = seed
-    keep = keep_mask(probs.shape, dropout_p, make_key(key, *where), probs.device, start=shard * probs.numel())
+    keep = keep_mask(probs.shape, dropout_p, make_key(key, *where), probs.device,
+                     start=origin(shard, probs.shape, probs.device))
     return torch.matmul(torch.where(keep, probs, 0.0), v) * (1.0 / (1.0 - dropout_p))

@@ -8,7 +8,10 @@ A case is a dict (picklable, so spawned processes rebuild everything themselves)
 ``model`` (a zoo name, ``bwskc.testing``), ``axis``, ``train`` (capture and run in training mode),
 ``shape`` (the input's shape: ``[batch, seq]`` token ids or ``[batch, C, H, W]`` pixels), ``seed``; or
 ``build``, ``"module:function"`` called with the case and returning ``(model, inputs)`` (tests' own
-models; a case comes from code, never from a file).
+models; a case comes from code, never from a file); ``reference``: ``"compiled"`` compares with the
+single-process conventional module (``bwskc.compile``, both reseeded alike) instead of the eager model,
+which is how a training run with dropout is checked: its masks are counter-based, drawn at the same
+global coordinates on every shard.
 """
 from __future__ import annotations
 
@@ -68,6 +71,12 @@ def run_case(case: dict) -> dict:
         inputs = _inputs(model, case["shape"], case.get("seed", 0))
     sharded = bwskc.compile(model, inputs, shard={case["axis"]: case["nproc"]})
     sharded.train(case.get("train", False))
+    if case.get("reference") == "compiled":
+        # the single-process conventional module: the same counter-based random numbers (dropout in
+        # training), which the eager model's generator does not draw
+        model = bwskc.compile(model, inputs).train(case.get("train", False))
+        model.reseed(case.get("seed", 0) + 7)
+        sharded.reseed(case.get("seed", 0) + 7)
     out = _first(sharded(*inputs))
     log = list(sharded.comm.log)
     predicted = list(sharded.schedule.comm)
@@ -76,12 +85,16 @@ def run_case(case: dict) -> dict:
     (out * weight).sum().backward()
     (ref * weight).sum().backward()
     eager = dict(model.named_parameters(remove_duplicate=False))
+    own = dict(sharded.named_parameters(remove_duplicate=False))
+    for n, p in own.items():  # a tied weight the reference holds under its other name only
+        if n not in eager:
+            eager[n] = next((eager[m] for m, q in own.items() if q is p and m in eager), None)
     pairs = [(n, p.grad, eager[n].grad) for n, p in sharded.named_parameters()
-             if eager[n].grad is not None and p.grad is not None]
+             if eager[n] is not None and eager[n].grad is not None and p.grad is not None]
     # gradients are compared at a scale of at least 1e-3 of the largest one (GRAD_FLOOR)
     floor = GRAD_FLOOR * max((g.abs().max().item() for _, _, g in pairs), default=0.0)
     grads = {n: _rel(a, b, floor) for n, a, b in pairs}
-    missing = sorted(n for n, p in sharded.named_parameters() if (p.grad is None) !=
+    missing = sorted(n for n, p in sharded.named_parameters() if eager[n] is None or (p.grad is None) !=
                      (eager[n].grad is None))
     bufs = dict(model.named_buffers())
     buffers = {n: _rel(b.double(), bufs[n].double()) for n, b in sharded.named_buffers() if n in bufs}
@@ -94,7 +107,10 @@ def run_case(case: dict) -> dict:
         sharded.eval()
         model.eval()
         with torch.no_grad():
-            result["eval"] = _rel(_first(sharded(*inputs)), _first(model(*inputs)))
+            ref_eval = _first(model(*inputs))
+            result["eval"] = _rel(_first(sharded(*inputs)), ref_eval)
+        # how far training's output is from evaluation's: dropout was on (not a vacuous comparison)
+        result["train_vs_eval"] = _rel(ref.detach(), ref_eval)
     return result
 
 

@@ -24,6 +24,8 @@ from bwskc.passes.calm.engine import plan_of
 from bwskc.passes.calm.plan import Part, local_literals, local_shape, shard
 from bwskc.passes.calm.schedule import Schedule, Scheduler, derive_step, local_size
 from bwskc.sharding.collectives import Comm, split_grad
+from bwskc.runtime import random_ops, rng
+from bwskc.runtime.compiled import RNG_BUFFER
 from bwskc.runtime.denote import Denoter, implied_updates, update_target
 from bwskc.runtime.interp import bind_inputs
 from bwskc.sharding.reducers import RUNS
@@ -73,11 +75,17 @@ def _put(args: list, kwargs: dict, locs: list, values: list) -> tuple[list, dict
 
 
 class ShardedBackend:
-    def __init__(self, module: ShardedModule):
+    def __init__(self, module: ShardedModule, seed=None):
         self.m = module
         self.an = module.scheduler
         self.comm = module.comm
         self.updates: list[tuple[str, torch.Tensor]] = []
+        # random ops draw as the single-process conventional module does (bwskc.runtime.compiled): the
+        # step's seed, sites numbered in the walk's order, and each shard's numbers the slice of the
+        # whole draw at its global coordinates (``rng.Window``), so a split run drops what one process
+        # drops, not the same local pattern on every shard
+        self.seed = seed
+        self.draws = 0
 
     def tensor(self, name):
         return Placed(self.m.tensor(name), AVal(self.m.program.tensors[name].type, (None,)))
@@ -106,8 +114,12 @@ class ShardedBackend:
         sids = self.an.by_prim.get(id(prim), [])
         sid = sids[0] if sids else None
         site = self.an.sites[sid] if sids else None
+        where = None
+        if prim.op in random_ops.REPLAY and random_ops.draws(prim.op, args, kwargs):
+            where = (-1, -1, self.draws)  # the conventional module's site of this draw
+            self.draws += 1
         if site is not None and site.is_const:  # computed from parameters and literals: replicated
-            return self._whole(prim, args, kwargs)
+            return self._whole(prim, args, kwargs, where)
         if prim.op == "getitem":
             tup, i = args[0], args[1]
             it = tup.aval.items[i] if tup.aval.items is not None else AVal(prim.type, (None,))
@@ -128,7 +140,7 @@ class ShardedBackend:
                             "schedule holds no step for")
         self.comm.site = sid
         try:
-            out = self._run(prim, args, kwargs, ctx, step, placed, locs)
+            out = self._run(prim, args, kwargs, ctx, step, placed, locs, where)
             for _arg, result, name in implied_updates(prim):
                 item = Placed(out.local[result], out.aval.items[result])
                 self.updates.append((name, self.localize(item, None)))
@@ -136,13 +148,28 @@ class ShardedBackend:
             self.comm.site = None
         return out
 
-    def _whole(self, prim, args, kwargs):
+    def _whole(self, prim, args, kwargs, where=None):
         """A leaf no partitioned value reaches (a constant, or all operands replicated): run whole."""
         lv = _map(args, lambda p: p.local)
         lk = dict(zip(kwargs, _map(list(kwargs.values()), lambda p: p.local)))
-        return Placed(resolve_op(prim.op)(*lv, **lk), self.an._make(prim.type, [None], None))
+        return Placed(self._op(prim, where, None)(*lv, **lk), self.an._make(prim.type, [None], None))
 
-    def _run(self, prim, args, kwargs, ctx: Ctx, step, placed: list[Placed], locs):
+    def _op(self, prim, where, made):
+        """The leaf's function: the op, or for a draw its counter-based rule through this shard's window
+        of the result (``made``: where the local run puts it)."""
+        if where is None:
+            return resolve_op(prim.op)
+        part = next((q for q in made if q is not None), None) if isinstance(made, tuple) else made
+        window = 0
+        if isinstance(part, Part) and self.seed is not None:
+            ty = prim.type.items[0] if isinstance(prim.type, TupleType) else prim.type
+            local = self._size(part, ty.shape)
+            window = rng.Window(part.dim, part.outer, part.inner, self.comm.rank * local, local,
+                                part.factor(ty.shape))
+        seed = None if self.seed is None else (self.seed[0], window)
+        return lambda *a, **k: random_ops.draw(prim.op, a, k, seed, where)
+
+    def _run(self, prim, args, kwargs, ctx: Ctx, step, placed: list[Placed], locs, where=None):
         local = step.local
         shapes = [ctx.shape(i) for i in range(len(placed))]
         vals = []
@@ -155,7 +182,7 @@ class ShardedBackend:
         largs = _map(args, lambda p: p.local)
         lkwargs = dict(zip(kwargs, _map(list(kwargs.values()), lambda p: p.local)))
         largs, lkwargs = _put(largs, lkwargs, locs, vals)
-        fn = resolve_op(prim.op)
+        fn = self._op(prim, where, local.out)
         if step.reducer is not None:
             result = RUNS[step.reducer](self.comm, ctx, fn, largs, lkwargs)
         else:
@@ -237,6 +264,15 @@ class ShardedModule(nn.Module):
         self._params = {n for n, _ in self.named_parameters(remove_duplicate=False)}
         for p in self.parameters():
             p.register_hook(self.comm.reduce_gradient)
+        # the step's seed as the compiled module keeps it ([base, step, training, shard]): the same
+        # seed and step give the single-process module's random numbers
+        self.register_buffer(RNG_BUFFER, torch.tensor([0, 0, 1, 0], dtype=torch.int64), persistent=False)
+
+    def reseed(self, seed: int, step: int = 0):
+        """Restart the random stream: the next call draws what a single-process module compiled from
+        the same program draws after ``reseed(seed, step)``."""
+        state = getattr(self, RNG_BUFFER)
+        state[0], state[1] = seed, step
 
     @property
     def _mode(self) -> bool:
@@ -267,7 +303,7 @@ class ShardedModule(nn.Module):
             local = x if part is None else shard(x, part, [x.shape[part.dim] // n] * n)[self.comm.rank]
             placed.append(Placed(local, AVal(type_of(x), (part,))))
         self.comm.log = []
-        backend = ShardedBackend(self)
+        backend = ShardedBackend(self, rng.step_seed(getattr(self, RNG_BUFFER), self.training))
         out, updates = run_deep(Denoter(self.program, backend).run_entry, placed, updates=True)
         names = self.program.entry.output_names
         if isinstance(out, Placed) and len(names) > 1 and isinstance(out.local, tuple):

@@ -317,11 +317,11 @@ class Trainer:
     def step(self, step: int) -> tuple[float, float]:
         batch = self.batch(step)
         if self.split_along:
-            # a sharded run draws its random ops from torch's generator (not counter-based), seeded by
-            # (seed, step) alike on every rank: a random op on a replicated value then draws the same
-            # values on every rank (the value stays replicated), and a resumed run draws the same masks.
-            # The cost: shards draw the same stream, so masks at the same shard-relative position
-            # coincide across shards (each mask is still a dropout mask; not one process's)
+            # a run split along an axis draws as one process does: the same (seed, step) on every rank,
+            # each shard drawing the single-process numbers at its global coordinates
+            # (bwskc.runtime.rng.Window); the few random ops without a counter-based rule draw from
+            # torch's generator, seeded alike on every rank, so a replicated value stays replicated
+            self.module.reseed(self.cfg.seed, step)
             torch.manual_seed(self.cfg.seed * 1_000_003 + step)
         else:
             # the same seed on every rank, each drawing its rows' slice of the global batch's masks
