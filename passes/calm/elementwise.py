@@ -1,5 +1,6 @@
 """Elementwise rules: ATen's ``pointwise`` tag and copy-like ops (free, broadcasting aligned from the
-right), random ops (free in distribution), ``new_*`` (independent of the input), prelu and glu."""
+right), random ops (free: a shard draws its slice of the whole draw), ``new_*`` (independent of the
+input), prelu and glu."""
 from __future__ import annotations
 
 from bwskc.passes.calm.context import Ctx, norm_dim, pointwise

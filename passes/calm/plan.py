@@ -25,7 +25,8 @@ class Plan:
     slice for a replicated one that meets the partitioned dim, None to use it whole). ``out``: where the
     axis sits in the result (a tuple for a tuple result; None: replicated). ``collective``: None when
     coordination-free. ``rebase``: slots holding global positions along the partitioned dim (a worker
-    subtracts its offset). ``random``: the op draws random numbers (equal in distribution only).
+    subtracts its offset). ``random``: the op draws random numbers (a sharded run draws each shard's slice
+    of the single-process numbers: ``bwskc.runtime.rng.Window``).
     """
 
     ins: tuple
