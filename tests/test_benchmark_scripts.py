@@ -171,19 +171,34 @@ def test_shard_quick(tmp_path):
     assert "| 64 |" in run.stdout
 
 
+def memory_table(row: dict) -> str:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("memory_bench", os.path.join(BENCH, "memory.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.table([row])
+
+
 def test_memory_step_times_are_interleaved_rounds():
     """memory.py's one configuration (tiny GPT-2 blocks) runs and writes what the docs read: saved bytes
-    per mode, each mode's median step and the median and range of its per-round ratios."""
+    per mode, each mode's median step and the median and range of its per-round ratios, to bwskc's
+    conventional module and to Hugging Face's eager one."""
     run = _run([sys.executable, os.path.join(BENCH, "memory.py"), "--one", "gpt2:2", "--seq", "16",
                 "--batch", "1", "--repeats", "3", "--steps", "1"])
     row = json.loads(run.stdout.strip().splitlines()[-1])
     conv, rev = row["conventional"], row["reversible"]
     assert conv["time_ratio"] == 1.0 and conv["time_ratio_range"] == [1.0, 1.0]
-    for mode in ("reversible", "checkpoint"):
+    for mode in ("reversible", "eager", "checkpoint"):
         lo, hi = row[mode]["time_ratio_range"]
         assert 0 < lo <= row[mode]["time_ratio"] <= hi and row[mode]["step_s"] > 0
+        lo, hi = row[mode]["time_ratio_eager_range"]
+        assert 0 < lo <= row[mode]["time_ratio_eager"] <= hi
+    # the eager mode is Hugging Face's module without checkpointing: it saves what checkpointing spares
+    eager = row["eager"]
+    assert eager["time_ratio_eager"] == 1.0 and eager["saved_bytes"] > row["checkpoint"]["saved_bytes"]
     assert 0 < rev["saved_bytes"] < conv["saved_bytes"]
     assert row["chains"]["blocks"] == 2
+    assert "rev / eager time" in memory_table(row)
 
 
 def test_floor_smoke():
