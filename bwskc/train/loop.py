@@ -333,7 +333,13 @@ class Trainer:
             dist.all_reduce(count)
             count = count / self.world.size
         loss, parts = self.objective.loss(self.forward(self.model, batch), batch, count)
-        for name, value in parts.items():  # this rank's parts: logged, not judged
+        if self.dp.size > 1 and parts:  # logged as the loss is: the mean over the ranks, not rank 0's
+            import torch.distributed as dist
+            names = sorted(parts)
+            mean = torch.tensor([parts[n] for n in names], dtype=torch.float64, device=self.device)
+            dist.all_reduce(mean)
+            parts = dict(zip(names, (mean / self.world.size).tolist()))
+        for name, value in parts.items():  # logged, not judged
             self.state.parts[name] = self.state.parts.get(name, 0.0) + value
         seen = loss.detach()
         if self.dp.size > 1:  # the global batch's loss, so every rank logs and judges the same value
