@@ -414,8 +414,9 @@ def test_mask_words_are_the_32_bit_finaliser_on_both_word_widths(n, key):
 @example(n=3, start=0, p=0.0, key=7)  # p = 0: everything kept
 def test_keep_mask_is_16_bit_halves_of_the_words_at_any_start(n, start, p, key):
     """Element j is half j % 2 of word j // 2, kept when that half is at least ceil(p * 2**16): on
-    the Python-integer finaliser, for odd and even starts, past 2**32 elements (int64 words), and with the
-    start and key as 0-dim tensors (the ``torch.compile`` path, whose parity is selected by ``where``)."""
+    the Python-integer finaliser, for odd and even starts, past 2**32 elements (int64 words), with the
+    start and key as 0-dim tensors (the ``torch.compile`` path, whose parity is selected by ``where``),
+    and at a tensor of element indices (a sharded run's)."""
     second = rng._mix_int(key, 0x5BD1E995)
     t = math.ceil(p * (1 << 16))
     expect = [(rng.hash32_int(rng.hash32_int((j // 2) ^ key) ^ second) >> (16 * (j % 2)) & 0xFFFF) >= t
@@ -423,6 +424,11 @@ def test_keep_mask_is_16_bit_halves_of_the_words_at_any_start(n, start, p, key):
     assert rng.keep_mask((n,), p, key, "cpu", start).tolist() == expect
     tensor_path = rng.keep_mask((n,), p, torch.tensor(key), "cpu", torch.tensor(start))
     assert tensor_path.tolist() == expect
+    # at given element indices (a sharded run's Window), the same masks
+    assert rng.keep_mask((n,), p, key, "cpu", torch.arange(start, start + n)).tolist() == expect
+    # the halves a big-endian machine computes with shifts are the ones a little-endian view reads
+    w = rng.words(n, key, "cpu", start)
+    assert torch.equal(rng._halves(w, view=False), rng._halves(w, view=True))
 
 
 @settings(max_examples=20, deadline=None)

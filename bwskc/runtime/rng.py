@@ -24,6 +24,7 @@ only). One compiled graph then serves every step and shard, with eager's masks.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -201,8 +202,8 @@ def keep_mask(shape, p: float, key: int, device, start: int = 0) -> torch.Tensor
     was a third of a GPT-2 block's forward on CPU, and a reversible step draws it twice. ``p`` is
     quantised to 2**-16 (the dropped fraction is ``ceil(p * 2**16) / 2**16``: 0.1000061 for 0.1;
     FlashAttention's dropout compares 8 bits). The halves are read by viewing int32 words as int16
-    pairs, little-endian as every platform torch runs on; unsigned halves compare as signed ones once their sign bit is
-    flipped. A start that is a 0-dim tensor (``torch.compile``) has a parity unknown at trace time:
+    pairs on a little-endian machine (shifted out otherwise: ``_halves``); unsigned halves compare as
+    signed ones once their sign bit is flipped. A start that is a 0-dim tensor (``torch.compile``) has a parity unknown at trace time:
     one word more is drawn and the two alignments are selected with ``where``."""
     n = _numel(shape)
     t = math.ceil(p * (1 << 16)) - (1 << 15)
@@ -225,12 +226,17 @@ def keep_mask(shape, p: float, key: int, device, start: int = 0) -> torch.Tensor
     return keep.reshape(shape)
 
 
-def _halves(w: torch.Tensor) -> torch.Tensor:
+def _halves(w: torch.Tensor, view: bool = sys.byteorder == "little") -> torch.Tensor:
     """The 16-bit halves of 32-bit words, low half first, as int16 (int64 words, past 2**31 words,
-    are narrowed to their int32 two's complement first)."""
+    are narrowed to their int32 two's complement first). On a little-endian machine (every platform
+    torch ships for) a view, free; otherwise computed with shifts, the same values."""
     if w.dtype == torch.int64:
         w = (((w + (1 << 31)) & M32) - (1 << 31)).to(torch.int32)
-    return w.view(torch.int16)
+    if view:
+        return w.view(torch.int16)
+    lo = (w & 0xFFFF) - ((w & 0x8000) << 1)  # the half's bits read as a signed int16
+    hi = ((w >> 16) & 0xFFFF) - (((w >> 16) & 0x8000) << 1)
+    return torch.stack([lo, hi], -1).reshape(-1).to(torch.int16)
 
 
 def native_dropout(x: torch.Tensor, p: float, seed, where: tuple):
