@@ -180,17 +180,25 @@ class _TrainBackend(FxBackend):
 
 
 def checkpoint_pays(gm: fx.GraphModule, d, tensors: list) -> bool:
-    """Whether checkpointing a layer saves memory: the bytes its interior saves for backward (counted on
-    the meta device, one storage once, parameters excluded) exceed the bytes of its activation inputs,
-    which a checkpoint stores instead. Counted per layer, ignoring that a neighbour may save the same
-    input anyway, so it errs towards storing, never above conventional; so does a layer the meta device
-    cannot run. ``tensors``: (type, whether a parameter) of what it reads besides its inputs."""
-    def meta(t, grad):
-        x = torch.empty(t.shape, dtype=t.torch_dtype, device="meta")
+    """Whether checkpointing a layer saves memory: the bytes its interior saves for backward (counted
+    on fake tensors, which hold no memory: one storage once, parameters excluded) exceed the bytes of
+    its activation inputs, which a checkpoint stores instead. Counted per layer, ignoring that a
+    neighbour may save the same input anyway, so it errs towards storing, never above conventional;
+    so does a layer fake tensors cannot run. ``tensors``: (type, whether a parameter) of what it reads
+    besides its inputs. The layer's own factory calls (T5's relative-position ``arange(.., device=cpu)``)
+    and constants become fake tensors too (``allow_non_fake_inputs``): on the meta device they met
+    real CPU tensors and every such layer was stored, not checkpointed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(t, grad):
+        x = torch.empty(t.shape, dtype=t.torch_dtype)
         return x.requires_grad_() if grad and x.is_floating_point() else x
     try:
-        inputs = [meta(t, True) for t in d.inputs]
-        tensors = [meta(t, is_param) for t, is_param in tensors]  # buffers take no gradient
+        with mode:
+            inputs = [fake(t, True) for t in d.inputs]
+            tensors = [fake(t, is_param) for t, is_param in tensors]  # buffers take no gradient
     except (AttributeError, TypeError):
         return True  # tuple-typed inputs and the like: not counted
     skip = {t.untyped_storage()._cdata for t in tensors}
@@ -202,9 +210,9 @@ def checkpoint_pays(gm: fx.GraphModule, d, tensors: list) -> bool:
             saved[st._cdata] = st.nbytes()
         return t
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), random_ops.drawing_on("meta"):
+        with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             gm(*inputs, (0, 0), *tensors)
-    except Exception:  # an op without a meta kernel: not counted, so stored (never above conventional)
+    except Exception:  # an op fake tensors cannot run (data-dependent shapes): not counted, so stored
         return False
     stored = sum(x.untyped_storage().nbytes() for x in inputs)
     return sum(saved.values()) > stored

@@ -23,7 +23,6 @@ module get an evaluation capture of their own (``bwskc.compile``), where these o
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 
@@ -34,22 +33,11 @@ from bwskc.runtime import rng
 
 REPLAY: dict[str, Callable] = {}  # op name -> rule(args, kwargs, seed, where) -> value
 _EVAL_KEY = 0x5EED  # the key of pure draws run in evaluation mode (no step seed)
-_FORCED_DEVICE: list = []  # a device factory draws are made on, whatever their literal says
 
 
 def draw(op: str, args, kwargs, seed, where):
     """The fx call target of every random op: its rule (one module-level function, picklable by name)."""
     return REPLAY[op](args, kwargs, seed, where)
-
-
-@contextlib.contextmanager
-def drawing_on(device):
-    """Factory draws (``rand(shape, device=cpu)``) made on ``device``: the meta-device memory count."""
-    _FORCED_DEVICE.append(device)
-    try:
-        yield
-    finally:
-        _FORCED_DEVICE.pop()
 
 
 def replays(*ops: str):
@@ -176,7 +164,7 @@ def _like(x: torch.Tensor, kwargs) -> dict:
 
 
 def _factory(kwargs) -> dict:
-    device = _FORCED_DEVICE[-1] if _FORCED_DEVICE else kwargs.get("device") or "cpu"
+    device = kwargs.get("device") or "cpu"
     return {"dtype": kwargs.get("dtype") or torch.get_default_dtype(), "device": device}
 
 
