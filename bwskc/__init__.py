@@ -114,7 +114,7 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     if mode not in MODES:
         raise BwskError(f"unknown mode {mode!r}: choose from {', '.join(MODES)}")
     if shard is not None:
-        return _compile_sharded(model_or_program, example_args, example_kwargs, mode, shard, axes, group)
+        return _compile_sharded(model_or_program, example_args, example_kwargs, mode, shard, axes, group, seed)
     eval_program = None  # a Program alone has one capture: eval() then only switches dropout off
     eval_note = "not used: a Program has one capture, so eval runs it with dropout off"
     if isinstance(model_or_program, Program):
@@ -149,11 +149,11 @@ def compile(model_or_program, example_args=(), example_kwargs=None, *, mode: str
     return module
 
 
-def _compile_sharded(model_or_program, example_args, example_kwargs, mode, shard, axes, group):
+def _compile_sharded(model_or_program, example_args, example_kwargs, mode, shard, axes, group, seed=0):
     """``compile(..., shard={axis: N})``: the sharded module over the process group."""
     import torch.distributed as dist
 
-    from bwskc.ir import Program
+    from bwskc.ir import REV_KINDS, Comb, Program, walk_terms
     from bwskc.passes.calm.schedule import schedule
     from bwskc.sharding.module import ShardedModule
     if mode == "reversible":
@@ -176,7 +176,11 @@ def _compile_sharded(model_or_program, example_args, example_kwargs, mode, shard
         program = run_passes(program, ["typing", "calm"])
     sch = schedule(program, axis, n, axes)
     eval_sch = schedule(eval_program, axis, n, axes) if eval_program is not None else None
-    module = ShardedModule(program, sch, group=group, eval_program=eval_program, eval_schedule=eval_sch)
+    if any(isinstance(t, Comb) and t.kind in REV_KINDS for _, t in walk_terms(program, None)):
+        raise BwskError("shard= runs programs without coupling chains: this one was rewritten by the "
+                        "reversible pass (shard the program as lowered, or use FSDP2: bwskc train --shard)")
+    module = ShardedModule(program, sch, group=group, eval_program=eval_program, eval_schedule=eval_sch,
+                           seed=seed)
     module.mode = mode
     module.analyses = dict(program.analyses)
     return module

@@ -94,7 +94,77 @@ def test_attention_dropout_over_query_shards_is_the_whole_attention(causal):
 
 def test_a_draw_that_does_not_fit_its_window_is_refused_in_one_line():
     w = rng.Window(1, 1, 1, 4, 4, 8)
-    assert w.indices([2, 1, 3], "cpu") == 0  # spans no split (a per-channel draw): the whole draw
+    assert w.indices([1, 4, 3], "cpu") == 12  # one contiguous run of the whole: its start
     with pytest.raises(BwskError) as e:
         w.indices([2, 5, 3], "cpu")
     assert "\n" not in str(e.value) and "does not align with its shard" in str(e.value)
+
+
+@pytest.mark.parametrize("local", [1, 2])
+def test_feature_dropout_noise_over_a_split_sequence_is_one_process_noise(local):
+    """Feature dropout draws one value a channel (``[N, C, 1]``): split along the sequence, every shard
+    draws the whole noise, even with one position a shard (the size-1 dim is then ambiguous)."""
+    n = 2
+    x = torch.randn(2, 3, local * n, dtype=torch.float64)
+    part, sizes = Part(2), [local] * n
+    key, where = rng.make_key(3, 1), (-1, -1, 0)
+    whole = random_ops.draw("aten.feature_dropout.default", (x, 0.5, True), {}, (key, 0), where)
+    pieces = [random_ops.draw("aten.feature_dropout.default", (t, 0.5, True), {}, (key, w), where)
+              for t, w in zip(shard(x, part, sizes), windows(list(x.shape), part, n))]
+    assert torch.equal(unshard(pieces, part, sizes), whole)
+
+
+def test_attention_split_along_the_values_last_dim_keeps_the_whole_mask():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    key, where = rng.make_key(9), (0, 0, 0)
+    whole = rng.attention(q, k, v, None, 0.5, seed=(key, 0), where=where)
+    ws = windows([1, 2, 4, 4], Part(3), 2)
+    parts = [rng.attention(q, k, vi, None, 0.5, seed=(key, w), where=where)
+             for vi, w in zip(v.chunk(2, 3), ws)]
+    torch.testing.assert_close(torch.cat(parts, 3), whole, rtol=0, atol=1e-12)
+
+
+def test_pure_draws_in_evaluation_go_through_the_window():
+    x = torch.zeros(2, 6)
+    part, n = Part(1), 2
+    where = (-1, -1, 1)
+    whole = random_ops.draw("aten.rand_like.default", (x,), {}, None, where)
+    pieces = []
+    for t, w in zip(shard(x, part, [3, 3]), windows([2, 6], part, n)):
+        with random_ops.evaluating_through(w):
+            pieces.append(random_ops.draw("aten.rand_like.default", (t,), {}, None, where))
+    assert torch.equal(unshard(pieces, part, [3, 3]), whole)
+    assert not torch.equal(pieces[0], pieces[1])
+
+
+@pytest.fixture()
+def one_rank_group():
+    import socket
+
+    import torch.distributed as dist
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sharded_module_starts_from_compiles_seed_and_refuses_coupling_chains(one_rank_group):
+    import bwskc
+    from bwskc.passes.reversible import reversible_rewrite
+    from bwskc.testing import build_zoo_model
+    model = build_zoo_model("gpt2").train()  # dropout 0.1
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    program = bwskc.lower(model, (ids,), train=True)
+    one = bwskc.compile(program, seed=5)
+    split = bwskc.compile(program, seed=5, shard={"sequence": 1})
+    assert split.bwskc_rng_state.tolist() == one.bwskc_rng_state.tolist() == [5, 0, 1, 0]
+    a, b = one(ids), split(ids)
+    a, b = (t[0] if isinstance(t, tuple) else t for t in (a, b))
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # the same masks (others differ by ~0.1)
+    with pytest.raises(BwskError, match="coupling chains"):
+        bwskc.compile(reversible_rewrite(program), shard={"sequence": 1})

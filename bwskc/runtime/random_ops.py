@@ -23,6 +23,7 @@ module get an evaluation capture of their own (``bwskc.compile``), where these o
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -123,11 +124,34 @@ def unreplayable_draw(program: Program, term: Term) -> str | None:
                 return reason
     return None
 
+_EVAL_SHARD: list = []  # the window pure draws in evaluation are made through (a sharded run's)
+
+
+@contextlib.contextmanager
+def evaluating_through(window):
+    """Pure draws in evaluation (no step seed) made through ``window`` (``rng.Window``, or 0): a
+    sharded run's evaluation draws its slice of the single-process numbers, as training does."""
+    _EVAL_SHARD.append(window)
+    try:
+        yield
+    finally:
+        _EVAL_SHARD.pop()
+
+
 def _key(seed, where: tuple) -> tuple[int, int]:
     if seed is None:
-        return rng.make_key(_EVAL_KEY, *where), 0
+        return rng.make_key(_EVAL_KEY, *where), (_EVAL_SHARD[-1] if _EVAL_SHARD else 0)
     key, shard = seed
     return rng.make_key(key, *where), shard
+
+
+def _leading(seed, rank: int):
+    """``seed`` for a draw that spans only the first ``rank`` dims of its op's result (feature
+    dropout's ``[N, C, 1, ..]`` noise): a window on a later dim becomes the whole draw, the same on
+    every shard, as one process draws it."""
+    if seed is not None and isinstance(seed[1], rng.Window) and seed[1].dim >= rank:
+        return seed[0], 0
+    return seed
 
 
 def _uniform(shape, seed, where, device, dtype=torch.float32, stream: int = 0) -> torch.Tensor:
@@ -372,7 +396,8 @@ def _noise_dropout(x, p: float, seed, where, *, feature: bool, alpha: bool):
     if seed is None or p == 0:
         return x
     shape = tuple(x.shape[:2]) + (1,) * (x.dim() - 2) if feature else x.shape
-    keep = (_uniform(shape, seed, where, x.device, torch.float64) >= p).to(x.dtype)
+    keep = (_uniform(shape, _leading(seed, 2) if feature else seed, where, x.device, torch.float64)
+            >= p).to(x.dtype)
     if p >= 1:
         return x * 0
     if not alpha:

@@ -155,18 +155,17 @@ class Window:
     size: int
 
     def indices(self, shape, device):
-        """The global flat indices of a local tensor of ``shape`` (int64, that shape); 0 (the whole
-        draw, the same on every process) when the draw does not span the split dim (size 1 there:
-        feature dropout's per-channel noise under a split sequence)."""
+        """The global flat indices of a local tensor of ``shape`` (int64, that shape), or the start
+        of one contiguous run of them (an int: a split of the leading extent, a batch split)."""
         shape = tuple(int(d) for d in shape)
         d = self.dim
-        if d < len(shape) and shape[d] == 1 and self.outer * self.local * self.inner != 1:
-            return 0
         if d >= len(shape) or shape[d] != self.outer * self.local * self.inner:
             raise BwskError(f"sharded run: a random draw of shape {list(shape)} does not align with its "
                             f"shard (dim {d}, {self.local} of {self.size} a process)")
         q = _numel(shape[:d]) * self.outer
         r = self.inner * _numel(shape[d + 1:])
+        if q == 1:  # the local elements are one run of the whole's: the integer path
+            return self.offset * r
         rows = torch.arange(q, dtype=torch.int64, device=device)[:, None] * self.size
         rows = (rows + (torch.arange(self.local, dtype=torch.int64, device=device) + self.offset))
         return (rows[:, :, None] * r + torch.arange(r, dtype=torch.int64, device=device)).reshape(shape)
@@ -320,6 +319,8 @@ def attention(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool =
     if dropout_p >= 1:
         return torch.matmul(torch.zeros_like(probs), v)
     key, shard = seed
+    if isinstance(shard, Window) and shard.dim >= probs.dim() - 1:
+        shard = 0  # the output split along the values' last dim: every shard holds the whole mask
     keep = keep_mask(probs.shape, dropout_p, make_key(key, *where), probs.device,
                      start=origin(shard, probs.shape, probs.device))
     return torch.matmul(torch.where(keep, probs, 0.0), v) * (1.0 / (1.0 - dropout_p))

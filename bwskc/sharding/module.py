@@ -161,12 +161,17 @@ class ShardedBackend:
             return resolve_op(prim.op)
         part = next((q for q in made if q is not None), None) if isinstance(made, tuple) else made
         window = 0
-        if isinstance(part, Part) and self.seed is not None:
+        if isinstance(part, Part):
             ty = prim.type.items[0] if isinstance(prim.type, TupleType) else prim.type
             local = self._size(part, ty.shape)
             window = rng.Window(part.dim, part.outer, part.inner, self.comm.rank * local, local,
                                 part.factor(ty.shape))
-        seed = None if self.seed is None else (self.seed[0], window)
+        if self.seed is None:  # evaluation: a pure draw's eval key, through the same window
+            def draw(*a, **k):
+                with random_ops.evaluating_through(window):
+                    return random_ops.draw(prim.op, a, k, None, where)
+            return draw
+        seed = (self.seed[0], window)
         return lambda *a, **k: random_ops.draw(prim.op, a, k, seed, where)
 
     def _run(self, prim, args, kwargs, ctx: Ctx, step, placed: list[Placed], locs, where=None):
@@ -232,7 +237,7 @@ class ShardedModule(nn.Module):
     """
 
     def __init__(self, program: Program, sch: Schedule, group=None, eval_program: Program | None = None,
-                 eval_schedule: Schedule | None = None):
+                 eval_schedule: Schedule | None = None, seed: int = 0):
         super().__init__()
         self.comm = Comm(group)
         self.captures = {True: (program, sch)}
@@ -266,7 +271,7 @@ class ShardedModule(nn.Module):
             p.register_hook(self.comm.reduce_gradient)
         # the step's seed as the compiled module keeps it ([base, step, training, shard]): the same
         # seed and step give the single-process module's random numbers
-        self.register_buffer(RNG_BUFFER, torch.tensor([0, 0, 1, 0], dtype=torch.int64), persistent=False)
+        self.register_buffer(RNG_BUFFER, torch.tensor([seed, 0, 1, 0], dtype=torch.int64), persistent=False)
 
     def reseed(self, seed: int, step: int = 0):
         """Restart the random stream: the next call draws what a single-process module compiled from
