@@ -11,7 +11,9 @@ value and type. ``dst`` no longer feeds it; the lowering drops it if nothing els
 ``NewGELUActivation`` does (``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``, eight ATen ops), is
 ``aten.gelu(x, approximate="tanh")``, one op whose backward is one op too: a training step runs seven
 passes over the ``[batch, seq, 4d]`` activation fewer forward, more backward, and stores one tensor
-instead of four. The two agree to rounding (at most a few float32 ulps; the tests bound it).
+instead of four. The two agree to rounding (at most a few float32 ulps; the tests bound it). The
+``gelu_fast`` and BLOOM forms, whose sqrt(2/pi) is rounded to 10 and 8 digits, are fused where the
+input's dtype rounds that difference away (not in float64).
 """
 from __future__ import annotations
 
@@ -78,25 +80,53 @@ def _written_out_tanh_gelu(x):
     return aten.mul.Tensor(aten.mul.Tensor(x, 0.5), aten.add.Tensor(t, 1.0))
 
 
+# The other written-out forms, ``0.5 x (1 + tanh(c x (1 + 0.044715 x x)))``: FastGELUActivation's
+# (``gelu_fast``, c = 0.7978845608) and BLOOM's (c = 0.79788456, its 1 an int). Their c differs from
+# sqrt(2/pi) by 3e-12 and 1e-9 relative: below float32's rounding (and bf16's, fp16's), so they are
+# the tanh GELU there; in float64 the difference is above rounding and they are left as written.
+_ROUNDED = (0.7978845608, 0.79788456)
+
+
+def _written_out_fast_gelu(c, one):
+    def pattern(x):
+        inner = aten.add.Tensor(aten.mul.Tensor(aten.mul.Tensor(x, 0.044715), x), one)
+        t = aten.tanh.default(aten.mul.Tensor(aten.mul.Tensor(x, c), inner))
+        return aten.mul.Tensor(aten.mul.Tensor(x, 0.5), aten.add.Tensor(t, 1.0))
+    return pattern
+
+
 def _tanh_gelu(x):
     return aten.gelu.default(x, approximate="tanh")
 
 
 def _candidate(node) -> bool:
-    """A ``tanh`` of ``v * sqrt(2/pi)`` on a floating value: where the pattern can match (checked before
-    anything is copied: BERT's pooler ``tanh`` is no GELU)."""
+    """A ``tanh`` of ``v * sqrt(2/pi)`` (or of ``(x * c) * v``, c a rounded sqrt(2/pi)) on a floating
+    value: where a pattern can match (checked before anything is copied: BERT's pooler ``tanh`` is no
+    GELU)."""
     if node.op != "call_function" or node.target is not aten.tanh.default:
         return False
     arg = node.args[0]
     val = node.meta.get("val")
-    return (getattr(arg, "target", None) is aten.mul.Tensor and len(arg.args) == 2
-            and arg.args[1] == _SQRT_2_OVER_PI
-            and val is not None and val.dtype.is_floating_point)
+    if val is None or not val.dtype.is_floating_point or getattr(arg, "target", None) is not aten.mul.Tensor \
+            or len(arg.args) != 2:
+        return False
+    first = arg.args[0]
+    return arg.args[1] == _SQRT_2_OVER_PI or (getattr(first, "target", None) is aten.mul.Tensor
+                                              and len(first.args) == 2 and first.args[1] in _ROUNDED)
 
 
 def _floating_input(match, original, pattern) -> bool:
     val = match.placeholder_nodes[0].meta.get("val")
     return val is not None and val.dtype.is_floating_point
+
+
+def _rounding_hides(c):
+    """A match filter: the input's dtype rounds away ``c``'s difference from sqrt(2/pi)."""
+    def keep(match, original, pattern) -> bool:
+        val = match.placeholder_nodes[0].meta.get("val")
+        return (val is not None and val.dtype.is_floating_point
+                and abs(c / _SQRT_2_OVER_PI - 1) < torch.finfo(val.dtype).eps / 2)
+    return keep
 
 
 def fuse_tanh_gelu(ep: ExportedProgram, *, owned: bool) -> ExportedProgram:
@@ -110,6 +140,10 @@ def fuse_tanh_gelu(ep: ExportedProgram, *, owned: bool) -> ExportedProgram:
         ep = _copy(ep)
     done = replace_pattern_with_filters(ep.graph_module, _written_out_tanh_gelu, _tanh_gelu,
                                         match_filters=[_floating_input])
+    for c in _ROUNDED:
+        for one in (1.0, 1):
+            done += replace_pattern_with_filters(ep.graph_module, _written_out_fast_gelu(c, one), _tanh_gelu,
+                                                 match_filters=[_rounding_hides(c)])
     for match in done:
         out = match.nodes_map[match.anchor]
         for node in match.replacements:
